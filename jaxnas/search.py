@@ -1,0 +1,181 @@
+"""The search loop: ask -> evaluate -> tell, scanned over steps, vmapped over seeds.
+
+``make_search(strategy, evaluator, budget)`` returns a ``Search`` of pure
+functions on one ``SearchState`` pytree (purejaxrl style). Everything a resume
+needs lives in that pytree: the strategy state, the archive of evaluations,
+the root key and the step counter. Per-step keys are derived with
+``fold_in(key, step)``, never stored as streams, so a run cut into chunks of
+steps computes exactly what an uncut run computes.
+
+For a jittable evaluator (the tabular benchmark) a chunk of steps is one
+``lax.scan`` and many seeds are one ``jax.vmap`` of it. For an evaluator that
+is its own compiled program (real training), ``ask`` and ``tell`` are jitted
+and vmapped over seeds and the evaluator is called between them on the whole
+population of all seeds at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxnas.estimators import Evaluator
+from jaxnas.strategies.base import Archive, Strategy, archive_add, archive_init, to_vectors
+
+# Window of most recent evaluations over which population diversity is logged.
+DIVERSITY_WINDOW = 20
+
+
+@struct.dataclass
+class SearchState:
+  step: jax.Array          # int32: steps completed
+  key: jax.Array           # uint32[2]: root key of this run
+  strategy: Any            # the strategy's state pytree
+  archive: Archive         # every evaluation so far
+  num_failed: jax.Array    # int32: evaluations that returned NaN/inf
+  num_duplicates: jax.Array  # int32: proposals that were not novel (should stay 0)
+
+
+class Search(NamedTuple):
+  """Pure functions of one search (one seed); vmap them for many seeds."""
+  strategy: Strategy
+  evaluator: Evaluator
+  budget: int
+  num_steps: int
+  init: Callable[[jax.Array], SearchState]
+  ask: Callable[[SearchState], tuple[Any, SearchState]]
+  evaluation_key: Callable[[SearchState], jax.Array]
+  tell: Callable[[SearchState, Any, jax.Array], tuple[SearchState, dict]]
+  step: Callable[[SearchState], tuple[SearchState, dict]]
+  run_chunk: Callable[[SearchState, int], tuple[SearchState, dict]]
+
+
+def _step_keys(state: SearchState):
+  k = jax.random.fold_in(state.key, state.step)
+  return jax.random.split(k, 3)
+
+
+def diversity(archive: Archive, window: int = DIVERSITY_WINDOW) -> jax.Array:
+  """Mean pairwise Hamming distance (fraction of decisions) of the last ``window`` evaluations.
+
+  Near 0 means the search keeps proposing near-copies of one architecture
+  (mode collapse); uniform random sampling of NAS-Bench-201 gives about 0.8.
+  """
+  w = min(window, archive.capacity)
+  start = jnp.clip(archive.count - w, 0, archive.capacity - w)
+  rows = jax.lax.dynamic_slice_in_dim(archive.vectors, start, w, axis=0)
+  valid = (start + jnp.arange(w)) < archive.count
+  diff = jnp.mean(rows[:, None, :] != rows[None, :, :], axis=-1)
+  pair = valid[:, None] & valid[None, :] & ~jnp.eye(w, dtype=bool)
+  return jnp.sum(jnp.where(pair, diff, 0.0)) / jnp.maximum(pair.sum(), 1)
+
+
+def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
+                failed_fitness: float = 0.0) -> Search:
+  """Builds the search of ``strategy`` on ``evaluator`` for ``budget`` evaluations.
+
+  Failed evaluations (NaN/inf) are recorded with ``failed_fitness`` (0% accuracy)
+  so they can never win a tournament or poison a predictor.
+  """
+  space = evaluator.space
+  if strategy.space.name != space.name:
+    raise ValueError(f"strategy searches {strategy.space.name!r} but evaluator scores {space.name!r}")
+  if budget < 1:
+    raise ValueError(f"budget must be >= 1, got {budget}")
+  if budget > space.size:
+    raise ValueError(f"budget {budget} exceeds the {space.size} architectures of {space.name}")
+  batch = strategy.batch_size
+  num_steps = math.ceil(budget / batch)
+
+  def init(key):
+    k_strategy = jax.random.fold_in(key, 0x7FFFFFFF)  # steps fold in 0, 1, ...
+    return SearchState(step=jnp.zeros((), jnp.int32), key=key,
+                       strategy=strategy.init(k_strategy),
+                       archive=archive_init(budget, space.num_decisions),
+                       num_failed=jnp.zeros((), jnp.int32),
+                       num_duplicates=jnp.zeros((), jnp.int32))
+
+  def ask(state):
+    k_ask, _, _ = _step_keys(state)
+    archs, strategy_state = strategy.ask(k_ask, state.strategy, state.archive)
+    return archs, state.replace(strategy=strategy_state)
+
+  def evaluation_key(state):
+    return _step_keys(state)[1]
+
+  def tell(state, archs, fitness):
+    _, _, k_tell = _step_keys(state)
+    mask = state.archive.count + jnp.arange(batch) < budget
+    finite = jnp.isfinite(fitness)
+    fitness = jnp.where(finite, fitness, failed_fitness).astype(jnp.float32)
+    vectors = to_vectors(space, archs)
+    seen = jax.vmap(lambda v: jnp.any(jnp.all(state.archive.vectors == v, -1)
+                                      & state.archive.valid()))(vectors)
+    dup_in_batch = jnp.any(jnp.triu(jnp.all(vectors[:, None] == vectors[None], -1), 1), axis=0)
+    archive = archive_add(state.archive, vectors, fitness, mask)
+    strategy_state, metrics = strategy.tell(k_tell, archs, fitness, state.strategy, archive)
+    n = mask.sum()
+    new = state.replace(
+        step=state.step + 1, strategy=strategy_state, archive=archive,
+        num_failed=state.num_failed + jnp.sum(~finite & mask),
+        num_duplicates=state.num_duplicates + jnp.sum((seen | dup_in_batch) & mask))
+    metrics = dict(metrics)
+    metrics.update(
+        step=new.step,
+        evaluations=archive.count,
+        best=jnp.max(archive.masked_fitness()),
+        batch_mean=jnp.sum(jnp.where(mask, fitness, 0.0)) / jnp.maximum(n, 1),
+        diversity=diversity(archive),
+        failed=new.num_failed,
+        duplicates=new.num_duplicates)
+    return new, metrics
+
+  def step(state):
+    archs, state = ask(state)
+    fitness = evaluator.evaluate(evaluation_key(state), archs)
+    return tell(state, archs, fitness)
+
+  def run_chunk(state, length):
+    """``length`` steps; steps past ``num_steps`` leave the state unchanged.
+
+    Every chunk has the same length, so an interrupted and resumed run executes
+    the same compiled program on the same states as an uninterrupted one.
+    """
+    if not evaluator.jittable:
+      raise ValueError(f"evaluator {evaluator.name} is not jittable; drive ask/tell from the host")
+
+    def body(s, _):
+      new, metrics = step(s)
+      live = s.step < num_steps
+      new = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, s)
+      metrics["live"] = live
+      return new, metrics
+
+    return jax.lax.scan(body, state, None, length=length)
+
+  return Search(strategy, evaluator, budget, num_steps, init, ask, evaluation_key, tell, step,
+                run_chunk)
+
+
+def results_of(search: Search, state: SearchState) -> dict:
+  """Per-seed results from a finished (batched) state: trajectories, best arch, report."""
+  archive = state.archive
+  fitness = archive.masked_fitness()
+  trajectory = jax.lax.cummax(fitness, axis=fitness.ndim - 1)
+  best = jnp.argmax(fitness, axis=-1)
+  best_vector = jnp.take_along_axis(archive.vectors, best[..., None, None], axis=-2)[..., 0, :]
+  space = search.evaluator.space
+  if best_vector.ndim == 1:
+    best_arch = space.from_vector(best_vector)
+    report = search.evaluator.report(jax.tree.map(lambda x: x[None], best_arch))
+    report = jax.tree.map(lambda x: x[0], report)
+  else:
+    best_arch = jax.vmap(space.from_vector)(best_vector)
+    report = search.evaluator.report(best_arch)
+  return {"trajectory": trajectory, "best_index": best, "best_vector": best_vector,
+          "best_arch": best_arch, "best_score": jnp.max(fitness, axis=-1), "report": report,
+          "num_failed": state.num_failed, "num_duplicates": state.num_duplicates}

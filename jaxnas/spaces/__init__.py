@@ -1,0 +1,13 @@
+"""Search spaces: architectures as pytrees of int32 choices."""
+
+from jaxnas.spaces.base import Arch, InvalidArchitecture, Space
+from jaxnas.spaces.darts import DartsArch, darts_space
+from jaxnas.spaces.nb201 import nb201_space
+
+SPACES = {
+    "nb201": nb201_space,
+    "darts": darts_space,
+}
+
+__all__ = ["Arch", "DartsArch", "InvalidArchitecture", "SPACES", "Space", "darts_space",
+           "nb201_space"]

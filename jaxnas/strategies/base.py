@@ -1,0 +1,149 @@
+"""The strategy protocol and the evaluation archive every strategy reads.
+
+A strategy is a NamedTuple of pure functions built by a factory whose closure
+holds the hyperparameters (optax style), speaking one key-first protocol
+(evosax style):
+
+  init(key) -> state
+  ask(key, state, archive) -> (archs, state)          # archs: batch of `batch_size`
+  tell(key, archs, fitness, state, archive) -> (state, metrics)
+
+``archive`` is the search loop's record of every architecture evaluated so far
+(decision vectors and fitness, fixed capacity = budget). The loop owns it so
+that budget accounting lives in one place: a strategy proposes *novel*
+architectures (never in the archive, never twice in one batch) with
+``propose_batch``, so no architecture is counted twice against the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxnas.spaces import Space
+
+# Proposal attempts before falling back to uniform samples, and uniform
+# samples before giving up (the loop counts a give-up as a duplicate).
+MAX_TRIES = 64
+MAX_FALLBACK_TRIES = 512
+
+
+@struct.dataclass
+class Archive:
+  """Every evaluated architecture, in evaluation order.
+
+  vectors: int32[capacity, D] decision vectors (rows >= count are zero).
+  fitness: float32[capacity] (rows >= count are -inf).
+  count: int32 scalar, number of valid rows.
+  """
+  vectors: jax.Array
+  fitness: jax.Array
+  count: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.vectors.shape[-2]
+
+  def valid(self) -> jax.Array:
+    return jnp.arange(self.capacity) < self.count
+
+  def masked_fitness(self) -> jax.Array:
+    return jnp.where(self.valid(), self.fitness, -jnp.inf)
+
+
+def archive_init(capacity: int, num_decisions: int) -> Archive:
+  return Archive(vectors=jnp.zeros((capacity, num_decisions), jnp.int32),
+                 fitness=jnp.full((capacity,), -jnp.inf, jnp.float32),
+                 count=jnp.zeros((), jnp.int32))
+
+
+def archive_add(archive: Archive, vectors: jax.Array, fitness: jax.Array,
+                mask: jax.Array) -> Archive:
+  """Appends the rows of ``vectors``/``fitness`` where ``mask`` is set."""
+  offsets = jnp.cumsum(mask.astype(jnp.int32)) - 1
+  pos = jnp.where(mask, archive.count + offsets, archive.capacity)  # capacity: dropped
+  return Archive(
+      vectors=archive.vectors.at[pos].set(vectors, mode="drop"),
+      fitness=archive.fitness.at[pos].set(fitness.astype(jnp.float32), mode="drop"),
+      count=archive.count + mask.sum().astype(jnp.int32))
+
+
+def rows_contain(rows: jax.Array, num_valid: jax.Array, vector: jax.Array) -> jax.Array:
+  """Whether ``vector`` equals one of the first ``num_valid`` rows of ``rows``."""
+  hit = jnp.all(rows == vector, axis=-1) & (jnp.arange(rows.shape[0]) < num_valid)
+  return jnp.any(hit)
+
+
+def lookup(archive: Archive, vector: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(found, fitness) of ``vector`` in the archive."""
+  hit = jnp.all(archive.vectors == vector, axis=-1) & archive.valid()
+  return jnp.any(hit), jnp.max(jnp.where(hit, archive.fitness, -jnp.inf))
+
+
+def propose_batch(key: jax.Array, space: Space, archive: Archive, batch_size: int,
+                  propose: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+  """``batch_size`` novel decision vectors from ``propose(key, i, attempt) -> int32[D]``.
+
+  Slot ``i`` is re-proposed (fresh key, next ``attempt``) until its vector is
+  neither in the archive nor earlier in the batch; after MAX_TRIES attempts it
+  falls back to uniform samples.
+  Returns (vectors int32[B, D], novel bool[B]); ``novel`` is False only if even
+  MAX_FALLBACK_TRIES uniform samples were all seen (a nearly exhausted space).
+  """
+  d = space.num_decisions
+
+  def seen(v, pending, i):
+    return rows_contain(archive.vectors, archive.count, v) | rows_contain(pending, i, v)
+
+  def one(pending, i):
+    k = jax.random.fold_in(key, i)
+
+    def attempt(t):
+      kt = jax.random.fold_in(k, t)
+      return jax.lax.cond(t < MAX_TRIES, lambda: propose(kt, i, t),
+                          lambda: space.sample_vector(kt))
+
+    def cond(c):
+      t, _, found = c
+      return (~found) & (t < MAX_TRIES + MAX_FALLBACK_TRIES)
+
+    def body(c):
+      t, _, _ = c
+      v = attempt(t)
+      return t + 1, v, ~seen(v, pending, i)
+
+    v0 = attempt(jnp.int32(0))
+    _, v, found = jax.lax.while_loop(cond, body, (jnp.int32(1), v0, ~seen(v0, pending, i)))
+    return pending.at[i].set(v), (v, found)
+
+  pending = jnp.zeros((batch_size, d), jnp.int32)
+  _, (vectors, novel) = jax.lax.scan(one, pending, jnp.arange(batch_size))
+  return vectors, novel
+
+
+class Strategy(NamedTuple):
+  """A search strategy (see module docstring)."""
+  name: str
+  space: Space
+  batch_size: int
+  init: Callable[[jax.Array], Any]
+  ask: Callable[[jax.Array, Any, Archive], tuple[Any, Any]]
+  tell: Callable[[jax.Array, Any, jax.Array, Any, Archive], tuple[Any, dict]]
+
+
+def to_vectors(space: Space, archs) -> jax.Array:
+  return jax.vmap(space.to_vector)(archs)
+
+
+def from_vectors(space: Space, vectors: jax.Array):
+  return jax.vmap(space.from_vector)(vectors)
+
+
+def top_k_rows(archive: Archive, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``k`` fittest archive rows: (vectors, fitness, valid)."""
+  fit, idx = jax.lax.top_k(archive.masked_fitness(), k)
+  return archive.vectors[idx], fit, jnp.isfinite(fit) | (idx < archive.count)

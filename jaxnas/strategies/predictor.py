@@ -1,0 +1,133 @@
+"""Predictor-guided search in the style of BANANAS (White, Neiswanger & Savani, AAAI 2021).
+
+After ``num_init`` uniform samples, every step:
+  1. trains an ensemble of ``ensemble_size`` small MLPs (one-hot encoding of the
+     decisions -> standardised fitness) from scratch on the archive, all members
+     in one vmapped optax loop;
+  2. builds a pool of candidates by mutating the best archived architectures
+     (one or two decisions; BANANAS' "mutation" acquisition optimiser) plus a
+     share of uniform samples, dropping archived and repeated ones;
+  3. scores the pool with independent Thompson sampling (ITS: one draw from
+     N(ensemble mean, ensemble std) per candidate) and proposes the top
+     ``batch_size``.
+Training is a fixed number of full-batch Adam steps with the archive's empty
+rows masked out, so the whole step is one fixed-shape jittable program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxnas.spaces import Space
+from jaxnas.strategies.base import Strategy, from_vectors, propose_batch
+
+
+@struct.dataclass
+class PredictorState:
+  pass
+
+
+def _mlp_init(key, sizes):
+  params = []
+  for k, (fan_in, fan_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+    w = jax.random.normal(k, (fan_in, fan_out)) * jnp.sqrt(2.0 / fan_in)
+    params.append((w, jnp.zeros((fan_out,))))
+  return params
+
+
+def _mlp_apply(params, x):
+  for w, b in params[:-1]:
+    x = jax.nn.relu(x @ w + b)
+  w, b = params[-1]
+  return (x @ w + b)[..., 0]
+
+
+def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
+                     ensemble_size: int = 5, hidden: int = 32, layers: int = 2,
+                     train_steps: int = 200, learning_rate: float = 1e-2,
+                     weight_decay: float = 1e-4, num_candidates: int = 100,
+                     num_parents: int = 10, random_fraction: float = 0.1) -> Strategy:
+  """BANANAS-style search with an MLP ensemble and ITS acquisition."""
+  sizes = [space.one_hot_size] + [hidden] * layers + [1]
+  optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+  n_random = int(round(num_candidates * random_fraction))
+
+  def fit_ensemble(key, x, y, mask):
+    def train_one(k):
+      params = _mlp_init(k, sizes)
+
+      def loss_fn(p):
+        err = (_mlp_apply(p, x) - y) ** 2
+        return jnp.sum(jnp.where(mask, err, 0.0)) / jnp.maximum(mask.sum(), 1)
+
+      def step(carry, _):
+        p, s = carry
+        g = jax.grad(loss_fn)(p)
+        u, s = optimizer.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+      (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None,
+                                    length=train_steps)
+      return params
+
+    return jax.vmap(train_one)(jax.random.split(key, ensemble_size))
+
+  def init(key):
+    del key
+    return PredictorState()
+
+  def ask(key, state, archive):
+    k_fit, k_pool, k_its, k_prop = jax.random.split(key, 4)
+    mask = archive.valid()
+    fit = jnp.where(mask, archive.fitness, 0.0)
+    n = jnp.maximum(mask.sum(), 1)
+    mean = jnp.sum(fit) / n
+    std = jnp.sqrt(jnp.sum(jnp.where(mask, (fit - mean) ** 2, 0.0)) / n) + 1e-6
+    x = jax.vmap(space.one_hot)(archive.vectors)
+    ensemble = fit_ensemble(k_fit, x, (fit - mean) / std, mask)
+
+    # Candidate pool: mutations of the best archived architectures + uniform samples.
+    order = jnp.argsort(-archive.masked_fitness())
+    n_parents = jnp.clip(archive.count, 1, num_parents)
+    n_mut = num_candidates - n_random
+
+    def mutant(k, c):
+      k1, k2, k3 = jax.random.split(k, 3)
+      parent = archive.vectors[order[c % n_parents]]
+      child = space.mutate_vector(k1, parent)
+      return jnp.where(jax.random.bernoulli(k3), space.mutate_vector(k2, child), child)
+
+    keys = jax.random.split(k_pool, num_candidates)
+    pool = jnp.concatenate([
+        jax.vmap(mutant)(keys[:n_mut], jnp.arange(n_mut)),
+        jax.vmap(space.sample_vector)(keys[n_mut:])])
+    seen = jax.vmap(lambda v: jnp.any(jnp.all(archive.vectors == v, -1) & mask))(pool)
+    same = jnp.all(pool[:, None] == pool[None], -1)
+    repeat = jnp.any(jnp.tril(same, -1), axis=1)  # equal to an earlier candidate
+
+    feats = jax.vmap(space.one_hot)(pool)
+    preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
+    mu, sigma = preds.mean(0), preds.std(0)
+    acquisition = mu + sigma * jax.random.normal(k_its, mu.shape)
+    acquisition = jnp.where(seen | repeat, -jnp.inf, acquisition)
+    ranked = pool[jnp.argsort(-acquisition)]
+
+    # Before the predictor has data, propose uniform samples.
+    warm = archive.count >= num_init
+
+    def propose(k, i, t):
+      j = i + t * batch_size
+      return jnp.where(warm & (j < num_candidates),
+                       ranked[jnp.minimum(j, num_candidates - 1)], space.sample_vector(k))
+
+    vectors, _ = propose_batch(k_prop, space, archive, batch_size, propose)
+    return from_vectors(space, vectors), state
+
+  def tell(key, archs, fitness, state, archive):
+    del key, archs, fitness, archive
+    return state, {}
+
+  return Strategy("predictor", space, batch_size, init, ask, tell)
