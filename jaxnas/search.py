@@ -162,20 +162,18 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
 
 
 def results_of(search: Search, state: SearchState) -> dict:
-  """Per-seed results from a finished (batched) state: trajectories, best arch, report."""
+  """Results of one finished search (vmap it for many seeds).
+
+  trajectory: best-so-far fitness per evaluation; best_arch: the fittest
+  evaluated architecture (first found on ties); report: the evaluator's
+  report for it (e.g. the test accuracy), never seen by the search.
+  """
   archive = state.archive
   fitness = archive.masked_fitness()
-  trajectory = jax.lax.cummax(fitness, axis=fitness.ndim - 1)
-  best = jnp.argmax(fitness, axis=-1)
-  best_vector = jnp.take_along_axis(archive.vectors, best[..., None, None], axis=-2)[..., 0, :]
-  space = search.evaluator.space
-  if best_vector.ndim == 1:
-    best_arch = space.from_vector(best_vector)
-    report = search.evaluator.report(jax.tree.map(lambda x: x[None], best_arch))
-    report = jax.tree.map(lambda x: x[0], report)
-  else:
-    best_arch = jax.vmap(space.from_vector)(best_vector)
-    report = search.evaluator.report(best_arch)
-  return {"trajectory": trajectory, "best_index": best, "best_vector": best_vector,
-          "best_arch": best_arch, "best_score": jnp.max(fitness, axis=-1), "report": report,
+  best = jnp.argmax(fitness)
+  best_arch = search.evaluator.space.from_vector(archive.vectors[best])
+  report = search.evaluator.report(jax.tree.map(lambda x: x[None], best_arch))
+  return {"trajectory": jax.lax.cummax(fitness), "best_index": best,
+          "best_vector": archive.vectors[best], "best_arch": best_arch,
+          "best_score": fitness[best], "report": jax.tree.map(lambda x: x[0], report),
           "num_failed": state.num_failed, "num_duplicates": state.num_duplicates}

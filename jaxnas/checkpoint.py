@@ -1,0 +1,95 @@
+"""Checkpointing of the one search-state pytree with orbax, verified on restore.
+
+Each checkpoint holds two items: ``state`` (the whole search state, saved with
+``StandardSave``) and ``meta`` (JSON: the step and a SHA-256 of every leaf's
+dtype, shape and bytes). Orbax commits a step atomically (temporary directory,
+then rename), so a SIGKILL during a save leaves the previous steps intact.
+Restoring walks from the newest step back: a step that fails to restore or
+whose checksum does not match is reported, moved aside (never silently used,
+never deleted) and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint although the directory holds some."""
+
+
+def tree_checksum(tree: Any) -> str:
+  """SHA-256 of a pytree's structure, leaf dtypes, shapes and bytes."""
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree.flatten(tree)
+  h.update(str(treedef).encode())
+  for leaf in leaves:
+    a = np.asarray(leaf)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+class Checkpointer:
+  """Saves and restores the search state pytree under ``directory``."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "meta"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, extra: dict | None = None) -> None:
+    meta = {"step": int(step), "checksum": tree_checksum(state), **(extra or {})}
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def _quarantine(self, step: int, reason: str) -> None:
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(os.path.dirname(self.directory),
+                       f"corrupt-{os.path.basename(self.directory)}-{step}")
+    logging.warning("checkpoint step %d is unusable (%s); moved to %s", step, reason, dst)
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    shutil.move(src, dst)
+    self._manager.reload()
+
+  def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest verified checkpoint, or None if there are none."""
+    steps = self.all_steps()
+    if not steps:
+      return None
+    problems = []
+    for step in reversed(steps):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], restored["meta"]
+        if meta.get("checksum") != tree_checksum(state):
+          raise CheckpointError("checksum mismatch")
+        return step, state, meta
+      except Exception as e:  # any failure to read a step means: try the previous one
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        reason = f"{type(e).__name__}: {first_line[:120]}"
+        problems.append(f"step {step}: {reason}")
+        self._quarantine(step, reason)
+    raise CheckpointError("no readable checkpoint in " + self.directory + ": " + "; ".join(problems))
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,51 @@
+"""Plots of finished searches (matplotlib is an optional extra: ``pip install jaxnas[plot]``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def have_matplotlib() -> bool:
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def plot_trajectories(results: dict, path: str) -> str | None:
+  """Best-so-far validation score vs evaluations: mean, ±1 std band and min-max over seeds.
+
+  Returns the path written, or None when matplotlib is not installed.
+  """
+  if not have_matplotlib():
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  traj = np.asarray([r["trajectory"] for r in results["runs"]], np.float64)
+  x = np.arange(1, traj.shape[1] + 1)
+  mean, std = traj.mean(0), traj.std(0)
+  c = results["config"]
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  ax.fill_between(x, traj.min(0), traj.max(0), alpha=0.15, color="C0", label="min-max")
+  ax.fill_between(x, mean - std, mean + std, alpha=0.3, color="C0", label="±1 std")
+  ax.plot(x, mean, color="C0", label=f"mean of {traj.shape[0]} seeds")
+  opt = results.get("summary", {}).get("table_optimum")
+  if opt:
+    ax.axhline(opt["best_val"], color="k", ls="--", lw=1, label="table optimum")
+  ax.set_xlabel("architectures evaluated")
+  ax.set_ylabel("best validation accuracy so far (%)")
+  ax.set_title(f"{c['strategy']} on {c['evaluator']}/{c['dataset']}")
+  lo = np.percentile(traj[:, min(9, traj.shape[1] - 1)], 5)
+  ax.set_ylim(lo, (opt["best_val"] if opt else traj.max()) + 0.5)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

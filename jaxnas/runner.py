@@ -1,0 +1,266 @@
+"""Host driver of a search: many seeds, chunks of steps, checkpoints, logs, results.
+
+``run(config)`` is what ``python -m jaxnas.main`` calls, and is usable from
+research code. The compiled work is ``jit(vmap(run_chunk))`` over seeds; the
+host only moves between chunks to append metrics to ``metrics.jsonl``, log
+progress and save the state pytree. Every chunk has the same length, so a run
+that is killed and restarted executes exactly the same programs on exactly the
+same states as one that was not, and writes a bit-identical ``results.json``.
+
+Workdir layout:
+  config.json      flags, package versions, backend (everything to reproduce)
+  checkpoints/     orbax steps of the search state
+  metrics.jsonl    one line per search step (aggregated over seeds)
+  results.json     the final results (identical across resumes)
+  trajectory.png   best-so-far vs evaluations (if matplotlib is installed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxnas import estimators
+from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas.search import make_search, results_of
+from jaxnas.strategies import STRATEGIES
+
+EVALUATORS = ("nb201",)
+
+
+class UserError(ValueError):
+  """A problem the user caused and can fix; reported as one line, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """Everything that defines a search's results (the workdir is where, not what)."""
+  evaluator: str = "nb201"
+  dataset: str = "cifar10"
+  strategy: str = "evolution"
+  budget: int = 100
+  num_seeds: int = 10
+  seed: int = 0
+  checkpoint_every: int = 10
+  strategy_args: tuple = ()  # sorted (name, value) pairs passed to the strategy factory
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["strategy_args"] = dict(self.strategy_args)
+    return d
+
+
+def default_workdir(c: SearchConfig) -> str:
+  args = "".join(f"-{k}{v}" for k, v in c.strategy_args)
+  return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{args}"
+                              f"-b{c.budget}-n{c.num_seeds}-s{c.seed}")
+
+
+def validate(c: SearchConfig) -> None:
+  """Checks a config at the edge; raises UserError with one clear line."""
+  if c.evaluator not in EVALUATORS:
+    raise UserError(f"unknown evaluator {c.evaluator!r}; choose one of {', '.join(EVALUATORS)}")
+  if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
+    raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
+                    f"{', '.join(estimators.NB201_DATASETS)}")
+  if c.strategy not in STRATEGIES:
+    raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+  for name in ("budget", "num_seeds", "checkpoint_every"):
+    value = getattr(c, name)
+    if value < (0 if name == "checkpoint_every" else 1):
+      raise UserError(f"--{name} must be >= {0 if name == 'checkpoint_every' else 1}, got {value}")
+  accepted = inspect.signature(STRATEGIES[c.strategy]).parameters
+  for k, v in c.strategy_args:
+    if k not in accepted or k == "space":
+      raise UserError(f"--{k} does not apply to --strategy={c.strategy}")
+    if isinstance(v, (int, float)) and v <= 0:
+      raise UserError(f"--{k} must be > 0, got {v}")
+
+
+def make_evaluator(c: SearchConfig):
+  if c.evaluator == "nb201":
+    return estimators.nb201_evaluator(c.dataset)
+  raise UserError(f"unknown evaluator {c.evaluator!r}")
+
+
+def build(c: SearchConfig):
+  """The Search of a config (raises UserError for inconsistent hyperparameters)."""
+  validate(c)
+  evaluator = make_evaluator(c)
+  try:
+    strategy = STRATEGIES[c.strategy](evaluator.space, **dict(c.strategy_args))
+    return make_search(strategy, evaluator, c.budget)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def environment() -> dict:
+  versions = {}
+  for pkg in ("jaxnas", "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy",
+              "absl-py"):
+    try:
+      versions[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      versions[pkg] = None
+  return {"python": sys.version.split()[0], "platform": platform.platform(),
+          "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "versions": versions, "command": " ".join(sys.argv)}
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops log lines past ``step`` (written before a kill, after the last checkpoint)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line)
+      except (json.JSONDecodeError, KeyError):
+        break  # a torn last line
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
+  """Per-step lines (mean/std/min/max over seeds) from stacked chunk metrics [seeds, steps]."""
+  lines = []
+  for t in np.nonzero(live)[0]:
+    line = {"step": int(metrics["step"][0, t]), "evaluations": int(metrics["evaluations"][0, t])}
+    for k, v in metrics.items():
+      if k in ("step", "evaluations", "live"):
+        continue
+      col = np.asarray(v[:, t], np.float64)
+      line[k] = round(float(col.mean()), 6)
+      if k == "best":
+        line.update(best_std=round(float(col.std()), 6), best_min=round(float(col.min()), 6),
+                    best_max=round(float(col.max()), 6))
+    lines.append(line)
+  return lines
+
+
+def run(config: SearchConfig, workdir: str | None = None) -> dict:
+  """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results."""
+  search = build(config)
+  workdir = workdir or default_workdir(config)
+  os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, "config.json")
+  results_path = os.path.join(workdir, "results.json")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        previous = json.load(f)["config"]
+    except (json.JSONDecodeError, KeyError, OSError) as e:
+      raise UserError(f"{config_path} is unreadable ({e}); use another --workdir") from None
+    if previous != config.to_json():
+      diff = ", ".join(f"{k}: {previous.get(k)!r} there vs {v!r} now"
+                       for k, v in config.to_json().items() if previous.get(k) != v)
+      raise UserError(f"workdir {workdir} holds a search with other settings ({diff}); "
+                      "use another --workdir")
+  else:
+    _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    logging.info("workdir %s holds a finished search; nothing to do", workdir)
+    results["already_finished"] = True
+    return results
+
+  t_start = time.time()
+  n, num_steps = config.num_seeds, search.num_steps
+  chunk = min(config.checkpoint_every or num_steps, num_steps)
+  keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
+  state = jax.jit(jax.vmap(search.init))(keys)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    restored = ckpt.restore_latest(state)
+  except CheckpointError as e:
+    raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
+  step = 0
+  if restored is not None:
+    step, state, _ = restored
+    logging.info("resuming from checkpoint at step %d of %d", step, num_steps)
+    _truncate_metrics(metrics_path, step)
+  elif os.path.exists(metrics_path):
+    os.remove(metrics_path)
+
+  run_chunk = jax.jit(jax.vmap(lambda s: search.run_chunk(s, chunk)))
+  while step < num_steps:
+    t0 = time.time()
+    state, metrics = run_chunk(state)
+    metrics = jax.device_get(metrics)
+    step = int(state.step[0])
+    lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
+    with open(metrics_path, "a") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+    last = lines[-1]
+    logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
+                 step, num_steps, last["evaluations"], config.budget, last["best"],
+                 last["best_std"], last["diversity"], time.time() - t0)
+    if config.checkpoint_every and step < num_steps:
+      ckpt.save(step, state)
+  ckpt.close()
+
+  results = collect_results(search, config, state)
+  _write_json_atomic(results_path, results)
+  logging.info("search finished in %.2fs", time.time() - t_start)
+  results = dict(results)
+  results["already_finished"] = False
+  return results
+
+
+def collect_results(search, config: SearchConfig, state) -> dict:
+  """The results.json object of a finished batched state."""
+  r = jax.device_get(jax.jit(jax.vmap(lambda s: results_of(search, s)))(state))
+  space = search.evaluator.space
+  runs = []
+  for i in range(config.num_seeds):
+    arch = jax.tree.map(lambda x: x[i], r["best_arch"])
+    run_i = {"seed": config.seed + i,
+             "best_arch": space.encode(arch),
+             "best_score": round(float(r["best_score"][i]), 6),
+             "trajectory": [round(float(x), 6) for x in r["trajectory"][i]],
+             "failed_evaluations": int(r["num_failed"][i]),
+             "duplicate_evaluations": int(r["num_duplicates"][i])}
+    for k, v in r["report"].items():
+      run_i[k] = round(float(v[i]), 6)
+    runs.append(run_i)
+  summary = {"best_score_mean": float(np.mean(r["best_score"])),
+             "best_score_std": float(np.std(r["best_score"]))}
+  for k, v in r["report"].items():
+    summary[f"{k}_mean"] = float(np.mean(v))
+    summary[f"{k}_std"] = float(np.std(v))
+  best_run = int(np.argmax(r["best_score"]))
+  summary["best_run_seed"] = config.seed + best_run
+  summary["best_arch"] = runs[best_run]["best_arch"]
+  if config.evaluator == "nb201":
+    summary["table_optimum"] = estimators.nb201.oracle(config.dataset)
+  return {"config": config.to_json(), "summary": summary, "runs": runs,
+          "budget": {"evaluations": config.budget, "steps": search.num_steps,
+                     "batch_size": search.strategy.batch_size}}
