@@ -210,10 +210,10 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
 
-  run_chunk = jax.jit(jax.vmap(lambda s: search.run_chunk(s, chunk)))
+  run_chunk = jax.jit(jax.vmap(lambda s, t: search.run_chunk(s, t, chunk), in_axes=(0, None)))
   while step < num_steps:
     t0 = time.time()
-    state, metrics = run_chunk(state)
+    state, metrics = run_chunk(state, jnp.int32(step))
     metrics = jax.device_get(metrics)
     step = int(state.step[0])
     lines = _aggregate(metrics, np.asarray(metrics["live"][0]))

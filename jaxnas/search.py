@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxnas.estimators import Evaluator
-from jaxnas.strategies.base import Archive, Strategy, archive_add, archive_init, to_vectors
+from jaxnas.strategies.base import (Archive, Strategy, archive_add, archive_init, contains,
+                                    to_vectors)
 
 # Window of most recent evaluations over which population diversity is logged.
 DIVERSITY_WINDOW = 20
@@ -36,6 +37,7 @@ class SearchState:
   key: jax.Array           # uint32[2]: root key of this run
   strategy: Any            # the strategy's state pytree
   archive: Archive         # every evaluation so far
+  best: jax.Array          # float32: best fitness so far
   num_failed: jax.Array    # int32: evaluations that returned NaN/inf
   num_duplicates: jax.Array  # int32: proposals that were not novel (should stay 0)
 
@@ -59,19 +61,20 @@ def _step_keys(state: SearchState):
   return jax.random.split(k, 3)
 
 
-def diversity(archive: Archive, window: int = DIVERSITY_WINDOW) -> jax.Array:
-  """Mean pairwise Hamming distance (fraction of decisions) of the last ``window`` evaluations.
+def novelty(archive: Archive, vectors: jax.Array, window: int = DIVERSITY_WINDOW) -> jax.Array:
+  """Mean Hamming distance (fraction of decisions) of ``vectors`` to the last ``window`` evaluations.
 
-  Near 0 means the search keeps proposing near-copies of one architecture
-  (mode collapse); uniform random sampling of NAS-Bench-201 gives about 0.8.
+  The per-step diversity signal: it falls towards 1/D when a search keeps
+  proposing near-copies of what it just evaluated (mode collapse), and is
+  about 0.8 for uniform sampling of NAS-Bench-201. It costs B * window * D
+  comparisons, not window^2 * D, so it can be logged at every step.
   """
   w = min(window, archive.capacity)
   start = jnp.clip(archive.count - w, 0, archive.capacity - w)
   rows = jax.lax.dynamic_slice_in_dim(archive.vectors, start, w, axis=0)
   valid = (start + jnp.arange(w)) < archive.count
-  diff = jnp.mean(rows[:, None, :] != rows[None, :, :], axis=-1)
-  pair = valid[:, None] & valid[None, :] & ~jnp.eye(w, dtype=bool)
-  return jnp.sum(jnp.where(pair, diff, 0.0)) / jnp.maximum(pair.sum(), 1)
+  diff = jnp.mean(vectors[:, None, :] != rows[None, :, :], axis=-1)  # [B, w]
+  return jnp.sum(jnp.where(valid, diff, 0.0)) / jnp.maximum(valid.sum() * vectors.shape[0], 1)
 
 
 def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
@@ -96,6 +99,7 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     return SearchState(step=jnp.zeros((), jnp.int32), key=key,
                        strategy=strategy.init(k_strategy),
                        archive=archive_init(budget, space.num_decisions),
+                       best=jnp.full((), -jnp.inf, jnp.float32),
                        num_failed=jnp.zeros((), jnp.int32),
                        num_duplicates=jnp.zeros((), jnp.int32))
 
@@ -113,23 +117,25 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     finite = jnp.isfinite(fitness)
     fitness = jnp.where(finite, fitness, failed_fitness).astype(jnp.float32)
     vectors = to_vectors(space, archs)
-    seen = jax.vmap(lambda v: jnp.any(jnp.all(state.archive.vectors == v, -1)
-                                      & state.archive.valid()))(vectors)
+    seen = jax.vmap(lambda v: contains(space, state.archive, v))(vectors)
     dup_in_batch = jnp.any(jnp.triu(jnp.all(vectors[:, None] == vectors[None], -1), 1), axis=0)
-    archive = archive_add(state.archive, vectors, fitness, mask)
+    diversity = novelty(state.archive, vectors)
+    keys = jax.vmap(space.key_of)(vectors)
+    archive = archive_add(state.archive, vectors, keys, fitness, mask)
     strategy_state, metrics = strategy.tell(k_tell, archs, fitness, state.strategy, archive)
     n = mask.sum()
     new = state.replace(
         step=state.step + 1, strategy=strategy_state, archive=archive,
+        best=jnp.maximum(state.best, jnp.max(jnp.where(mask, fitness, -jnp.inf))),
         num_failed=state.num_failed + jnp.sum(~finite & mask),
         num_duplicates=state.num_duplicates + jnp.sum((seen | dup_in_batch) & mask))
     metrics = dict(metrics)
     metrics.update(
         step=new.step,
         evaluations=archive.count,
-        best=jnp.max(archive.masked_fitness()),
+        best=new.best,
         batch_mean=jnp.sum(jnp.where(mask, fitness, 0.0)) / jnp.maximum(n, 1),
-        diversity=diversity(archive),
+        diversity=diversity,
         failed=new.num_failed,
         duplicates=new.num_duplicates)
     return new, metrics
@@ -139,23 +145,29 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     fitness = evaluator.evaluate(evaluation_key(state), archs)
     return tell(state, archs, fitness)
 
-  def run_chunk(state, length):
-    """``length`` steps; steps past ``num_steps`` leave the state unchanged.
+  def run_chunk(state, first_step, length):
+    """Steps ``first_step .. first_step + length - 1``; those >= ``num_steps`` are no-ops.
 
-    Every chunk has the same length, so an interrupted and resumed run executes
-    the same compiled program on the same states as an uninterrupted one.
+    ``first_step`` is the step all seeds are at, passed unbatched (vmap with
+    ``in_axes=(0, None, None)``) so that the no-op test is a real branch and
+    not a select over the whole state. Every chunk has the same length, so an
+    interrupted and resumed run executes the same compiled program on the same
+    states as an uninterrupted one.
     """
     if not evaluator.jittable:
       raise ValueError(f"evaluator {evaluator.name} is not jittable; drive ask/tell from the host")
+    metrics_shape = jax.eval_shape(step, state)[1]
 
-    def body(s, _):
-      new, metrics = step(s)
-      live = s.step < num_steps
-      new = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, s)
+    def skip(s):
+      return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metrics_shape)
+
+    def body(s, t):
+      live = first_step + t < num_steps
+      s, metrics = jax.lax.cond(live, step, skip, s)
       metrics["live"] = live
-      return new, metrics
+      return s, metrics
 
-    return jax.lax.scan(body, state, None, length=length)
+    return jax.lax.scan(body, state, jnp.arange(length))
 
   return Search(strategy, evaluator, budget, num_steps, init, ask, evaluation_key, tell, step,
                 run_chunk)

@@ -73,7 +73,10 @@ class Space(NamedTuple):
   # ------------------------------------------------------ vector operations
   def sample_vector(self, key: PRNGKey) -> jax.Array:
     """Uniform sample of a decision vector."""
-    u = jax.random.uniform(key, (self.num_decisions,))
+    return self.sample_from_uniform(jax.random.uniform(key, (self.num_decisions,)))
+
+  def sample_from_uniform(self, u: jax.Array) -> jax.Array:
+    """Decision vector from D uniforms in [0, 1) (lets callers batch their RNG draws)."""
     v = jnp.floor(u * self._cards()).astype(jnp.int32)
     return jnp.minimum(v, self._cards() - 1)
 
@@ -84,13 +87,30 @@ class Space(NamedTuple):
     its new value uniformly among the other choices (the one-edge mutation of
     Real et al. 2019 / Dong & Yang 2020 for NAS-Bench-201).
     """
-    k_dim, k_val = jax.random.split(key)
-    cards = self._cards()
-    mutable = cards > 1
-    d = jax.random.choice(k_dim, self.num_decisions, p=mutable / mutable.sum())
-    shift = 1 + jnp.floor(jax.random.uniform(k_val) * (cards[d] - 1)).astype(jnp.int32)
-    shift = jnp.minimum(shift, cards[d] - 1)
-    return vector.at[d].set((vector[d] + shift) % cards[d])
+    return self.mutate_from_uniform(vector, jax.random.uniform(key, (2,)))
+
+  def mutate_from_uniform(self, vector: jax.Array, u: jax.Array) -> jax.Array:
+    """``mutate_vector`` driven by two uniforms ``u`` in [0, 1)."""
+    mutable = np.nonzero(np.asarray(self.cardinalities) > 1)[0].astype(np.int32)
+    j = jnp.minimum(jnp.floor(u[0] * len(mutable)).astype(jnp.int32), len(mutable) - 1)
+    d = jnp.asarray(mutable)[j]
+    k = self._cards()[d]
+    shift = jnp.minimum(1 + jnp.floor(u[1] * (k - 1)).astype(jnp.int32), k - 1)
+    return vector.at[d].set((vector[d] + shift) % k)
+
+  def key_of(self, vector: jax.Array) -> jax.Array:
+    """int32 identity of a decision vector, for cheap membership tests.
+
+    The exact rank when the space has fewer than 2^31 architectures; otherwise a
+    32-bit hash, so equal keys mean "probably equal" and callers that need
+    certainty compare the vectors as well.
+    """
+    if self.size < 2**31:
+      return self.rank(vector)
+    h = jnp.uint32(2166136261)
+    for d in range(self.num_decisions):  # FNV-1a over the decisions
+      h = (h ^ vector[..., d].astype(jnp.uint32)) * jnp.uint32(16777619)
+    return jax.lax.bitcast_convert_type(h, jnp.int32)
 
   def crossover_vector(self, key: PRNGKey, a: jax.Array, b: jax.Array) -> jax.Array:
     """Uniform crossover: each decision taken from ``a`` or ``b`` with p=1/2."""

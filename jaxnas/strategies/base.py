@@ -36,10 +36,14 @@ class Archive:
   """Every evaluated architecture, in evaluation order.
 
   vectors: int32[capacity, D] decision vectors (rows >= count are zero).
+  keys: int32[capacity] ``space.key_of`` of each row, for O(capacity) scalar
+    membership tests instead of O(capacity * D) (rows >= count are -1 and
+    never matched, since validity is checked separately).
   fitness: float32[capacity] (rows >= count are -inf).
   count: int32 scalar, number of valid rows.
   """
   vectors: jax.Array
+  keys: jax.Array
   fitness: jax.Array
   count: jax.Array
 
@@ -56,17 +60,19 @@ class Archive:
 
 def archive_init(capacity: int, num_decisions: int) -> Archive:
   return Archive(vectors=jnp.zeros((capacity, num_decisions), jnp.int32),
+                 keys=jnp.full((capacity,), -1, jnp.int32),
                  fitness=jnp.full((capacity,), -jnp.inf, jnp.float32),
                  count=jnp.zeros((), jnp.int32))
 
 
-def archive_add(archive: Archive, vectors: jax.Array, fitness: jax.Array,
+def archive_add(archive: Archive, vectors: jax.Array, keys: jax.Array, fitness: jax.Array,
                 mask: jax.Array) -> Archive:
-  """Appends the rows of ``vectors``/``fitness`` where ``mask`` is set."""
+  """Appends the rows of ``vectors``/``keys``/``fitness`` where ``mask`` is set."""
   offsets = jnp.cumsum(mask.astype(jnp.int32)) - 1
   pos = jnp.where(mask, archive.count + offsets, archive.capacity)  # capacity: dropped
   return Archive(
       vectors=archive.vectors.at[pos].set(vectors, mode="drop"),
+      keys=archive.keys.at[pos].set(keys, mode="drop"),
       fitness=archive.fitness.at[pos].set(fitness.astype(jnp.float32), mode="drop"),
       count=archive.count + mask.sum().astype(jnp.int32))
 
@@ -77,9 +83,19 @@ def rows_contain(rows: jax.Array, num_valid: jax.Array, vector: jax.Array) -> ja
   return jnp.any(hit)
 
 
-def lookup(archive: Archive, vector: jax.Array) -> tuple[jax.Array, jax.Array]:
+def contains(space: Space, archive: Archive, vector: jax.Array) -> jax.Array:
+  """Whether ``vector`` is in the archive (exact: keys first, then the vectors)."""
+  hit = (archive.keys == space.key_of(vector)) & archive.valid()
+  if space.size < 2**31:  # keys are exact ranks
+    return jnp.any(hit)
+  return jnp.any(hit & jnp.all(archive.vectors == vector, axis=-1))
+
+
+def lookup(space: Space, archive: Archive, vector: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(found, fitness) of ``vector`` in the archive."""
-  hit = jnp.all(archive.vectors == vector, axis=-1) & archive.valid()
+  hit = (archive.keys == space.key_of(vector)) & archive.valid()
+  if space.size >= 2**31:
+    hit = hit & jnp.all(archive.vectors == vector, axis=-1)
   return jnp.any(hit), jnp.max(jnp.where(hit, archive.fitness, -jnp.inf))
 
 
@@ -97,28 +113,27 @@ def propose_batch(key: jax.Array, space: Space, archive: Archive, batch_size: in
   d = space.num_decisions
 
   def seen(v, pending, i):
-    return rows_contain(archive.vectors, archive.count, v) | rows_contain(pending, i, v)
+    return contains(space, archive, v) | rows_contain(pending, i, v)
 
   def one(pending, i):
     k = jax.random.fold_in(key, i)
 
     def attempt(t):
       kt = jax.random.fold_in(k, t)
-      return jax.lax.cond(t < MAX_TRIES, lambda: propose(kt, i, t),
-                          lambda: space.sample_vector(kt))
+      # Under vmap a cond would compute both branches anyway; a select is honest.
+      return jnp.where(t < MAX_TRIES, propose(kt, i, t), space.sample_vector(kt))
 
     def cond(c):
-      t, _, found = c
-      return (~found) & (t < MAX_TRIES + MAX_FALLBACK_TRIES)
+      t, v = c
+      return seen(v, pending, i) & (t < MAX_TRIES + MAX_FALLBACK_TRIES)
 
     def body(c):
-      t, _, _ = c
-      v = attempt(t)
-      return t + 1, v, ~seen(v, pending, i)
+      t, _ = c
+      return t + 1, attempt(t)
 
-    v0 = attempt(jnp.int32(0))
-    _, v, found = jax.lax.while_loop(cond, body, (jnp.int32(1), v0, ~seen(v0, pending, i)))
-    return pending.at[i].set(v), (v, found)
+    # Under vmap the loop runs while any seed still needs a novel vector.
+    _, v = jax.lax.while_loop(cond, body, (jnp.int32(1), attempt(jnp.int32(0))))
+    return pending.at[i].set(v), (v, ~seen(v, pending, i))
 
   pending = jnp.zeros((batch_size, d), jnp.int32)
   _, (vectors, novel) = jax.lax.scan(one, pending, jnp.arange(batch_size))

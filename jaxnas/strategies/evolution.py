@@ -42,13 +42,15 @@ def evolution(space: Space, population_size: int = 10, tournament_size: int = 3,
                           size=jnp.zeros((), jnp.int32), oldest=jnp.zeros((), jnp.int32))
 
   def propose(state, key, i):
-    k_sample, k_tour, k_mut = jax.random.split(key, 3)
+    # One RNG call per proposal: threefry dominates the cost of a step on CPU.
+    u = jax.random.uniform(key, (tournament_size + 2 + space.num_decisions,))
     # Members are filled at ring positions 0..size-1 while the population grows.
     filling = state.size + i < p
-    contenders = jax.random.randint(k_tour, (tournament_size,), 0, jnp.maximum(state.size, 1))
+    size = jnp.maximum(state.size, 1)
+    contenders = jnp.minimum(jnp.floor(u[:tournament_size] * size).astype(jnp.int32), size - 1)
     parent = state.vectors[contenders[jnp.argmax(state.fitness[contenders])]]
-    child = space.mutate_vector(k_mut, parent)
-    return jnp.where(filling, space.sample_vector(k_sample), child)
+    child = space.mutate_from_uniform(parent, u[tournament_size:tournament_size + 2])
+    return jnp.where(filling, space.sample_from_uniform(u[tournament_size + 2:]), child)
 
   def ask(key, state, archive):
     vectors, _ = propose_batch(key, space, archive, batch_size,

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxnas.spaces import Space
-from jaxnas.strategies.base import (MAX_FALLBACK_TRIES, Strategy, from_vectors, lookup,
-                                    rows_contain, to_vectors)
+from jaxnas.strategies.base import (MAX_FALLBACK_TRIES, Strategy, contains, from_vectors,
+                                    lookup, rows_contain, to_vectors)
 
 
 @struct.dataclass
@@ -53,7 +53,7 @@ def local_search(space: Space, num_init: int = 10, batch_size: int = 1) -> Strat
     def random_novel(k, pending, i):
       def cond(c):
         t, v, _ = c
-        seen = rows_contain(archive.vectors, archive.count, v) | rows_contain(pending, i, v)
+        seen = contains(space, archive, v) | rows_contain(pending, i, v)
         return seen & (t < MAX_FALLBACK_TRIES)
 
       def body(c):
@@ -71,13 +71,13 @@ def local_search(space: Space, num_init: int = 10, batch_size: int = 1) -> Strat
       def cond(c):
         s, _ = c
         nb = space.neighbour_vector(s.center, s.perm[jnp.minimum(s.ptr, n - 1)])
-        seen = rows_contain(archive.vectors, archive.count, nb) | rows_contain(pending, i, nb)
+        seen = contains(space, archive, nb) | rows_contain(pending, i, nb)
         return s.has_center & (s.ptr < n) & seen
 
       def body(c):
         s, t = c
         nb = space.neighbour_vector(s.center, s.perm[s.ptr])
-        found, fit = lookup(archive, nb)
+        found, fit = lookup(space, archive, nb)
         better = found & (fit > s.center_fit)
         s = jax.lax.cond(better, lambda: move(s, nb, fit, jax.random.fold_in(k, 1000 + t)),
                          lambda: s.replace(ptr=s.ptr + 1))

@@ -22,7 +22,7 @@ import optax
 from flax import struct
 
 from jaxnas.spaces import Space
-from jaxnas.strategies.base import Strategy, from_vectors, propose_batch
+from jaxnas.strategies.base import Strategy, contains, from_vectors, propose_batch
 
 
 @struct.dataclass
@@ -104,7 +104,7 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
     pool = jnp.concatenate([
         jax.vmap(mutant)(keys[:n_mut], jnp.arange(n_mut)),
         jax.vmap(space.sample_vector)(keys[n_mut:])])
-    seen = jax.vmap(lambda v: jnp.any(jnp.all(archive.vectors == v, -1) & mask))(pool)
+    seen = jax.vmap(lambda v: contains(space, archive, v))(pool)
     same = jnp.all(pool[:, None] == pool[None], -1)
     repeat = jnp.any(jnp.tril(same, -1), axis=1)  # equal to an earlier candidate
 
