@@ -93,12 +93,16 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     raise ValueError(f"budget {budget} exceeds the {space.size} architectures of {space.name}")
   batch = strategy.batch_size
   num_steps = math.ceil(budget / batch)
+  # Step t writes archive rows t*B .. t*B+B-1 (the last step's rows past the
+  # budget are written but never counted), so every write is an in-place
+  # dynamic_update_slice at an offset shared by all seeds.
+  capacity = num_steps * batch
 
   def init(key):
     k_strategy = jax.random.fold_in(key, 0x7FFFFFFF)  # steps fold in 0, 1, ...
     return SearchState(step=jnp.zeros((), jnp.int32), key=key,
                        strategy=strategy.init(k_strategy),
-                       archive=archive_init(budget, space.num_decisions),
+                       archive=archive_init(capacity, space.num_decisions),
                        best=jnp.full((), -jnp.inf, jnp.float32),
                        num_failed=jnp.zeros((), jnp.int32),
                        num_duplicates=jnp.zeros((), jnp.int32))
@@ -111,9 +115,15 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
   def evaluation_key(state):
     return _step_keys(state)[1]
 
-  def tell(state, archs, fitness):
+  def tell(state, archs, fitness, t):
+    """Records step ``t``'s evaluations and tells the strategy.
+
+    ``t`` must equal ``state.step``; it is passed separately so that under
+    vmap over seeds it stays one scalar, the archive write stays in place and
+    the budget mask is shared.
+    """
     _, _, k_tell = _step_keys(state)
-    mask = state.archive.count + jnp.arange(batch) < budget
+    mask = t * batch + jnp.arange(batch) < budget
     finite = jnp.isfinite(fitness)
     fitness = jnp.where(finite, fitness, failed_fitness).astype(jnp.float32)
     vectors = to_vectors(space, archs)
@@ -121,7 +131,7 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     dup_in_batch = jnp.any(jnp.triu(jnp.all(vectors[:, None] == vectors[None], -1), 1), axis=0)
     diversity = novelty(state.archive, vectors)
     keys = jax.vmap(space.key_of)(vectors)
-    archive = archive_add(state.archive, vectors, keys, fitness, mask)
+    archive = archive_add(state.archive, vectors, keys, fitness, t * batch, mask.sum())
     strategy_state, metrics = strategy.tell(k_tell, archs, fitness, state.strategy, archive)
     n = mask.sum()
     new = state.replace(
@@ -140,10 +150,10 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
         duplicates=new.num_duplicates)
     return new, metrics
 
-  def step(state):
+  def step(state, t):
     archs, state = ask(state)
     fitness = evaluator.evaluate(evaluation_key(state), archs)
-    return tell(state, archs, fitness)
+    return tell(state, archs, fitness, t)
 
   def run_chunk(state, first_step, length):
     """Steps ``first_step .. first_step + length - 1``; those >= ``num_steps`` are no-ops.
@@ -156,14 +166,14 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     """
     if not evaluator.jittable:
       raise ValueError(f"evaluator {evaluator.name} is not jittable; drive ask/tell from the host")
-    metrics_shape = jax.eval_shape(step, state)[1]
+    metrics_shape = jax.eval_shape(step, state, first_step)[1]
 
     def skip(s):
       return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metrics_shape)
 
     def body(s, t):
       live = first_step + t < num_steps
-      s, metrics = jax.lax.cond(live, step, skip, s)
+      s, metrics = jax.lax.cond(live, lambda x: step(x, first_step + t), skip, s)
       metrics["live"] = live
       return s, metrics
 
@@ -185,7 +195,7 @@ def results_of(search: Search, state: SearchState) -> dict:
   best = jnp.argmax(fitness)
   best_arch = search.evaluator.space.from_vector(archive.vectors[best])
   report = search.evaluator.report(jax.tree.map(lambda x: x[None], best_arch))
-  return {"trajectory": jax.lax.cummax(fitness), "best_index": best,
+  return {"trajectory": jax.lax.cummax(fitness)[:search.budget], "best_index": best,
           "best_vector": archive.vectors[best], "best_arch": best_arch,
           "best_score": fitness[best], "report": jax.tree.map(lambda x: x[0], report),
           "num_failed": state.num_failed, "num_duplicates": state.num_duplicates}

@@ -66,15 +66,18 @@ def archive_init(capacity: int, num_decisions: int) -> Archive:
 
 
 def archive_add(archive: Archive, vectors: jax.Array, keys: jax.Array, fitness: jax.Array,
-                mask: jax.Array) -> Archive:
-  """Appends the rows of ``vectors``/``keys``/``fitness`` where ``mask`` is set."""
-  offsets = jnp.cumsum(mask.astype(jnp.int32)) - 1
-  pos = jnp.where(mask, archive.count + offsets, archive.capacity)  # capacity: dropped
-  return Archive(
-      vectors=archive.vectors.at[pos].set(vectors, mode="drop"),
-      keys=archive.keys.at[pos].set(keys, mode="drop"),
-      fitness=archive.fitness.at[pos].set(fitness.astype(jnp.float32), mode="drop"),
-      count=archive.count + mask.sum().astype(jnp.int32))
+                start: jax.Array, num_valid: jax.Array) -> Archive:
+  """Writes a batch at rows ``start..`` (= ``count``) and counts its first ``num_valid`` rows.
+
+  A dynamic_update_slice rather than a scatter: with ``start`` shared by all
+  seeds it updates the archive in place under vmap and scan (a batched
+  scatter copied the whole archive every step).
+  """
+  def put(buf, rows):
+    return jax.lax.dynamic_update_slice_in_dim(buf, rows.astype(buf.dtype), start, axis=0)
+  return Archive(vectors=put(archive.vectors, vectors), keys=put(archive.keys, keys),
+                 fitness=put(archive.fitness, fitness),
+                 count=archive.count + jnp.asarray(num_valid, jnp.int32))
 
 
 def rows_contain(rows: jax.Array, num_valid: jax.Array, vector: jax.Array) -> jax.Array:
@@ -132,6 +135,7 @@ def propose_batch(key: jax.Array, space: Space, archive: Archive, batch_size: in
       return t + 1, attempt(t)
 
     # Under vmap the loop runs while any seed still needs a novel vector.
+    # (Measured: trying 2 or 8 attempts per iteration is slower at budget 100.)
     _, v = jax.lax.while_loop(cond, body, (jnp.int32(1), attempt(jnp.int32(0))))
     return pending.at[i].set(v), (v, ~seen(v, pending, i))
 
