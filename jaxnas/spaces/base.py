@@ -43,6 +43,9 @@ class Space(NamedTuple):
   from_vector: Callable[[jax.Array], Arch]  # int32[D] -> arch (jittable)
   encode: Callable[[Arch], str]  # host: arch -> canonical string
   decode: Callable[[str], Arch]  # host: string -> arch, raises InvalidArchitecture
+  # Optional jittable int32[D] -> float32[F] encoding for predictors (e.g. the
+  # BANANAS path encoding); the one-hot of the decisions when None.
+  features: Callable[[jax.Array], jax.Array] | None = None
 
   # ------------------------------------------------------------------ sizes
   @property
@@ -142,6 +145,12 @@ class Space(NamedTuple):
     offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]]).astype(np.int32)
     out = jnp.zeros((self.one_hot_size,), jnp.float32)
     return out.at[jnp.asarray(offsets) + vector].set(1.0)
+
+  def featurize(self, vector: jax.Array) -> jax.Array:
+    """Predictor input for a decision vector: ``features`` if given, else ``one_hot``."""
+    if self.features is None:
+      return self.one_hot(vector)
+    return self.features(vector)
 
   def rank(self, vector: jax.Array) -> jax.Array:
     """Mixed-radix index of a vector in [0, size); first decision most significant."""

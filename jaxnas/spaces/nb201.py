@@ -9,6 +9,7 @@ Canonical string: ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,6 +75,32 @@ def decode(string: str):
   return jnp.asarray(ops, jnp.int32)
 
 
+# The input -> output paths of the cell as edge indices: 3<-0; 1<-0, 3<-1;
+# 2<-0, 3<-2; 1<-0, 2<-1, 3<-2.
+PATHS = ((3,), (0, 4), (1, 5), (0, 2, 5))
+NUM_PATH_FEATURES = sum((len(OPS) - 1) ** len(p) for p in PATHS)
+
+
+def path_encoding(arch):
+  """BANANAS path encoding (White, Neiswanger & Savani 2021) plus the op one-hot.
+
+  For each of the 4 input->output paths, a one-hot over the sequence of ops on
+  it, all zeros when one of its edges is ``none`` (the path does not exist).
+  Concatenated with the per-edge one-hot: float32[100 + 30].
+  """
+  ops = jnp.asarray(arch, jnp.int32)
+  parts = []
+  for path in PATHS:
+    alive = jnp.all(jnp.stack([ops[e] != 0 for e in path]))
+    index = 0
+    for e in path:
+      index = index * (len(OPS) - 1) + (ops[e] - 1)
+    size = (len(OPS) - 1) ** len(path)
+    parts.append(jax.nn.one_hot(jnp.where(alive, index, size), size + 1)[:size])
+  parts.append(jax.nn.one_hot(ops, len(OPS)).reshape(-1))
+  return jnp.concatenate(parts).astype(jnp.float32)
+
+
 def nb201_space() -> Space:
   """The NAS-Bench-201 space: 6 edges x 5 ops = 15,625 cells."""
   return Space(
@@ -83,4 +110,5 @@ def nb201_space() -> Space:
       from_vector=_from_vector,
       encode=encode,
       decode=decode,
+      features=path_encoding,
   )

@@ -49,9 +49,26 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
                      ensemble_size: int = 5, hidden: int = 32, layers: int = 2,
                      train_steps: int = 200, learning_rate: float = 1e-2,
                      weight_decay: float = 1e-4, num_candidates: int = 100,
-                     num_parents: int = 10, random_fraction: float = 0.1) -> Strategy:
-  """BANANAS-style search with an MLP ensemble and ITS acquisition."""
-  sizes = [space.one_hot_size] + [hidden] * layers + [1]
+                     num_parents: int = 10, random_fraction: float = 0.1,
+                     pool: str = "mutation", encoding: str = "onehot") -> Strategy:
+  """BANANAS-style search with an MLP ensemble and ITS acquisition.
+
+  pool: "mutation" (BANANAS' mutation acquisition optimiser) or "all" (score
+    every unevaluated architecture; spaces of at most 100,000 only).
+  encoding: "onehot" (decisions one-hot) or "space" (``space.featurize``, e.g.
+    the NAS-Bench-201 path encoding).
+  """
+  if pool not in ("mutation", "all"):
+    raise ValueError(f"pool must be 'mutation' or 'all', got {pool!r}")
+  if pool == "all" and space.size > 100_000:
+    raise ValueError(f"pool='all' needs a small space; {space.name} has {space.size} architectures")
+  if encoding not in ("onehot", "space"):
+    raise ValueError(f"encoding must be 'onehot' or 'space', got {encoding!r}")
+  featurize = space.one_hot if encoding == "onehot" else space.featurize
+  if pool == "all":
+    num_candidates = space.size
+  num_features = jax.eval_shape(featurize, jnp.zeros((space.num_decisions,), jnp.int32)).shape[0]
+  sizes = [num_features] + [hidden] * layers + [1]
   optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
   n_random = int(round(num_candidates * random_fraction))
 
@@ -86,7 +103,7 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
     n = jnp.maximum(mask.sum(), 1)
     mean = jnp.sum(fit) / n
     std = jnp.sqrt(jnp.sum(jnp.where(mask, (fit - mean) ** 2, 0.0)) / n) + 1e-6
-    x = jax.vmap(space.one_hot)(archive.vectors)
+    x = jax.vmap(featurize)(archive.vectors)
     ensemble = fit_ensemble(k_fit, x, (fit - mean) / std, mask)
 
     # Candidate pool: mutations of the best archived architectures + uniform samples.
@@ -100,28 +117,35 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
       child = space.mutate_vector(k1, parent)
       return jnp.where(jax.random.bernoulli(k3), space.mutate_vector(k2, child), child)
 
-    keys = jax.random.split(k_pool, num_candidates)
-    pool = jnp.concatenate([
-        jax.vmap(mutant)(keys[:n_mut], jnp.arange(n_mut)),
-        jax.vmap(space.sample_vector)(keys[n_mut:])])
-    seen = jax.vmap(lambda v: contains(space, archive, v))(pool)
-    same = jnp.all(pool[:, None] == pool[None], -1)
-    repeat = jnp.any(jnp.tril(same, -1), axis=1)  # equal to an earlier candidate
+    if pool == "all":
+      candidates = space.unrank(jnp.arange(space.size))
+      seen = jnp.zeros((space.size,), bool).at[archive.keys].max(mask, mode="drop")
+      repeat = jnp.zeros((space.size,), bool)
+    else:
+      keys = jax.random.split(k_pool, num_candidates)
+      candidates = jnp.concatenate([
+          jax.vmap(mutant)(keys[:n_mut], jnp.arange(n_mut)),
+          jax.vmap(space.sample_vector)(keys[n_mut:])])
+      seen = jax.vmap(lambda v: contains(space, archive, v))(candidates)
+      same = jnp.all(candidates[:, None] == candidates[None], -1)
+      repeat = jnp.any(jnp.tril(same, -1), axis=1)  # equal to an earlier candidate
 
-    feats = jax.vmap(space.one_hot)(pool)
+    feats = jax.vmap(featurize)(candidates)
     preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
     mu, sigma = preds.mean(0), preds.std(0)
     acquisition = mu + sigma * jax.random.normal(k_its, mu.shape)
     acquisition = jnp.where(seen | repeat, -jnp.inf, acquisition)
-    ranked = pool[jnp.argsort(-acquisition)]
+    n_ranked = min(num_candidates, 4 * batch_size)
+    _, top = jax.lax.top_k(acquisition, n_ranked)
+    ranked = candidates[top]
 
     # Before the predictor has data, propose uniform samples.
     warm = archive.count >= num_init
 
     def propose(k, i, t):
       j = i + t * batch_size
-      return jnp.where(warm & (j < num_candidates),
-                       ranked[jnp.minimum(j, num_candidates - 1)], space.sample_vector(k))
+      return jnp.where(warm & (j < n_ranked),
+                       ranked[jnp.minimum(j, n_ranked - 1)], space.sample_vector(k))
 
     vectors, _ = propose_batch(k_prop, space, archive, batch_size, propose)
     return from_vectors(space, vectors), state

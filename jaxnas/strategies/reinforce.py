@@ -34,7 +34,7 @@ class ReinforceState:
   initialized: jax.Array  # bool: baseline holds a reward
 
 
-def reinforce(space: Space, learning_rate: float = 0.05, baseline_decay: float = 0.9,
+def reinforce(space: Space, learning_rate: float = 0.1, baseline_decay: float = 0.9,
               batch_size: int = 1, entropy_weight: float = 0.0) -> Strategy:
   """REINFORCE with an Adam-updated policy and an EMA baseline."""
   d, k = space.num_decisions, space.max_cardinality
