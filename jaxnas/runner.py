@@ -164,6 +164,44 @@ def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
   return lines
 
 
+def make_advance(search, chunk: int, root_key: jax.Array):
+  """``advance(state, step) -> (state, metrics[seeds, chunk])``: the next ``chunk`` steps of all seeds.
+
+  With a jittable evaluator this is one compiled ``vmap(scan)``. Otherwise
+  ``ask`` and ``tell`` are compiled and vmapped over seeds, and the evaluator
+  (its own compiled program, e.g. population training) is called between them
+  once per step on the candidates of all seeds together, with the key
+  ``fold_in(PRNGKey(seed), step)``.
+  """
+  if search.evaluator.jittable:
+    run_chunk = jax.jit(jax.vmap(lambda s, t: search.run_chunk(s, t, chunk), in_axes=(0, None)))
+    return lambda state, step: run_chunk(state, jnp.int32(step))
+
+  ask = jax.jit(jax.vmap(search.ask))
+  tell = jax.jit(jax.vmap(search.tell, in_axes=(0, 0, 0, None)))
+
+  def advance(state, step):
+    per_step = []
+    for t in range(step, step + chunk):
+      live = t < search.num_steps
+      if live:
+        archs, state = ask(state)
+        leaves = jax.tree.leaves(archs)
+        seeds, batch = leaves[0].shape[:2]
+        flat = jax.tree.map(lambda x: x.reshape((seeds * batch,) + x.shape[2:]), archs)
+        fitness = search.evaluator.evaluate(jax.random.fold_in(root_key, t), flat)
+        fitness = jnp.asarray(fitness, jnp.float32).reshape(seeds, batch)
+        state, metrics = tell(state, archs, fitness, jnp.int32(t))
+      else:  # same shapes as a live step, flagged dead, so logs are uniform
+        metrics = jax.tree.map(jnp.zeros_like, per_step[-1])
+      metrics = dict(metrics)
+      metrics["live"] = jnp.full(state.step.shape, live)
+      per_step.append(metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *per_step)
+
+  return advance
+
+
 def run(config: SearchConfig, workdir: str | None = None) -> dict:
   """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results."""
   search = build(config)
@@ -210,10 +248,10 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
 
-  run_chunk = jax.jit(jax.vmap(lambda s, t: search.run_chunk(s, t, chunk), in_axes=(0, None)))
+  advance = make_advance(search, chunk, jax.random.PRNGKey(config.seed))
   while step < num_steps:
     t0 = time.time()
-    state, metrics = run_chunk(state, jnp.int32(step))
+    state, metrics = advance(state, step)
     metrics = jax.device_get(metrics)
     step = int(state.step[0])
     lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
