@@ -1,0 +1,76 @@
+"""Multi-objective utilities: dominance, non-dominated sorting, crowding (jittable).
+
+Objectives are float32[N, M], all to be *maximised* (negate what you minimise,
+e.g. parameter count). Non-dominated sorting follows NSGA-II (Deb et al. 2002),
+written as repeated peeling of the dominance matrix so that it is a fixed-shape
+``lax.while_loop``: O(N^2 M) memory, fine for populations and archives up to a
+few thousand.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dominates(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a dominates b: no worse in every objective and better in at least one."""
+  return jnp.all(a >= b, axis=-1) & jnp.any(a > b, axis=-1)
+
+
+def dominance_matrix(objectives: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """bool[N, N]: entry (i, j) says i dominates j; invalid rows neither dominate nor count."""
+  d = dominates(objectives[:, None, :], objectives[None, :, :])
+  if valid is not None:
+    d = d & valid[:, None] & valid[None, :]
+  return d
+
+
+def non_dominated_rank(objectives: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """int32[N] front index (0 = Pareto front); invalid rows get N."""
+  n = objectives.shape[0]
+  valid = jnp.ones((n,), bool) if valid is None else valid
+  dom = dominance_matrix(objectives, valid)
+  rank = jnp.full((n,), n, jnp.int32)
+
+  def cond(c):
+    _, remaining, _ = c
+    return jnp.any(remaining)
+
+  def body(c):
+    rank, remaining, front = c
+    # Rows not dominated by any remaining row form the next front.
+    dominated = jnp.any(dom & remaining[:, None], axis=0)
+    current = remaining & ~dominated
+    return jnp.where(current, front, rank), remaining & ~current, front + 1
+
+  rank, _, _ = jax.lax.while_loop(cond, body, (rank, valid, jnp.int32(0)))
+  return rank
+
+
+def pareto_front_mask(objectives: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """bool[N]: the non-dominated rows."""
+  n = objectives.shape[0]
+  valid = jnp.ones((n,), bool) if valid is None else valid
+  dom = dominance_matrix(objectives, valid)
+  return valid & ~jnp.any(dom, axis=0)
+
+
+def crowding_distance(objectives: jax.Array, mask: jax.Array) -> jax.Array:
+  """NSGA-II crowding distance of the rows in ``mask`` (others 0); boundary rows inf."""
+  n, m = objectives.shape
+  dist = jnp.zeros((n,), jnp.float32)
+  for j in range(m):
+    f = jnp.where(mask, objectives[:, j], jnp.inf)
+    order = jnp.argsort(f)
+    sorted_f = f[order]
+    count = mask.sum()
+    lo, hi = sorted_f[0], sorted_f[jnp.maximum(count - 1, 0)]
+    span = jnp.maximum(hi - lo, 1e-12)
+    pos = jnp.arange(n)
+    prev = sorted_f[jnp.maximum(pos - 1, 0)]
+    nxt = sorted_f[jnp.minimum(pos + 1, n - 1)]
+    gap = jnp.where((pos == 0) | (pos == count - 1), jnp.inf, (nxt - prev) / span)
+    gap = jnp.where(pos < count, gap, 0.0)
+    dist = dist.at[order].add(gap)
+  return jnp.where(mask, dist, 0.0)
