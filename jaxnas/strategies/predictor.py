@@ -50,14 +50,19 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
                      train_steps: int = 200, learning_rate: float = 1e-2,
                      weight_decay: float = 1e-4, num_candidates: int = 100,
                      num_parents: int = 10, random_fraction: float = 0.1,
-                     pool: str = "mutation", encoding: str = "onehot") -> Strategy:
+                     pool: str = "mutation", encoding: str = "onehot",
+                     acquisition: str = "its") -> Strategy:
   """BANANAS-style search with an MLP ensemble and ITS acquisition.
 
   pool: "mutation" (BANANAS' mutation acquisition optimiser) or "all" (score
     every unevaluated architecture; spaces of at most 100,000 only).
   encoding: "onehot" (decisions one-hot) or "space" (``space.featurize``, e.g.
     the NAS-Bench-201 path encoding).
+  acquisition: "its" (independent Thompson sampling), "ucb" (mean + std) or
+    "mean" (pure exploitation).
   """
+  if acquisition not in ("its", "ucb", "mean"):
+    raise ValueError(f"acquisition must be 'its', 'ucb' or 'mean', got {acquisition!r}")
   if pool not in ("mutation", "all"):
     raise ValueError(f"pool must be 'mutation' or 'all', got {pool!r}")
   if pool == "all" and space.size > 100_000:
@@ -133,10 +138,15 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
     feats = jax.vmap(featurize)(candidates)
     preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
     mu, sigma = preds.mean(0), preds.std(0)
-    acquisition = mu + sigma * jax.random.normal(k_its, mu.shape)
-    acquisition = jnp.where(seen | repeat, -jnp.inf, acquisition)
+    if acquisition == "its":
+      score = mu + sigma * jax.random.normal(k_its, mu.shape)
+    elif acquisition == "ucb":
+      score = mu + sigma
+    else:
+      score = mu
+    score = jnp.where(seen | repeat, -jnp.inf, score)
     n_ranked = min(num_candidates, 4 * batch_size)
-    _, top = jax.lax.top_k(acquisition, n_ranked)
+    _, top = jax.lax.top_k(score, n_ranked)
     ranked = candidates[top]
 
     # Before the predictor has data, propose uniform samples.

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny categorical space and an evaluator for it."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+import jaxnas
+from jaxnas.spaces import InvalidArchitecture
+
+
+def tiny_space(cardinalities=(3, 3), name="tiny") -> jaxnas.Space:
+  """A space whose architectures are their own decision vectors."""
+
+  def encode(arch):
+    return "-".join(str(int(x)) for x in arch)
+
+  def decode(string):
+    try:
+      return jnp.asarray([int(x) for x in string.split("-")], jnp.int32)
+    except (AttributeError, ValueError) as e:
+      raise InvalidArchitecture(str(e)) from None
+
+  ident = lambda v: jnp.asarray(v, jnp.int32)
+  return jaxnas.Space(name=name, cardinalities=tuple(cardinalities), to_vector=ident,
+                      from_vector=ident, encode=encode, decode=decode)
+
+
+def tiny_evaluator(space: jaxnas.Space) -> jaxnas.Evaluator:
+  """Fitness is a fixed pseudo-random permutation of the ranks, so every value is distinct."""
+  size = space.size
+  scores = ((jnp.arange(size) * 7919 + 13) % size).astype(jnp.float32)  # 7919 is prime
+
+  def evaluate(key, archs):
+    del key
+    return scores[space.rank(archs)]
+
+  def report(archs):
+    return {"score": scores[space.rank(archs)]}
+
+  return jaxnas.Evaluator(name=space.name, space=space, evaluate=evaluate, report=report,
+                          jittable=True)
+
+
+@pytest.fixture
+def tiny():
+  """(space, evaluator) of the 3 x 3 space."""
+  space = tiny_space()
+  return space, tiny_evaluator(space)
