@@ -1,0 +1,143 @@
+"""Wall time of training a population of random NAS-Bench-201 networks in JAX.
+
+Trains ``--population`` random cells (BN, SGD momentum + weight decay, cosine
+LR) for ``--steps`` steps each on Fashion-MNIST (or random data of the same
+shape when it is not installed), then scores them on a validation split.
+
+  python experiments/bench_population.py --population=16 --steps=50 --channels=16 \
+      --cells=1 --batch=128 --image=28 --in_channels=1 [--plan=map|vmap|sequential|...]
+
+``end_to_end_s`` counts everything from nothing (process start after imports:
+data loading, compilation, training, validation) to all members scored;
+``compile_s`` is the lowering+compilation time, measured separately with
+``jit(...).lower(...).compile()`` in the same process for the plans that have
+one program; ``candidate_steps_per_s`` is population x steps / steady-state time
+of a second, already-compiled call. The LAST line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+T_START = time.perf_counter()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxnas.datasets import DatasetError, load_fashion_mnist, train_val_split  # noqa: E402
+from jaxnas.models import train as train_lib  # noqa: E402
+from jaxnas.spaces import nb201_space  # noqa: E402
+
+
+def load_data(args):
+  """Fashion-MNIST if installed and the shape matches, else random uint8 data of that shape."""
+  if args.image == 28 and args.in_channels == 1 and not args.random_data:
+    try:
+      ds = load_fashion_mnist(args.data_dir)
+      tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, args.val_fraction,
+                                       seed=args.seed)
+      return "fashion_mnist", (tx, ty, vx[:args.val_examples], vy[:args.val_examples], ds.mean,
+                               ds.std)
+    except DatasetError as e:
+      print(f"Fashion-MNIST unavailable ({e}); using random data", file=sys.stderr)
+  rng = np.random.default_rng(args.seed)
+  shape = (args.image, args.image, args.in_channels)
+  tx = rng.integers(0, 256, (10000,) + shape, dtype=np.uint8)
+  ty = rng.integers(0, 10, 10000).astype(np.int32)
+  vx = rng.integers(0, 256, (args.val_examples,) + shape, dtype=np.uint8)
+  vy = rng.integers(0, 10, args.val_examples).astype(np.int32)
+  return "random", (tx, ty, vx, vy, (0.5,) * args.in_channels, (0.25,) * args.in_channels)
+
+
+def population(args):
+  space = nb201_space()
+  keys = jax.random.split(jax.random.PRNGKey(args.seed), args.population)
+  return jax.vmap(space.sample)(keys)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--population", type=int, default=16)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--channels", type=int, default=16)
+  p.add_argument("--cells", type=int, default=1)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--in_channels", type=int, default=1)
+  p.add_argument("--plan", default="auto", help="auto, " + ", ".join(train_lib.PLANS))
+  p.add_argument("--op_impl", default="auto", help="auto, switch, onehot, kernel")
+  p.add_argument("--map_batch", type=int, default=1)
+  p.add_argument("--val_examples", type=int, default=1000)
+  p.add_argument("--val_fraction", type=float, default=1 / 12)
+  p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+  p.add_argument("--random_data", action="store_true")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
+  args = p.parse_args()
+
+  source, arrays = load_data(args)
+  data = train_lib.make_data(*arrays)
+  archs = population(args)
+  config = train_lib.resolve_plan(train_lib.TrainConfig(
+      steps=args.steps, batch_size=args.batch, channels=args.channels, cells=args.cells,
+      num_classes=10, plan=args.plan, op_impl=args.op_impl, map_batch=args.map_batch))
+  key = jax.random.PRNGKey(args.seed + 1)
+
+  metrics = train_lib.train_population_metrics(archs, key, data, config)
+  acc = np.asarray(jax.block_until_ready(metrics["val_accuracy"]))
+  end_to_end = time.perf_counter() - T_START
+
+  # Steady state: the same call again, every program already compiled.
+  steady = float("nan")
+  if not args.no_steady:
+    t = time.perf_counter()
+    jax.block_until_ready(train_lib.train_population(archs, key, data, config))
+    steady = time.perf_counter() - t
+
+  # Compilation alone, timed on a fresh trace of the program(s) this plan runs.
+  t = time.perf_counter()
+  data_key, init_key = jax.random.split(key)
+  keys = jax.random.split(init_key, args.population)
+  scales = jnp.ones(args.population, jnp.float32)
+  if config.plan in ("map", "vmap"):
+    train_lib._compiled.cache_clear()
+    train_lib._compiled(config, config.plan).lower(archs, keys, data_key, data, scales).compile()
+  elif config.plan == "sequential":
+    train_lib._compiled.cache_clear()
+    train_lib._compiled(config, "sequential").lower(archs[0], keys[0], data_key, data,
+                                                    scales[0]).compile()
+  else:
+    seen = set()
+    for a in np.asarray(archs):
+      fixed = tuple(int(o) for o in a)
+      if fixed not in seen:
+        seen.add(fixed)
+        jax.jit(train_lib.make_train(config, fixed)).lower(archs[0], keys[0], data_key, data,
+                                                           scales[0]).compile()
+  compile_s = time.perf_counter() - t
+
+  steps_total = args.population * args.steps
+  out = {
+      "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
+      "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
+      "data": source, "population": args.population, "steps": args.steps,
+      "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
+      "end_to_end_s": round(end_to_end, 3), "compile_s": round(compile_s, 3),
+      "steady_s": round(steady, 3),
+      "candidate_steps_per_s": round(steps_total / steady, 2) if steady == steady else None,
+      "end_to_end_candidate_steps_per_s": round(steps_total / end_to_end, 2),
+      "val_accuracy_mean": float(np.nanmean(acc)), "failed": int(np.isnan(acc).sum()),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,205 @@
+"""PyTorch peer of bench_population.py: the same random NAS-Bench-201 networks, trained one by one.
+
+Eager PyTorch builds each cell with only its own ops (the way NAS-Bench-201's
+own code trains), SGD Nesterov momentum 0.9, weight decay 5e-4, cosine LR,
+BatchNorm, on the same Fashion-MNIST split (or random data) and minibatch size.
+Torch is optional: without it the script prints a message and exits 0.
+
+  python experiments/torch_peer_population.py --population=16 --steps=50 --channels=16 \
+      --cells=1 --batch=128 --image=28 --in_channels=1
+
+The LAST line printed is a JSON object with the keys of bench_population.py
+(``compile_s`` is 0: eager mode compiles nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+T_START = time.perf_counter()
+
+try:
+  import torch
+  import torch.nn as tnn
+  import torch.nn.functional as F
+except ImportError:
+  print("torch is not installed; skipping the PyTorch peer (pip install torch)")
+  sys.exit(0)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxnas.datasets import DatasetError, load_fashion_mnist, train_val_split  # noqa: E402
+
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+EDGES = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2))
+
+
+class ReLUConvBN(tnn.Sequential):
+
+  def __init__(self, c_in, c_out, k, stride=1):
+    super().__init__(tnn.ReLU(), tnn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+                     tnn.BatchNorm2d(c_out))
+
+
+class Zero(tnn.Module):
+
+  def forward(self, x):
+    return x.mul(0.0)
+
+
+def make_op(op, c):
+  name = OPS[op]
+  if name == "none":
+    return Zero()
+  if name == "skip_connect":
+    return tnn.Identity()
+  if name == "nor_conv_1x1":
+    return ReLUConvBN(c, c, 1)
+  if name == "nor_conv_3x3":
+    return ReLUConvBN(c, c, 3)
+  return tnn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+
+class Cell(tnn.Module):
+
+  def __init__(self, arch, c):
+    super().__init__()
+    self.edges = tnn.ModuleList([make_op(int(o), c) for o in arch])
+
+  def forward(self, x):
+    nodes = [x]
+    for j in range(1, 4):
+      nodes.append(sum(self.edges[e](nodes[i]) for e, (jj, i) in enumerate(EDGES) if jj == j))
+    return nodes[-1]
+
+
+class Reduction(tnn.Module):
+
+  def __init__(self, c_in, c_out):
+    super().__init__()
+    self.a = ReLUConvBN(c_in, c_out, 3, 2)
+    self.b = ReLUConvBN(c_out, c_out, 3)
+    self.shortcut = tnn.Sequential(tnn.AvgPool2d(2, 2), tnn.Conv2d(c_in, c_out, 1, bias=False))
+
+  def forward(self, x):
+    return self.shortcut(x) + self.b(self.a(x))
+
+
+class Net(tnn.Module):
+
+  def __init__(self, arch, c, n, num_classes, in_channels):
+    super().__init__()
+    layers = [tnn.Conv2d(in_channels, c, 3, 1, 1, bias=False), tnn.BatchNorm2d(c)]
+    for stage in range(3):
+      cs = c * 2 ** stage
+      if stage:
+        layers.append(Reduction(cs // 2, cs))
+      layers += [Cell(arch, cs) for _ in range(n)]
+    layers += [tnn.BatchNorm2d(4 * c), tnn.ReLU(), tnn.AdaptiveAvgPool2d(1), tnn.Flatten(),
+               tnn.Linear(4 * c, num_classes)]
+    self.net = tnn.Sequential(*layers)
+
+  def forward(self, x):
+    return self.net(x)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--population", type=int, default=16)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--channels", type=int, default=16)
+  p.add_argument("--cells", type=int, default=1)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--in_channels", type=int, default=1)
+  p.add_argument("--val_examples", type=int, default=1000)
+  p.add_argument("--val_fraction", type=float, default=1 / 12)
+  p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+  p.add_argument("--random_data", action="store_true")
+  p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  torch.manual_seed(args.seed)
+
+  # The same population as bench_population.py (same space, same key).
+  import jax
+  from jaxnas.spaces import nb201_space
+  keys = jax.random.split(jax.random.PRNGKey(args.seed), args.population)
+  archs = np.asarray(jax.vmap(nb201_space().sample)(keys))
+
+  source = "random"
+  if args.image == 28 and args.in_channels == 1 and not args.random_data:
+    try:
+      ds = load_fashion_mnist(args.data_dir)
+      tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, args.val_fraction,
+                                       seed=args.seed)
+      vx, vy, mean, std, source = vx[:args.val_examples], vy[:args.val_examples], ds.mean, ds.std, \
+          "fashion_mnist"
+    except DatasetError as e:
+      print(f"Fashion-MNIST unavailable ({e}); using random data", file=sys.stderr)
+  if source == "random":
+    rng = np.random.default_rng(args.seed)
+    shape = (args.image, args.image, args.in_channels)
+    tx = rng.integers(0, 256, (10000,) + shape, dtype=np.uint8)
+    ty = rng.integers(0, 10, 10000).astype(np.int32)
+    vx = rng.integers(0, 256, (args.val_examples,) + shape, dtype=np.uint8)
+    vy = rng.integers(0, 10, args.val_examples).astype(np.int32)
+    mean, std = (0.5,) * args.in_channels, (0.25,) * args.in_channels
+
+  def to_tensor(x):  # uint8 NHWC -> normalised float NCHW
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (t - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+  train_x, train_y = torch.from_numpy(tx), torch.from_numpy(ty.astype(np.int64))
+  val_x, val_y = to_tensor(vx), torch.from_numpy(vy.astype(np.int64))
+  g = torch.Generator().manual_seed(args.seed + 1)
+  batches = [torch.randint(0, len(train_y), (args.batch,), generator=g) for _ in range(args.steps)]
+
+  accs, train_time = [], 0.0
+  for arch in archs:
+    net = Net(arch, args.channels, args.cells, 10, args.in_channels)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    t = time.perf_counter()
+    net.train()
+    failed = False
+    for idx in batches:
+      x, y = to_tensor(train_x[idx].numpy()), train_y[idx]
+      loss = F.cross_entropy(net(x), y)
+      if not torch.isfinite(loss):
+        failed = True
+        break
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      sched.step()
+    train_time += time.perf_counter() - t
+    net.eval()
+    with torch.no_grad():
+      correct = sum(int((net(val_x[i:i + 500]).argmax(1) == val_y[i:i + 500]).sum())
+                    for i in range(0, len(val_y), 500))
+    accs.append(float("nan") if failed else correct / len(val_y))
+  end_to_end = time.perf_counter() - T_START
+  steps_total = args.population * args.steps
+  print(json.dumps({
+      "framework": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+      "data": source, "population": args.population, "steps": args.steps,
+      "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
+      "end_to_end_s": round(end_to_end, 3), "compile_s": 0.0, "train_s": round(train_time, 3),
+      "candidate_steps_per_s": round(steps_total / train_time, 2),
+      "end_to_end_candidate_steps_per_s": round(steps_total / end_to_end, 2),
+      "val_accuracy_mean": float(np.nanmean(accs)), "failed": int(np.isnan(accs).sum()),
+  }))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,353 @@
+"""The NAS-Bench-201 network (Dong & Yang, ICLR 2020) with the architecture as data.
+
+Macro skeleton, as in the benchmark: a 3x3 conv + BN stem; three stages of
+``cells`` cells with ``C``, ``2C``, ``4C`` channels joined by residual reduction
+blocks (a stride-2 ResNet basic block, He et al. 2016); then BN-ReLU, global
+average pooling and a linear classifier. A cell is the 4-node DAG of
+``jaxnas.spaces.nb201``: node ``j = sum_{i<j} op_ji(node_i)`` with ops
+``none`` (zeros), ``skip_connect`` (identity), ``nor_conv_1x1`` and
+``nor_conv_3x3`` (ReLU-Conv-BN) and ``avg_pool_3x3`` (stride 1, padding 1,
+``count_include_pad=False``).
+
+``NB201Network`` takes the cell as an ``int32[6]`` *input*, so one compiled
+program trains any member of a population. How a data-dependent op choice
+executes is ``op_impl`` (all three give the same function of the same params):
+
+* ``"switch"``: ``lax.switch`` on the op index. With an unbatched index (one
+  candidate at a time, e.g. under ``lax.map``) XLA runs a real conditional and
+  computes only the chosen op. Under ``vmap`` the index is batched and JAX turns
+  the switch into a select over all five branches.
+* ``"onehot"``: compute all ops, sum with one-hot weights (DARTS-style mixing
+  with hard weights; Liu et al. 2019). Costs a 3x3 and a 1x1 conv per edge.
+* ``"kernel"``: one 3x3 conv per edge whose kernel embeds the chosen conv
+  (the 1x1 kernel is the centre tap of a 3x3), ``relu`` on its input; skip and
+  pooling are cheap and selected around it. Costs one 3x3 conv per edge, and
+  under ``vmap`` it is a single grouped conv per edge.
+
+Setting ``fixed_arch`` (a Python tuple) builds the specialised network of one
+cell: only the chosen ops exist, with the same parameter names, so
+``specialise_variables`` can carry trained weights over (final retraining,
+export). ``cost`` gives its exact parameter count and FLOPs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas.spaces.nb201 import EDGES, NUM_EDGES, NUM_NODES, OPS
+
+OP_IMPLS = ("switch", "onehot", "kernel")
+NONE, SKIP, CONV1, CONV3, POOL = range(len(OPS))
+
+# PyTorch's default conv init (kaiming_uniform with a=sqrt(5)), so the JAX net
+# and the PyTorch peer start from the same distribution.
+conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, stride, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                      dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_canonical(x, kernel, stride, pad):
+  return _conv(x, kernel, stride, ((pad, pad), (pad, pad)))
+
+
+def _conv_canonical_fwd(x, kernel, stride, pad):
+  return _conv_canonical(x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_canonical_bwd(stride, pad, res, g):
+  # Both gradients written as plain NHWC/HWIO convolutions. Autodiff's own
+  # transposes use permuted dimension labels that XLA:CPU only rewrites into
+  # its fast (Eigen/YNNPACK) form in the entry computation; inside a
+  # conditional or a loop body they run as naive loops, 4-30x slower
+  # (experiments/NOTES_population.md). Training is a scan and op choice a
+  # switch, so this matters more than anything else on CPU.
+  x, kernel = res
+  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  ho, wo = g.shape[1], g.shape[2]
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  lo = k - 1 - pad
+  pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo), (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
+  dx = _conv(g, flipped, 1, pads, lhs_dilation=(stride, stride))
+  # The kernel gradient correlates inputs (channels as batch) with output
+  # gradients (batch as input features), dilated by the stride.
+  dk = _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), 1, ((pad, pad), (pad, pad)),
+             rhs_dilation=(stride, stride))
+  return dx, dk[:, :k, :k, :].transpose(1, 2, 0, 3)
+
+
+_conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int | None = None):
+  """NHWC conv with symmetric PyTorch-style padding (``SAME`` pads stride-2 convs asymmetrically).
+
+  Has a hand-written VJP in canonical conv layouts, see ``_conv_canonical_bwd``.
+  """
+  p = kernel.shape[0] // 2 if padding is None else padding
+  return _conv_canonical(x, kernel, stride, p)
+
+
+def _pool_counts(h: int, w: int) -> np.ndarray:
+  """How many real (non-padding) pixels each 3x3 window covers: 4 at corners, 6 on edges, 9 inside."""
+  rows = np.minimum(np.arange(h) + 1, h - 1) - np.maximum(np.arange(h) - 1, 0) + 1
+  cols = np.minimum(np.arange(w) + 1, w - 1) - np.maximum(np.arange(w) - 1, 0) + 1
+  return (rows[:, None] * cols[None, :]).astype(np.float32)
+
+
+def avg_pool_3x3(x):
+  """3x3 average pool, stride 1, padding 1, ``count_include_pad=False`` as in NAS-Bench-201.
+
+  The divisor is a small numpy constant: ``nn.avg_pool(count_include_pad=False)``
+  instead pools a batch-sized array of ones, which XLA then constant-folds for
+  ~10 s per pool at compile time.
+  """
+  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
+                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+  inv = 1.0 / _pool_counts(x.shape[1], x.shape[2])
+  return s * jnp.asarray(inv[None, :, :, None], x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """``nn.BatchNorm`` with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
+                        name="bn")(x)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> Conv(k, stride, bias-free) -> BN: NAS-Bench-201's ``ReLUConvBN``."""
+  in_features: int
+  features: int
+  kernel_size: int
+  stride: int = 1
+  bn_momentum: float = 0.9
+
+  def setup(self):
+    k = self.kernel_size
+    self.kernel = self.param("kernel", conv_init, (k, k, self.in_features, self.features))
+    self.norm = BatchNorm(self.bn_momentum)
+
+  def __call__(self, x, train: bool):
+    return self.norm(conv2d(nn.relu(x), self.kernel, self.stride), train)
+
+
+def _centre(kernel_1x1):
+  """A 1x1 kernel as the centre tap of a 3x3 kernel: the same conv with padding 1."""
+  return jnp.pad(kernel_1x1, ((1, 1), (1, 1), (0, 0), (0, 0)))
+
+
+class Edge(nn.Module):
+  """One cell edge: ``op`` (int32 scalar, data) or ``fixed_op`` (Python int) applied to ``x``."""
+  features: int
+  op_impl: str = "switch"
+  fixed_op: int | None = None
+  bn_momentum: float = 0.9
+
+  def setup(self):
+    want = lambda o: self.fixed_op is None or self.fixed_op == o
+    if want(CONV1):
+      self.nor_conv_1x1 = ReLUConvBN(self.features, self.features, 1,
+                                     bn_momentum=self.bn_momentum)
+    if want(CONV3):
+      self.nor_conv_3x3 = ReLUConvBN(self.features, self.features, 3,
+                                     bn_momentum=self.bn_momentum)
+
+  def _branches(self, train):
+    return [
+        lambda m, x: jnp.zeros_like(x),
+        lambda m, x: x,
+        lambda m, x: m.nor_conv_1x1(x, train),
+        lambda m, x: m.nor_conv_3x3(x, train),
+        lambda m, x: avg_pool_3x3(x),
+    ]
+
+  def __call__(self, x, op, train: bool):
+    branches = self._branches(train)
+    if self.fixed_op is not None:
+      return branches[self.fixed_op](self, x)
+    if self.is_initializing():
+      # Create every op's variables, so all branches see one variable structure.
+      for branch in branches:
+        branch(self, x)
+    if self.op_impl == "switch":
+      return nn.switch(op, branches, self, x)
+    if self.op_impl == "onehot":
+      w = jax.nn.one_hot(op, len(OPS), dtype=x.dtype)
+      return sum(w[k] * b(self, x) for k, b in enumerate(branches))
+    if self.op_impl == "kernel":
+      k3 = self.nor_conv_3x3.kernel
+      k1 = _centre(self.nor_conv_1x1.kernel)
+      kernel = jnp.where(op == CONV3, k3, jnp.where(op == CONV1, k1, jnp.zeros_like(k3)))
+      y = conv2d(nn.relu(x), kernel)
+      # Each conv op keeps its own BN (as in the specialised net); running
+      # stats of the op not chosen also see y, but they are never read for
+      # this cell, and their gradients are zero through the select below.
+      y = jnp.where(op == CONV1, self.nor_conv_1x1.norm(y, train),
+                    self.nor_conv_3x3.norm(y, train))
+      out = jnp.where(op == SKIP, x, jnp.zeros_like(x))
+      out = jnp.where((op == CONV1) | (op == CONV3), y, out)
+      return jnp.where(op == POOL, avg_pool_3x3(x), out)
+    raise ValueError(f"unknown op_impl {self.op_impl!r}; choose one of {', '.join(OP_IMPLS)}")
+
+
+class Cell(nn.Module):
+  """The NAS-Bench-201 cell: node j is the sum of op_ji(node i) over i < j; output node 3."""
+  features: int
+  op_impl: str = "switch"
+  fixed_arch: tuple[int, ...] | None = None
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, arch, train: bool):
+    nodes = [x]
+    incoming = [[] for _ in range(NUM_NODES)]
+    for e, (j, i) in enumerate(EDGES):
+      fixed = None if self.fixed_arch is None else self.fixed_arch[e]
+      edge = Edge(self.features, self.op_impl, fixed, self.bn_momentum, name=f"edge{e}")
+      incoming[j].append((edge, i, None if arch is None else arch[e]))
+      if len(incoming[j]) == j:  # all inputs of node j are known (edges are in node order)
+        nodes.append(sum(m(nodes[src], op, train) for m, src, op in incoming[j]))
+    return nodes[-1]
+
+
+class ResidualReduction(nn.Module):
+  """NAS-Bench-201's ``ResNetBasicblock`` with stride 2 (He et al. 2016).
+
+  ``ReLUConvBN(3x3, s2) -> ReLUConvBN(3x3)`` plus a shortcut
+  ``AvgPool(2, 2) -> Conv1x1`` (bias-free, no BN); no activation after the sum.
+  """
+  features: int
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c_in, c, m = x.shape[-1], self.features, self.bn_momentum
+    y = ReLUConvBN(c_in, c, 3, stride=2, bn_momentum=m, name="conv_a")(x, train)
+    y = ReLUConvBN(c, c, 3, bn_momentum=m, name="conv_b")(y, train)
+    r = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    k = self.param("shortcut", conv_init, (1, 1, x.shape[-1], self.features))
+    return y + conv2d(r, k, padding=0)
+
+
+class NB201Network(nn.Module):
+  """NAS-Bench-201 network; ``__call__(images, arch, train)`` with ``arch`` an ``int32[6]`` array.
+
+  Attributes:
+    channels: C, the width of the first stage (NAS-Bench-201: 16).
+    cells: N, cells per stage (NAS-Bench-201: 5).
+    num_classes: classifier outputs.
+    op_impl: how the data-dependent op choice runs, one of ``OP_IMPLS``.
+    fixed_arch: a Python tuple of 6 op indices for the specialised network (then
+      ``arch`` is ignored and may be ``None``).
+    bn_momentum: running-statistics decay (0.9 = PyTorch's momentum 0.1).
+  """
+  channels: int = 16
+  cells: int = 5
+  num_classes: int = 10
+  op_impl: str = "switch"
+  fixed_arch: tuple[int, ...] | None = None
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, images, arch=None, train: bool = False):
+    if self.fixed_arch is None and arch is None:
+      raise ValueError("NB201Network needs an arch array unless fixed_arch is set")
+    if self.fixed_arch is not None:
+      arch = None
+    m = self.bn_momentum
+    k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.channels))
+    x = BatchNorm(m, name="stem_bn")(conv2d(images, k), train)
+    for stage in range(3):
+      c = self.channels * 2 ** stage
+      if stage:
+        x = ResidualReduction(c, m, name=f"reduce{stage}")(x, train)
+      for n in range(self.cells):
+        x = Cell(c, self.op_impl, self.fixed_arch, m, name=f"cell{stage}_{n}")(x, arch, train)
+    x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+def specialise(net: NB201Network, arch: Sequence[int]) -> NB201Network:
+  """The specialised network of one cell: only its ops are built and computed."""
+  fixed = tuple(int(o) for o in np.asarray(arch).reshape(-1))
+  if len(fixed) != NUM_EDGES or min(fixed) < 0 or max(fixed) >= len(OPS):
+    raise ValueError(f"not a NAS-Bench-201 architecture: {list(fixed)}")
+  return net.clone(fixed_arch=fixed)
+
+
+def specialise_variables(variables, arch: Sequence[int]):
+  """Prunes arch-as-data variables to the specialised network's tree for ``arch``.
+
+  Edges whose op is ``none``, ``skip_connect`` or ``avg_pool_3x3`` lose all
+  variables; conv edges keep only their chosen conv (and its BN).
+  """
+  fixed = tuple(int(o) for o in np.asarray(arch).reshape(-1))
+  keep = {CONV1: "nor_conv_1x1", CONV3: "nor_conv_3x3"}
+
+  def prune(tree):
+    out = {}
+    for name, sub in tree.items():
+      if name.startswith("edge") and name[4:].isdigit():
+        op = fixed[int(name[4:])]
+        sub = {k: v for k, v in sub.items() if keep.get(op) == k}
+        if sub:
+          out[name] = sub
+      elif isinstance(sub, dict):
+        pruned = prune(sub)
+        if pruned:
+          out[name] = pruned
+      else:
+        out[name] = sub
+    return out
+
+  return {col: prune(dict(tree)) for col, tree in variables.items()}
+
+
+def cost(arch, channels: int = 16, cells: int = 5, num_classes: int = 10, in_channels: int = 3,
+         image_size: int = 32):
+  """Exact parameter count and FLOPs of the specialised network for ``arch`` (jittable, vmappable).
+
+  Parameters are the trainable ones (conv kernels, BN scale/bias, classifier);
+  BN running statistics are not counted. FLOPs are multiply-accumulates of the
+  convolutions and the classifier, the convention of NAS-Bench-201's
+  ``FLOPs`` column (in M there); BN, ReLU, pooling and sums are not counted.
+  Returns ``(params, flops)`` as int32 scalars (exact below 2**31).
+  """
+  ops = jnp.asarray(arch, jnp.int32)
+  n1 = jnp.sum(ops == CONV1)
+  n3 = jnp.sum(ops == CONV3)
+  params = 9 * in_channels * channels + 2 * channels
+  flops = image_size * image_size * 9 * in_channels * channels
+  h = image_size
+  c_prev = channels
+  for stage in range(3):
+    c = channels * 2 ** stage
+    if stage:
+      h_out = (h - 1) // 2 + 1  # 3x3, stride 2, padding 1
+      params += 9 * c_prev * c + 2 * c + 9 * c * c + 2 * c + c_prev * c
+      flops += h_out * h_out * (9 * c_prev * c + 9 * c * c) + (h // 2) ** 2 * c_prev * c
+      h = h_out
+    per_cell_params = n1 * (c * c + 2 * c) + n3 * (9 * c * c + 2 * c)
+    per_cell_flops = h * h * (n1 * c * c + n3 * 9 * c * c)
+    params = params + cells * per_cell_params
+    flops = flops + cells * per_cell_flops
+    c_prev = c
+  params = params + 2 * c_prev + c_prev * num_classes + num_classes
+  flops = flops + c_prev * num_classes
+  return jnp.asarray(params, jnp.int32), jnp.asarray(flops, jnp.int32)

@@ -1,0 +1,244 @@
+"""Short real training of a population of NAS-Bench-201 networks.
+
+``make_train(config)`` returns ``train(arch, init_key, data_key, data)``, one
+candidate's whole run (init, ``lax.scan`` over SGD steps, validation) as a pure
+function with the architecture as data (purejaxrl's ``make_train``).
+``train_population`` runs it over a population with one of the execution plans:
+
+* ``"map"``: ``lax.map`` over members inside one jitted program. The op index
+  is unbatched inside the body, so ``op_impl="switch"`` is a real conditional
+  and each member pays only for its own ops. One compilation for any cells.
+* ``"vmap"``: ``vmap`` over members in one program; convs become grouped convs
+  and a data-dependent op must compute every candidate op (select/one-hot).
+* ``"sequential"``: a Python loop over members calling the same jitted
+  ``train`` (arch as data, compiled once); dispatch per member.
+* ``"sequential_static"``: the classic baseline, one specialised network per
+  architecture, compiled per distinct cell (only its ops, nothing selected).
+
+All members see the same minibatch sequence (common random numbers: one
+``data_key``), and different initialisations. A member whose loss or gradient
+norm becomes non-finite stops updating and scores NaN; members never share a
+reduction (BN statistics are per member), so a failure cannot leak.
+
+Training follows NAS-Bench-201's recipe (Dong & Yang 2020): SGD with Nesterov
+momentum 0.9, weight decay 5e-4 (coupled, as PyTorch's SGD), cosine learning
+rate from 0.1, cross-entropy, BatchNorm in training mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnas.datasets.loaders import make_preprocess
+from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
+
+PLANS = ("map", "vmap", "sequential", "sequential_static")
+
+
+class TrainConfig(NamedTuple):
+  """Hyperparameters of a population's short training run.
+
+  ``plan="auto"`` and ``op_impl="auto"`` resolve per backend with
+  ``resolve_plan``; ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
+  """
+  steps: int = 50
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4
+  channels: int = 16
+  cells: int = 1
+  num_classes: int = 10
+  augment: bool = False
+  eval_batch_size: int = 500
+  bn_momentum: float = 0.9
+  plan: str = "auto"
+  op_impl: str = "auto"
+  map_batch: int = 1
+
+
+class TrainData(NamedTuple):
+  """Device-ready training data: uint8 NHWC images, int32 labels, channel mean/std (0..1)."""
+  train_images: jax.Array
+  train_labels: jax.Array
+  val_images: jax.Array
+  val_labels: jax.Array
+  mean: jax.Array
+  std: jax.Array
+
+
+def make_data(train_images, train_labels, val_images, val_labels, mean, std) -> TrainData:
+  """Puts the arrays on the default device once (passed as arguments, never baked into HLO)."""
+  arrays = (np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32),
+            np.asarray(val_images, np.uint8), np.asarray(val_labels, np.int32),
+            np.asarray(mean, np.float32), np.asarray(std, np.float32))
+  if arrays[0].ndim != 4 or arrays[2].ndim != 4:
+    raise ValueError(f"images must be NHWC, got {arrays[0].shape} and {arrays[2].shape}")
+  return TrainData(*jax.device_put(arrays))
+
+
+def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig:
+  """Fills ``plan``/``op_impl`` "auto" by backend, from measurements (experiments/NOTES_population.md).
+
+  On CPU, ``map`` + ``switch`` wins: each member computes only its own ops
+  (about 4x fewer conv FLOPs than computing every op for a random cell) and
+  the whole population is one compilation. Accelerators prefer ``vmap`` (wide
+  batched kernels) and then the cheapest all-ops form, ``kernel``.
+  """
+  backend = backend or jax.default_backend()
+  plan = config.plan
+  if plan == "auto":
+    plan = "map" if backend == "cpu" else "vmap"
+  if plan not in PLANS:
+    raise ValueError(f"unknown plan {plan!r}; choose one of auto, {', '.join(PLANS)}")
+  op_impl = config.op_impl
+  if op_impl == "auto":
+    op_impl = "kernel" if plan == "vmap" else "switch"
+  if op_impl not in OP_IMPLS:
+    raise ValueError(f"unknown op_impl {op_impl!r}; choose one of auto, {', '.join(OP_IMPLS)}")
+  return config._replace(plan=plan, op_impl=op_impl)
+
+
+def make_network(config: TrainConfig, fixed_arch=None) -> NB201Network:
+  return NB201Network(channels=config.channels, cells=config.cells,
+                      num_classes=config.num_classes,
+                      op_impl=config.op_impl if config.op_impl != "auto" else "switch",
+                      fixed_arch=fixed_arch, bn_momentum=config.bn_momentum)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """SGD (Nesterov) momentum with coupled weight decay and cosine LR, as NAS-Bench-201."""
+  schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.steps, 1))
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_train(config: TrainConfig, fixed_arch=None):
+  """``train(arch, init_key, data_key, data, lr_scale=1.0) -> metrics`` for one candidate.
+
+  ``metrics`` holds ``val_accuracy`` (fraction, NaN if failed), ``failed``
+  (bool), ``final_loss`` and ``losses`` (float32[steps]). ``lr_scale``
+  multiplies this member's learning rate. With ``fixed_arch`` the specialised
+  network is trained and ``arch`` is ignored.
+  """
+  net = make_network(config, fixed_arch)
+  tx = make_optimizer(config)
+  steps, bs, ebs = config.steps, config.batch_size, config.eval_batch_size
+
+  def train(arch, init_key, data_key, data: TrainData, lr_scale=1.0):
+    preprocess = make_preprocess(data.mean, data.std, augment=config.augment)
+    eval_preprocess = make_preprocess(data.mean, data.std, augment=False)
+    n_train = data.train_labels.shape[0]
+    dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
+    variables = net.init(init_key, dummy, arch, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    def loss_fn(p, s, x, y):
+      logits, new = net.apply({"params": p, "batch_stats": s}, x, arch, train=True,
+                              mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, new["batch_stats"]
+
+    def step(carry, t):
+      params, stats, opt_state, failed = carry
+      k_idx, k_aug = jax.random.split(jax.random.fold_in(data_key, t))
+      idx = jax.random.randint(k_idx, (bs,), 0, n_train)
+      x = preprocess(k_aug, data.train_images[idx])
+      y = data.train_labels[idx]
+      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+      updates, new_opt = tx.update(grads, opt_state, params)
+      # SGD's update is linear in the learning rate, so scaling it scales the LR.
+      updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
+      new_params = optax.apply_updates(params, updates)
+      # A diverged member freezes at its last finite state and is scored NaN.
+      failed = failed | ~jnp.isfinite(loss) | ~jnp.isfinite(optax.global_norm(grads))
+      keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(failed, b, a), new,
+                                                     old)
+      carry = (keep(new_params, params), keep(new_stats, stats), keep(new_opt, opt_state), failed)
+      return carry, loss
+
+    carry = (params, stats, opt_state, jnp.asarray(False))
+    (params, stats, _, failed), losses = jax.lax.scan(step, carry, jnp.arange(steps))
+
+    # Validation with running BN statistics, in fixed-size batches (last one masked).
+    n_val = data.val_labels.shape[0]
+    nb = -(-n_val // ebs)
+    pad = nb * ebs - n_val
+    vx = jnp.pad(data.val_images, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+        (nb, ebs) + data.val_images.shape[1:])
+    vy = jnp.pad(data.val_labels, (0, pad), constant_values=-1).reshape(nb, ebs)
+
+    def eval_batch(xy):
+      x, y = xy
+      logits = net.apply({"params": params, "batch_stats": stats}, eval_preprocess(None, x), arch,
+                         train=False)
+      return jnp.sum(jnp.argmax(logits, -1) == y)
+
+    correct = jnp.sum(jax.lax.map(eval_batch, (vx, vy)))
+    acc = correct / n_val
+    failed = failed | ~_all_finite(params)
+    return {"val_accuracy": jnp.where(failed, jnp.nan, acc), "failed": failed,
+            "final_loss": losses[-1], "losses": losses}
+
+  return train
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
+  train = make_train(config, fixed_arch)
+  if plan == "vmap":
+    return jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, 0)))
+  if plan == "map":
+    batch = config.map_batch if config.map_batch > 1 else None
+
+    def run(archs, keys, data_key, data, lr_scales):
+      return jax.lax.map(lambda a: train(a[0], a[1], data_key, data, a[2]),
+                         (archs, keys, lr_scales), batch_size=batch)
+
+    return jax.jit(run)
+  return jax.jit(train)
+
+
+def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
+                             lr_scales=None):
+  """Trains every ``archs[p]`` (``int32[P, 6]``) and returns stacked per-member metrics.
+
+  ``lr_scales`` (``float32[P]``, default ones) multiplies each member's learning rate.
+  """
+  config = resolve_plan(config)
+  archs = jnp.asarray(archs, jnp.int32)
+  if archs.ndim != 2 or archs.shape[1] != 6:
+    raise ValueError(f"archs must be int32[P, 6], got shape {archs.shape}")
+  data_key, init_key = jax.random.split(key)
+  keys = jax.random.split(init_key, archs.shape[0])
+  scales = jnp.ones(archs.shape[0], jnp.float32) if lr_scales is None else jnp.asarray(
+      lr_scales, jnp.float32)
+  if config.plan in ("vmap", "map"):
+    return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
+  outs = []
+  for p in range(archs.shape[0]):
+    if config.plan == "sequential":
+      outs.append(_compiled(config, "sequential")(archs[p], keys[p], data_key, data, scales[p]))
+    else:
+      fixed = tuple(int(o) for o in np.asarray(archs[p]))
+      outs.append(_compiled(config, "sequential_static", fixed)(archs[p], keys[p], data_key,
+                                                                 data, scales[p]))
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def train_population(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
+                     lr_scales=None):
+  """Validation accuracy ``float32[P]`` (fraction; NaN for diverged members) of short training."""
+  return train_population_metrics(archs, key, data, config, lr_scales)["val_accuracy"]

@@ -1,0 +1,149 @@
+"""NB201 network with the architecture as data, its cost model, and population training."""
+
+import os
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import datasets
+from jaxnas.models import nb201_net as net_lib
+from jaxnas.models import train as train_lib
+from jaxnas.spaces import nb201_space
+
+ARCHS = [(3, 1, 2, 4, 0, 3), (0, 0, 0, 0, 0, 0), (1, 4, 2, 1, 3, 4)]
+
+
+def _net(**kw):
+  return net_lib.NB201Network(channels=4, cells=1, num_classes=7, **kw)
+
+
+@pytest.mark.parametrize("op_impl", net_lib.OP_IMPLS)
+def test_arch_as_data_equals_specialised(op_impl):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 2))
+  net = _net(op_impl=op_impl)
+  apply = jax.jit(lambda v, a, train: net.apply(v, x, a, train=train, mutable=["batch_stats"]),
+                  static_argnums=2)
+  # One variable tree serves every cell: the arch-as-data net holds all ops.
+  v = jax.jit(net.init)(jax.random.PRNGKey(1), x, jnp.zeros(6, jnp.int32))
+  for arch in ARCHS:
+    a = jnp.asarray(arch, jnp.int32)
+    spec = net_lib.specialise(net, arch)
+    vs = net_lib.specialise_variables(v, arch)
+    assert (jax.tree_util.tree_structure(vs) ==
+            jax.tree_util.tree_structure(spec.init(jax.random.PRNGKey(1), x)))
+    for train in (True, False):
+      y, new = apply(v, a, train)
+      ys, new_s = spec.apply(vs, x, train=train, mutable=["batch_stats"])
+      chex.assert_shape(y, (3, 7))
+      chex.assert_trees_all_close(y, ys, atol=1e-5, rtol=1e-5)
+      # The running statistics of the ops the cell uses are updated identically.
+      chex.assert_trees_all_close(net_lib.specialise_variables(new, arch)["batch_stats"],
+                                  new_s["batch_stats"], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_vjp_matches_autodiff():
+  for h, k, stride in [(8, 3, 1), (8, 1, 1), (8, 3, 2), (7, 3, 2)]:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, h, h + 1, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 5))
+    p = k // 2
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, vjp_ref = jax.vjp(ref, x, w)
+    y2, vjp = jax.vjp(lambda x, w: net_lib.conv2d(x, w, stride), x, w)
+    g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    chex.assert_trees_all_close((y2,) + vjp(g), (y,) + vjp_ref(g), atol=1e-4, rtol=1e-5)
+
+
+def _jaxpr_macs(jaxpr):
+  """Multiply-accumulates of every conv and dot in a jaxpr (an independent FLOP count)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += _jaxpr_macs(getattr(sub, "jaxpr", sub))
+    if eqn.primitive.name == "conv_general_dilated":
+      out = eqn.outvars[0].aval.shape
+      kh, kw, cin, _ = eqn.invars[1].aval.shape
+      total += int(np.prod(out)) * kh * kw * cin
+    elif eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      k = int(np.prod([eqn.invars[0].aval.shape[d] for d in contract]))
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * k
+  return total
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cost_matches_flax_and_jaxpr(arch):
+  c, n, k, cin, hw = 8, 2, 10, 3, 16
+  spec = net_lib.specialise(net_lib.NB201Network(channels=c, cells=n, num_classes=k), arch)
+  x = jnp.zeros((1, hw, hw, cin))
+  v = spec.init(jax.random.PRNGKey(0), x)
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(v["params"]))
+  params, flops = jax.jit(net_lib.cost, static_argnums=range(1, 6))(
+      jnp.asarray(arch), c, n, k, cin, hw)
+  assert int(params) == n_params
+  jaxpr = jax.make_jaxpr(lambda v, x: spec.apply(v, x))(v, x).jaxpr
+  assert int(flops) == _jaxpr_macs(jaxpr)
+  # Vectorised over a population, too.
+  pop = jnp.asarray(ARCHS)
+  ps, _ = jax.vmap(lambda a: net_lib.cost(a, c, n, k, cin, hw))(pop)
+  assert int(ps[ARCHS.index(arch)]) == n_params
+
+
+def _data(n_train=512, n_val=256):
+  """A few hundred Fashion-MNIST images if installed, else separable synthetic images."""
+  if os.path.isdir(datasets.FASHION_MNIST_DIR):
+    ds = datasets.load_fashion_mnist()
+    tx, ty, vx, vy = datasets.train_val_split(ds.train_images[:n_train + n_val],
+                                              ds.train_labels[:n_train + n_val],
+                                              n_val / (n_train + n_val), seed=0)
+    return train_lib.make_data(tx, ty, vx, vy, ds.mean, ds.std)
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 10, n_train + n_val).astype(np.int32)
+  x = rng.integers(0, 60, (n_train + n_val, 28, 28, 1)).astype(np.uint8)
+  for c in range(10):  # each class lights up its own band of rows
+    x[y == c, 2 * c + 4:2 * c + 7] += 150
+  return train_lib.make_data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], (0.3,), (0.3,))
+
+
+def test_short_training_learns_and_contains_nan():
+  data = _data()
+  config = train_lib.TrainConfig(steps=30, batch_size=64, channels=8, cells=1, plan="map",
+                                 eval_batch_size=128)
+  archs = jnp.asarray([(3, 1, 2, 4, 0, 3), (2, 3, 1, 3, 4, 1), (1, 3, 0, 2, 3, 1)], jnp.int32)
+  key = jax.random.PRNGKey(0)
+  good = train_lib.train_population_metrics(archs, key, data, config)
+  acc = np.asarray(good["val_accuracy"])
+  assert np.all(acc > 0.5), acc  # chance is 0.1
+  losses = np.asarray(good["losses"])
+  assert np.all(losses[:, -5:].mean(1) < losses[:, :5].mean(1))
+  # Member 1 gets an absurd learning rate and diverges; the others are untouched.
+  bad = train_lib.train_population_metrics(archs, key, data, config,
+                                           lr_scales=jnp.asarray([1.0, 1e30, 1.0]))
+  bad_acc = np.asarray(bad["val_accuracy"])
+  assert np.isnan(bad_acc[1]) and bool(bad["failed"][1])
+  np.testing.assert_allclose(bad_acc[[0, 2]], acc[[0, 2]])
+
+
+@pytest.mark.skipif(not os.environ.get("JAXNAS_SLOW_TESTS"),
+                    reason="compiles three population programs (~1-3 min on 2 CPU cores); "
+                    "set JAXNAS_SLOW_TESTS=1")
+def test_plans_agree():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+  y = rng.integers(0, 10, 64).astype(np.int32)
+  data = train_lib.make_data(x[:48], y[:48], x[48:], y[48:], (0.5,), (0.25,))
+  archs = jax.vmap(nb201_space().sample)(jax.random.split(jax.random.PRNGKey(3), 2))
+  base = train_lib.TrainConfig(steps=3, batch_size=8, channels=4, eval_batch_size=8)
+  out = {}
+  for plan, impl in [("map", "switch"), ("vmap", "kernel"), ("sequential", "onehot")]:
+    m = train_lib.train_population_metrics(archs, jax.random.PRNGKey(0), data,
+                                           base._replace(plan=plan, op_impl=impl))
+    out[plan] = np.asarray(m["losses"])
+  np.testing.assert_allclose(out["vmap"], out["map"], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(out["sequential"], out["map"], rtol=2e-4, atol=2e-4)
+  with pytest.raises(ValueError, match="unknown plan"):
+    train_lib.resolve_plan(base._replace(plan="bogus"))
