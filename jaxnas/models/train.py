@@ -124,13 +124,15 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train(config: TrainConfig, fixed_arch=None):
+def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = False):
   """``train(arch, init_key, data_key, data, lr_scale=1.0) -> metrics`` for one candidate.
 
   ``metrics`` holds ``val_accuracy`` (fraction, NaN if failed), ``failed``
   (bool), ``final_loss`` and ``losses`` (float32[steps]). ``lr_scale``
   multiplies this member's learning rate. With ``fixed_arch`` the specialised
-  network is trained and ``arch`` is ignored.
+  network is trained and ``arch`` is ignored. With ``return_variables`` the
+  metrics also hold the trained ``variables`` (params and BN statistics), for
+  retraining and export.
   """
   net = make_network(config, fixed_arch)
   tx = make_optimizer(config)
@@ -189,8 +191,11 @@ def make_train(config: TrainConfig, fixed_arch=None):
     correct = jnp.sum(jax.lax.map(eval_batch, (vx, vy)))
     acc = correct / n_val
     failed = failed | ~_all_finite(params)
-    return {"val_accuracy": jnp.where(failed, jnp.nan, acc), "failed": failed,
-            "final_loss": losses[-1], "losses": losses}
+    metrics = {"val_accuracy": jnp.where(failed, jnp.nan, acc), "failed": failed,
+               "final_loss": losses[-1], "losses": losses}
+    if return_variables:
+      metrics["variables"] = {"params": params, "batch_stats": stats}
+    return metrics
 
   return train
 
