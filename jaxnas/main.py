@@ -14,23 +14,52 @@ import sys
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("evaluator", "nb201", "Performance estimator: nb201 (tabular NAS-Bench-201).")
-flags.DEFINE_string("dataset", "cifar10", "nb201: cifar10 | cifar100 | imagenet16-120.")
+flags.DEFINE_enum("mode", "search", ["search", "retrain"],
+                  "search: run a NAS search; retrain: train --arch from scratch and test it.")
+flags.DEFINE_string("evaluator", "nb201",
+                    "nb201 (tabular NAS-Bench-201) | train (real training of each population).")
+flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120 (default "
+                    "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
+                    "fashion_mnist).")
 flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor.")
 flags.DEFINE_integer("budget", 100, "Architecture evaluations per run.")
 flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one program.")
 flags.DEFINE_integer("seed", 0, "Run i uses seed + i (so it can be rerun alone).")
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<evaluator>-<dataset>-...).")
-flags.DEFINE_integer("checkpoint_every", 10, "Search steps between checkpoints (0: none).")
+flags.DEFINE_integer("checkpoint_every", None, "Search steps between checkpoints (0: none; "
+                     "default 10 for nb201, 1 (every generation) for train).")
+flags.DEFINE_float("max_hours", 0.0, "Wall-time limit of the search in hours, resumes included "
+                   "(0: none). Checked between generations; results.json records it.")
+flags.DEFINE_integer("population", None, "Architectures evaluated together per search step and "
+                     "seed (the strategy's batch; default: the strategy's own).")
 # Strategy hyperparameters: only those given are passed, and only to strategies that take them.
-flags.DEFINE_integer("population_size", None, "evolution: population size (default 10).")
+flags.DEFINE_integer("population_size", None, "evolution: aging population size (default 10).")
 flags.DEFINE_integer("tournament_size", None, "evolution: tournament size (default 3).")
-flags.DEFINE_integer("batch_size", None, "Architectures proposed per step (strategy default).")
 flags.DEFINE_integer("num_init", None, "local, predictor: initial random samples (default 10).")
 flags.DEFINE_float("learning_rate", None, "reinforce / predictor: learning rate.")
 flags.DEFINE_integer("ensemble_size", None, "predictor: MLPs in the ensemble (default 5).")
-_STRATEGY_FLAGS = ("population_size", "tournament_size", "batch_size", "num_init",
-                   "learning_rate", "ensemble_size")
+_STRATEGY_FLAGS = {"population": "batch_size", "population_size": "population_size",
+                   "tournament_size": "tournament_size", "num_init": "num_init",
+                   "learning_rate": "learning_rate", "ensemble_size": "ensemble_size"}
+# How --evaluator=train trains each candidate (the proxy), and --mode=retrain its final run.
+flags.DEFINE_string("data_dir", None, "Dataset folder (default for fashion_mnist: "
+                    "/usr/share/datasets/fashion-mnist; CIFAR needs it).")
+flags.DEFINE_float("epochs", None, "train: passes over the proxy training subset per candidate "
+                   "(default 1); retrain: epochs over the full training set (default 10).")
+flags.DEFINE_integer("channels", None, "Channels C of the first stage (default 16).")
+flags.DEFINE_integer("cells", None, "Cells per stage N (default 1).")
+flags.DEFINE_integer("batch_size", None, "Training minibatch size (default 128).")
+flags.DEFINE_float("train_fraction", None, "train: fraction of the search train/validation "
+                   "split used by the proxy (default 0.1).")
+flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network training "
+                   "(default 0.1).")
+flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
+                    "sequential | sequential_static (default auto: by backend).")
+flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
+                    "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
+_PROXY_FLAGS = {"data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
+                "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
+                "train_learning_rate": "learning_rate", "plan": "plan"}
 
 
 def _fail(message: str) -> None:
@@ -63,14 +92,22 @@ def _summary(results: dict) -> str:
                  f"{s['test_accuracy_std']:.2f} %  (search signal, validation: "
                  f"{s['best_score_mean']:.2f} ± {s['best_score_std']:.2f} %)")
   else:
-    lines.append(f"  best score: {s['best_score_mean']:.2f} ± {s['best_score_std']:.2f}")
+    lines.append(f"  proxy validation accuracy of chosen cells: {s['best_score_mean']:.2f} ± "
+                 f"{s['best_score_std']:.2f} %")
   best = next(r for r in results["runs"] if r["seed"] == s["best_run_seed"])
   extra = f", test {best['test_accuracy']:.2f} %" if "test_accuracy" in best else ""
+  if "params" in best:
+    extra += f", {best['params']:,.0f} params, {best['flops'] / 1e6:.1f} MFLOPs"
   lines.append(f"  best architecture (seed {best['seed']}): {best['best_arch']}  "
                f"val {best['best_score']:.2f} %{extra}")
   if "table_optimum" in s:
     o = s["table_optimum"]
     lines.append(f"  table optimum: val {o['best_val']:.2f} %, its test {o['test_of_best_val']:.2f} %")
+  if "retrain_command" in s:
+    lines.append(f"  retrain it: {s['retrain_command']}")
+  stopped = results.get("budget", {}).get("stopped_early")
+  if stopped:
+    lines.append(f"  stopped early at step {stopped['at_step']}: --max_hours={stopped['max_hours']}")
   return "\n".join(lines)
 
 
@@ -79,20 +116,30 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that --help and flag errors answer before JAX starts.
-  import jax
   from jaxnas import plotting, runner
   from jaxnas.checkpoint import CheckpointError
 
-  strategy_args = tuple(sorted((k, getattr(FLAGS, k)) for k in _STRATEGY_FLAGS
-                               if getattr(FLAGS, k) is not None))
+  if FLAGS.mode == "retrain":
+    return _retrain()
+  evaluator = FLAGS.evaluator
+  dataset = FLAGS.dataset or ("fashion_mnist" if evaluator == "train" else "cifar10")
+  strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
+                               _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))
+  evaluator_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
+                                _PROXY_FLAGS.items() if getattr(FLAGS, flag) is not None))
+  if FLAGS.arch is not None:
+    _fail("--arch applies only to --mode=retrain")
+  checkpoint_every = FLAGS.checkpoint_every
+  if checkpoint_every is None:
+    checkpoint_every = runner.DEFAULT_CHECKPOINT_EVERY.get(evaluator, 10)
   config = runner.SearchConfig(
-      evaluator=FLAGS.evaluator, dataset=FLAGS.dataset, strategy=FLAGS.strategy,
+      evaluator=evaluator, dataset=dataset, strategy=FLAGS.strategy,
       budget=FLAGS.budget, num_seeds=FLAGS.num_seeds, seed=FLAGS.seed,
-      checkpoint_every=FLAGS.checkpoint_every, strategy_args=strategy_args)
+      checkpoint_every=checkpoint_every, strategy_args=strategy_args,
+      evaluator_args=evaluator_args, max_hours=FLAGS.max_hours)
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
     runner.validate(config)
-    logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
     results = runner.run(config, workdir)
   except (runner.UserError, CheckpointError) as e:
     _fail(str(e))
@@ -106,6 +153,15 @@ def main(argv):
   print(_summary(results))
   print(f"  workdir: {workdir} (results.json, metrics.jsonl, config.json"
         + (", trajectory.png)" if os.path.exists(plot) else ")"))
+
+
+def _retrain():
+  from jaxnas import retrain
+  try:
+    result = retrain.run_from_flags(FLAGS)
+  except (retrain.RetrainError, OSError) as e:
+    _fail(str(e))
+  print(retrain.summary(result))
 
 
 def run_cli():

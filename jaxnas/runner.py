@@ -12,6 +12,7 @@ Workdir layout:
   checkpoints/     orbax steps of the search state
   metrics.jsonl    one line per search step (aggregated over seeds)
   results.json     the final results (identical across resumes)
+  timing.json      wall and device seconds the search used (resumes included)
   trajectory.png   best-so-far vs evaluations (if matplotlib is installed)
 """
 
@@ -21,7 +22,6 @@ import dataclasses
 import importlib.metadata
 import inspect
 import json
-import math
 import os
 import platform
 import sys
@@ -35,10 +35,15 @@ from absl import logging
 
 from jaxnas import estimators
 from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas.datasets import DATASETS as _DATASETS
+from jaxnas.estimators.training import ProxySpec, train_evaluator
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
 
-EVALUATORS = ("nb201",)
+EVALUATORS = ("nb201", "train")
+TRAIN_DATASETS = tuple(_DATASETS)
+# Default checkpoint interval by evaluator: every generation when each one trains networks.
+DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1}
 
 
 class UserError(ValueError):
@@ -56,15 +61,19 @@ class SearchConfig:
   seed: int = 0
   checkpoint_every: int = 10
   strategy_args: tuple = ()  # sorted (name, value) pairs passed to the strategy factory
+  evaluator_args: tuple = ()  # sorted (name, value) pairs: ProxySpec fields for "train"
+  max_hours: float = 0.0  # wall-time limit of the whole search, resumes included (0: none)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["strategy_args"] = dict(self.strategy_args)
+    d["evaluator_args"] = dict(self.evaluator_args)
     return d
 
 
 def default_workdir(c: SearchConfig) -> str:
-  args = "".join(f"-{k}{v}" for k, v in c.strategy_args)
+  args = "".join(f"-{k}{v}" for k, v in c.strategy_args + c.evaluator_args
+                 if k not in ("data_dir", "plan"))
   return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{args}"
                               f"-b{c.budget}-n{c.num_seeds}-s{c.seed}")
 
@@ -76,6 +85,17 @@ def validate(c: SearchConfig) -> None:
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
                     f"{', '.join(estimators.NB201_DATASETS)}")
+  if c.evaluator == "train" and c.dataset not in TRAIN_DATASETS:
+    raise UserError(f"unknown dataset {c.dataset!r} for train; choose one of "
+                    f"{', '.join(TRAIN_DATASETS)}")
+  if c.evaluator == "nb201" and c.evaluator_args:
+    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train")
+  proxy_fields = ProxySpec._fields
+  for k, _ in c.evaluator_args:
+    if k not in proxy_fields or k == "dataset":
+      raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
+  if c.max_hours < 0:
+    raise UserError(f"--max_hours must be >= 0, got {c.max_hours}")
   if c.strategy not in STRATEGIES:
     raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
   for name in ("budget", "num_seeds", "checkpoint_every"):
@@ -93,6 +113,11 @@ def validate(c: SearchConfig) -> None:
 def make_evaluator(c: SearchConfig):
   if c.evaluator == "nb201":
     return estimators.nb201_evaluator(c.dataset)
+  if c.evaluator == "train":
+    try:
+      return train_evaluator(ProxySpec(dataset=c.dataset, **dict(c.evaluator_args)))
+    except ValueError as e:  # DatasetError included: missing or malformed data
+      raise UserError(str(e)) from None
   raise UserError(f"unknown evaluator {c.evaluator!r}")
 
 
@@ -205,6 +230,7 @@ def make_advance(search, chunk: int, root_key: jax.Array):
 def run(config: SearchConfig, workdir: str | None = None) -> dict:
   """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results."""
   search = build(config)
+  logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, "config.json")
@@ -240,32 +266,55 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     restored = ckpt.restore_latest(state)
   except CheckpointError as e:
     raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
-  step = 0
+  step, elapsed = 0, 0.0
   if restored is not None:
-    step, state, _ = restored
+    step, state, meta = restored
+    elapsed = float(meta.get("elapsed_s", 0.0))
     logging.info("resuming from checkpoint at step %d of %d", step, num_steps)
     _truncate_metrics(metrics_path, step)
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
 
+  limit_s = config.max_hours * 3600.0
+  stopped = None
   advance = make_advance(search, chunk, jax.random.PRNGKey(config.seed))
+  last_chunk_s = 0.0
   while step < num_steps:
+    # The limit is checked between chunks (generations): one in progress is
+    # never cut, and one that would likely overrun the limit is not started.
+    if limit_s and step > 0 and elapsed + last_chunk_s > limit_s:
+      stopped = {"reason": "max_hours", "max_hours": config.max_hours, "at_step": step}
+      logging.warning("stopping at step %d/%d: --max_hours=%g reached (%.0f s used)", step,
+                      num_steps, config.max_hours, elapsed)
+      break
     t0 = time.time()
     state, metrics = advance(state, step)
     metrics = jax.device_get(metrics)
     step = int(state.step[0])
+    last_chunk_s = time.time() - t0
+    elapsed += last_chunk_s
     lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
     with open(metrics_path, "a") as f:
       f.writelines(json.dumps(line) + "\n" for line in lines)
     last = lines[-1]
     logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
                  step, num_steps, last["evaluations"], config.budget, last["best"],
-                 last["best_std"], last["diversity"], time.time() - t0)
+                 last["best_std"], last["diversity"], last_chunk_s)
     if config.checkpoint_every and step < num_steps:
-      ckpt.save(step, state)
+      ckpt.save(step, state, {"elapsed_s": elapsed})
   ckpt.close()
 
   results = collect_results(search, config, state)
+  # Limits and whether they cut the search are results; the measured times are
+  # not (they differ between an interrupted and an uninterrupted run, which must
+  # write identical results.json), so they go to timing.json.
+  results["budget"].update(max_hours=config.max_hours,
+                           max_device_seconds=config.max_hours * 3600.0 * jax.device_count(),
+                           stopped_early=stopped)
+  _write_json_atomic(os.path.join(workdir, "timing.json"),
+                     {"wall_s": round(elapsed, 3), "devices": jax.device_count(),
+                      "device_s": round(elapsed * jax.device_count(), 3),
+                      "backend": jax.default_backend()})
   _write_json_atomic(results_path, results)
   logging.info("search finished in %.2fs", time.time() - t_start)
   results = dict(results)
@@ -273,17 +322,28 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   return results
 
 
+def retrain_command(config: SearchConfig, arch: str) -> str:
+  """The CLI line that retrains ``arch`` from scratch on the search's data and network size."""
+  args = dict(config.evaluator_args)
+  parts = ["python -m jaxnas.main --mode=retrain", f"--arch='{arch}'", f"--dataset={config.dataset}"]
+  for k in ("data_dir", "channels", "cells"):
+    if k in args:
+      parts.append(f"--{k}={args[k]}")
+  return " ".join(parts)
+
+
 def collect_results(search, config: SearchConfig, state) -> dict:
   """The results.json object of a finished batched state."""
   r = jax.device_get(jax.jit(jax.vmap(lambda s: results_of(search, s)))(state))
   space = search.evaluator.space
   runs = []
+  count = np.asarray(jax.device_get(state.archive.count))
   for i in range(config.num_seeds):
     arch = jax.tree.map(lambda x: x[i], r["best_arch"])
     run_i = {"seed": config.seed + i,
              "best_arch": space.encode(arch),
              "best_score": round(float(r["best_score"][i]), 6),
-             "trajectory": [round(float(x), 6) for x in r["trajectory"][i]],
+             "trajectory": [round(float(x), 6) for x in r["trajectory"][i][:int(count[i])]],
              "failed_evaluations": int(r["num_failed"][i]),
              "duplicate_evaluations": int(r["num_duplicates"][i])}
     for k, v in r["report"].items():
@@ -299,6 +359,8 @@ def collect_results(search, config: SearchConfig, state) -> dict:
   summary["best_arch"] = runs[best_run]["best_arch"]
   if config.evaluator == "nb201":
     summary["table_optimum"] = estimators.nb201.oracle(config.dataset)
+  if config.evaluator == "train":
+    summary["retrain_command"] = retrain_command(config, summary["best_arch"])
   return {"config": config.to_json(), "summary": summary, "runs": runs,
           "budget": {"evaluations": config.budget, "steps": search.num_steps,
                      "batch_size": search.strategy.batch_size}}

@@ -3,5 +3,6 @@
 from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.nb201 import DATASETS as NB201_DATASETS
 from jaxnas.estimators.nb201 import nb201_evaluator
+from jaxnas.estimators.training import ProxySpec, train_evaluator
 
-__all__ = ["Evaluator", "NB201_DATASETS", "nb201_evaluator"]
+__all__ = ["Evaluator", "NB201_DATASETS", "ProxySpec", "nb201_evaluator", "train_evaluator"]

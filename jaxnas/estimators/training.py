@@ -1,0 +1,115 @@
+"""Real-training evaluator: a population trained for a proxy budget, scored on held-out data.
+
+``train_evaluator`` wraps ``jaxnas.models.train_population`` in the
+``Evaluator`` protocol so every strategy and the CLI drive it exactly like the
+tabular benchmark. It is not jittable (training a population is its own
+compiled program), so the runner calls it between compiled ``ask`` and
+``tell`` with all seeds' candidates as one population.
+
+Data handling is fixed by ``split_seed`` and never by the search seed: the
+training set is split once into a search-train and a search-validation part
+(``val_fraction``), and the proxy uses the first ``train_fraction`` of each
+(a fixed permutation), so every candidate of every seed and every resumed run
+sees the same data. Minibatch order and augmentation follow the evaluation
+key, which the search loop derives from the step, so a resumed run re-trains
+identically. The test set is never used by a search.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas.datasets import load_dataset, train_val_split
+from jaxnas.estimators.base import Evaluator
+from jaxnas.models import TrainConfig, cost, make_data, train_population_metrics
+from jaxnas.spaces import nb201_space
+
+
+class ProxySpec(NamedTuple):
+  """How candidates are trained during a search (the CLI's proxy flags)."""
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  epochs: float = 1.0
+  channels: int = 16
+  cells: int = 1
+  batch_size: int = 128
+  train_fraction: float = 0.1
+  val_fraction: float = 0.1
+  learning_rate: float = 0.1
+  weight_decay: float = 5e-4
+  augment: bool | None = None  # None: crop + flip for CIFAR, nothing for (Fashion-)MNIST
+  split_seed: int = 0
+  plan: str = "auto"
+
+
+def _validate(spec: ProxySpec) -> None:
+  checks = [(spec.epochs > 0, f"epochs must be > 0, got {spec.epochs}"),
+            (spec.channels >= 1, f"channels must be >= 1, got {spec.channels}"),
+            (spec.cells >= 1, f"cells must be >= 1, got {spec.cells}"),
+            (spec.batch_size >= 1, f"batch_size must be >= 1, got {spec.batch_size}"),
+            (0 < spec.train_fraction <= 1, f"train_fraction must be in (0, 1], got "
+                                           f"{spec.train_fraction}"),
+            (0 < spec.val_fraction < 1, f"val_fraction must be in (0, 1), got "
+                                        f"{spec.val_fraction}"),
+            (spec.learning_rate > 0, f"learning_rate must be > 0, got {spec.learning_rate}")]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
+
+
+def search_split(spec: ProxySpec):
+  """``(dataset, TrainData)``: the proxy's fixed train/validation data, on device."""
+  _validate(spec)
+  ds = load_dataset(spec.dataset, spec.data_dir)
+  tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, spec.val_fraction,
+                                   spec.split_seed)
+  n_train = max(spec.batch_size, int(round(len(ty) * spec.train_fraction)))
+  n_val = max(1, int(round(len(vy) * spec.train_fraction)))
+  # train_val_split returns sorted indices; subsample with a fixed permutation
+  # so a small fraction still covers every class.
+  rng = np.random.default_rng(spec.split_seed + 1)
+  ti = np.sort(rng.permutation(len(ty))[:n_train])
+  vi = np.sort(rng.permutation(len(vy))[:n_val])
+  data = make_data(tx[ti], ty[ti], vx[vi], vy[vi], ds.mean, ds.std)
+  return ds, data
+
+
+def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> TrainConfig:
+  """``TrainConfig`` of the proxy: ``epochs`` passes over the proxy training subset."""
+  steps = max(1, math.ceil(spec.epochs * num_train / spec.batch_size))
+  augment = spec.augment if spec.augment is not None else spec.dataset.startswith("cifar")
+  return TrainConfig(steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+                     weight_decay=spec.weight_decay, channels=spec.channels, cells=spec.cells,
+                     num_classes=num_classes, augment=augment, plan=spec.plan)
+
+
+def train_evaluator(spec: ProxySpec = ProxySpec()) -> Evaluator:
+  """Scores NAS-Bench-201 cells by short real training (validation accuracy, %).
+
+  ``evaluate(key, archs)`` trains the whole batch ``archs`` (``int32[P, 6]``)
+  as one population and returns validation accuracy in percent, NaN for a
+  candidate whose training diverged (the search records it as failed).
+  ``report`` gives the specialised network's exact parameter count and FLOPs
+  (jittable), so results.json carries the cost of every chosen cell.
+  """
+  ds, data = search_split(spec)
+  config = proxy_train_config(spec, ds.num_classes, int(data.train_labels.shape[0]))
+  space = nb201_space()
+  image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
+
+  def evaluate(key, archs):
+    metrics = train_population_metrics(jnp.asarray(archs, jnp.int32), key, data, config)
+    return 100.0 * metrics["val_accuracy"]
+
+  def report(archs):
+    params, flops = jax.vmap(lambda a: cost(a, spec.channels, spec.cells, ds.num_classes,
+                                            in_channels, image))(archs)
+    return {"params": params, "flops": flops}
+
+  return Evaluator(name=f"train/{spec.dataset}", space=space, evaluate=evaluate, report=report,
+                   jittable=False)

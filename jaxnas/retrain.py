@@ -1,0 +1,175 @@
+"""Retrain one architecture from scratch with the full schedule, test it, export it.
+
+``python -m jaxnas.main --mode=retrain --arch='|nor_conv_3x3~0|+|...|'`` is the
+last step of a search (results.json of a training search names this command
+for its best cell). The network is the *specialised* one (only the chosen ops
+exist), trained on the whole training set with the NAS-Bench-201 recipe and a
+cosine schedule over ``epochs``, then scored once on the test set, which no
+search ever sees.
+
+Workdir layout:
+  arch.json     the architecture (string and op list) and the network's size
+  params/       trained params and BN statistics (orbax; restore with
+                ``load_variables``, apply with ``network_of(arch_json)``)
+  results.json  test accuracy, parameter count, FLOPs, the full config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxnas.datasets import DATASETS, DatasetError, load_dataset
+from jaxnas.models import TrainConfig, cost, make_data, make_train
+from jaxnas.models.train import make_network
+from jaxnas.spaces import nb201_space
+from jaxnas.spaces.nb201 import OPS
+
+
+class RetrainError(ValueError):
+  """Bad retrain input (architecture string, data, flags): one clear line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainConfig:
+  arch: str
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  epochs: float = 10.0
+  channels: int = 16
+  cells: int = 1
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  weight_decay: float = 5e-4
+  seed: int = 0
+
+
+def default_workdir(c: RetrainConfig) -> str:
+  tag = hashlib.sha1(c.arch.encode()).hexdigest()[:10]
+  return os.path.join("runs", f"retrain-{c.dataset}-{tag}-C{c.channels}-N{c.cells}"
+                              f"-e{c.epochs:g}-s{c.seed}")
+
+
+def _check(c: RetrainConfig):
+  space = nb201_space()
+  try:
+    arch = space.decode(c.arch)
+  except ValueError as e:
+    raise RetrainError(str(e)) from None
+  for name in ("epochs", "channels", "cells", "batch_size", "learning_rate"):
+    if getattr(c, name) <= 0:
+      raise RetrainError(f"--{name} must be > 0, got {getattr(c, name)}")
+  return space, arch
+
+
+def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
+  """Trains ``c.arch`` on the full training set, tests it, saves everything; returns results."""
+  space, arch = _check(c)
+  workdir = os.path.abspath(workdir or default_workdir(c))
+  results_path = os.path.join(workdir, "results.json")
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      previous = json.load(f)
+    if previous.get("config") != dataclasses.asdict(c):
+      raise RetrainError(f"workdir {workdir} holds another retrain; use another --workdir")
+    previous["already_finished"] = True
+    return previous
+  try:
+    ds = load_dataset(c.dataset, c.data_dir)
+  except DatasetError as e:
+    raise RetrainError(str(e)) from None
+  os.makedirs(workdir, exist_ok=True)
+
+  n_train = len(ds.train_labels)
+  config = TrainConfig(steps=max(1, math.ceil(c.epochs * n_train / c.batch_size)),
+                       batch_size=c.batch_size, learning_rate=c.learning_rate,
+                       weight_decay=c.weight_decay, channels=c.channels, cells=c.cells,
+                       num_classes=ds.num_classes, augment=c.dataset.startswith("cifar"),
+                       plan="sequential_static", op_impl="switch")
+  # The test set takes the validation slot: it is scored once, never selected on.
+  data = make_data(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, ds.mean,
+                   ds.std)
+  ops = tuple(int(o) for o in np.asarray(arch))
+  train = jax.jit(make_train(config, fixed_arch=ops, return_variables=True))
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
+  logging.info("retraining %s on %s: %d steps of batch %d (%g epochs)", c.arch, c.dataset,
+               config.steps, c.batch_size, c.epochs)
+  t0 = time.time()
+  out = jax.block_until_ready(train(arch, init_key, data_key, data))
+  seconds = time.time() - t0
+  if bool(out["failed"]):
+    raise RetrainError(f"training of {c.arch} diverged (non-finite loss); try a lower "
+                       "--train_learning_rate")
+  image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
+  params, flops = cost(arch, c.channels, c.cells, ds.num_classes, in_channels, image)
+  arch_json = {"arch": space.encode(arch), "ops": [OPS[o] for o in ops],
+               "network": "nb201", "channels": c.channels, "cells": c.cells,
+               "num_classes": ds.num_classes, "in_channels": int(in_channels),
+               "image_size": int(image), "params": int(params), "flops": int(flops)}
+  _write_json(os.path.join(workdir, "arch.json"), arch_json)
+  params_dir = os.path.join(workdir, "params")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, jax.device_get(out["variables"]), force=True)
+  results = {"config": dataclasses.asdict(c), "arch": arch_json["arch"],
+             "test_accuracy": round(100.0 * float(out["val_accuracy"]), 4),
+             "params": int(params), "flops": int(flops), "steps": config.steps,
+             "final_loss": float(out["final_loss"]), "train_seconds": round(seconds, 2),
+             "workdir": workdir}
+  _write_json(results_path, results)  # last: its presence means the retrain finished
+  results["already_finished"] = False
+  return results
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def network_of(arch_json: dict):
+  """The specialised flax module described by an ``arch.json``."""
+  ops = tuple(nb201_space().to_vector(nb201_space().decode(arch_json["arch"])).tolist())
+  config = TrainConfig(channels=arch_json["channels"], cells=arch_json["cells"],
+                       num_classes=arch_json["num_classes"], op_impl="switch")
+  return make_network(config, fixed_arch=ops)
+
+
+def load_variables(workdir: str) -> dict:
+  """Trained ``{"params", "batch_stats"}`` of a finished retrain workdir."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(os.path.abspath(workdir), "params"))
+
+
+def run_from_flags(flags) -> dict:
+  if flags.arch is None:
+    raise RetrainError("--mode=retrain needs --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'")
+  dataset = flags.dataset or "fashion_mnist"
+  if dataset not in DATASETS:
+    raise RetrainError(f"unknown dataset {dataset!r} for retrain; choose one of "
+                       f"{', '.join(DATASETS)}")
+  kw = {k: getattr(flags, f) for k, f in (("data_dir", "data_dir"), ("epochs", "epochs"),
+                                          ("channels", "channels"), ("cells", "cells"),
+                                          ("batch_size", "batch_size"),
+                                          ("learning_rate", "train_learning_rate"))
+        if getattr(flags, f) is not None}
+  c = RetrainConfig(arch=flags.arch, dataset=dataset, seed=flags.seed,
+                    **kw)
+  return retrain(c, flags.workdir)
+
+
+def summary(r: dict) -> str:
+  done = " (already finished; nothing recomputed)" if r.get("already_finished") else ""
+  return (f"retrained {r['arch']} on {r['config']['dataset']}{done}\n"
+          f"  test accuracy {r['test_accuracy']:.2f} %, {r['params']:,} params, "
+          f"{r['flops'] / 1e6:.1f} MFLOPs, {r['steps']} steps\n"
+          f"  workdir: {r['workdir']} (results.json, arch.json, params/)")

@@ -1,0 +1,122 @@
+"""Searches driven by real training (``--evaluator=train``), time limits, and retrain/export.
+
+Networks are tiny (C=4, one cell per stage) and train for a few steps on a
+small slice of the real Fashion-MNIST, so each program compiles once per test
+module (the runner and the trainer cache compiled programs per config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import retrain, runner
+from jaxnas.datasets import FASHION_MNIST_DIR, load_fashion_mnist
+from jaxnas.datasets import make_preprocess
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                                reason="Debian's dataset-fashion-mnist is not installed")
+
+PROXY = (("batch_size", 32), ("cells", 1), ("channels", 4), ("epochs", 1.0),
+         ("train_fraction", 0.03))
+
+
+def _config(**kw):
+  base = dict(evaluator="train", dataset="fashion_mnist", strategy="evolution", budget=6,
+              num_seeds=2, seed=0, checkpoint_every=1, strategy_args=(("batch_size", 2),),
+              evaluator_args=PROXY)
+  base.update(kw)
+  return runner.SearchConfig(**base)
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def test_train_search_results_and_exact_resume(tmp_path):
+  config = _config()
+  full = tmp_path / "full"
+  results = runner.run(config, str(full))
+  assert len(results["runs"]) == 2
+  for r in results["runs"]:
+    assert len(r["trajectory"]) == 6 and r["failed_evaluations"] == 0
+    assert r["duplicate_evaluations"] == 0
+    # 12 candidates trained for ~53 steps: well above chance (10 %) for the best.
+    assert 20.0 < r["best_score"] <= 100.0
+    assert r["params"] > 0 and r["flops"] > 0
+  assert "--mode=retrain" in results["summary"]["retrain_command"]
+  assert json.loads(_read(full / "timing.json"))["wall_s"] > 0
+
+  # A search killed after generation 1: its workdir holds config.json, the
+  # checkpoint of step 1 and the log up to step 1 (possibly more lines).
+  cut = tmp_path / "cut"
+  shutil.copytree(full, cut)
+  os.remove(cut / "results.json")
+  os.remove(cut / "timing.json")
+  for step in os.listdir(cut / "checkpoints"):
+    if step.isdigit() and int(step) > 1:
+      shutil.rmtree(cut / "checkpoints" / step)
+  resumed = runner.run(config, str(cut))
+  assert not resumed["already_finished"]
+  assert _read(cut / "results.json") == _read(full / "results.json")
+  assert _read(cut / "metrics.jsonl") == _read(full / "metrics.jsonl")
+
+
+def test_max_hours_stops_between_generations_and_is_recorded(tmp_path):
+  config = runner.SearchConfig(strategy="random", budget=50, num_seeds=3, checkpoint_every=5,
+                               max_hours=1e-9)
+  results = runner.run(config, str(tmp_path / "w"))
+  budget = results["budget"]
+  assert budget["max_hours"] == 1e-9
+  assert budget["stopped_early"] == {"reason": "max_hours", "max_hours": 1e-9, "at_step": 5}
+  for r in results["runs"]:  # the first chunk ran, nothing after it
+    assert len(r["trajectory"]) == 5 and r["best_score"] == max(r["trajectory"])
+  again = runner.run(config, str(tmp_path / "w"))
+  assert again["already_finished"]
+
+
+def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
+  arch = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|skip_connect~0|none~1|avg_pool_3x3~2|"
+  c = retrain.RetrainConfig(arch=arch, epochs=0.05, channels=4, cells=1, batch_size=64)
+  result = retrain.retrain(c, str(tmp_path / "r"))
+  assert 30.0 < result["test_accuracy"] <= 100.0
+  with open(tmp_path / "r" / "arch.json") as f:
+    arch_json = json.load(f)
+  assert arch_json["arch"] == arch and arch_json["params"] == result["params"]
+  net = retrain.network_of(arch_json)
+  variables = retrain.load_variables(str(tmp_path / "r"))
+  ds = load_fashion_mnist()
+  x = make_preprocess(jnp.asarray(ds.mean), jnp.asarray(ds.std))(None, ds.test_images)
+  logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, x)
+  acc = 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == ds.test_labels))
+  assert acc == pytest.approx(result["test_accuracy"], abs=0.02)
+  assert retrain.retrain(c, str(tmp_path / "r"))["already_finished"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--evaluator=train", "--dataset=cifar10"], "needs a data_dir"),
+    (["--evaluator=train", "--dataset=svhn"], "unknown dataset 'svhn'"),
+    (["--evaluator=nb201", "--epochs=2"], "applies only to --evaluator=train"),
+    (["--evaluator=train", "--train_fraction=1.5"], "train_fraction must be in (0, 1]"),
+    (["--evaluator=train", "--data_dir=/nonexistent"], "/nonexistent"),
+    (["--max_hours=-1"], "--max_hours must be >= 0"),
+    (["--mode=retrain"], "needs --arch"),
+    (["--mode=retrain", "--arch=|conv~0|"], "conv"),
+    (["--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "only to --mode=retrain"),
+])
+def test_bad_training_input_is_one_line_error(tmp_path, flags, message):
+  proc = subprocess.run([sys.executable, "-m", "jaxnas.main", "--workdir=w", *flags],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("jaxnas: error:") and message in err[0], err
