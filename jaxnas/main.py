@@ -55,6 +55,9 @@ flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network tr
                    "(default 0.1).")
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
                     "sequential | sequential_static (default auto: by backend).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host, "
+                  "e.g. a Cloud TPU pod: every host runs the same command); populations are "
+                  "then sharded over the devices of all hosts.")
 flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
                     "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
 _PROXY_FLAGS = {"data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
@@ -119,6 +122,12 @@ def main(argv):
   from jaxnas import plotting, runner
   from jaxnas.checkpoint import CheckpointError
 
+  if FLAGS.distributed:
+    import jax
+    try:
+      jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+      _fail(f"--distributed: jax.distributed.initialize() failed: {str(e).splitlines()[0]}")
   if FLAGS.mode == "retrain":
     return _retrain()
   evaluator = FLAGS.evaluator

@@ -26,7 +26,9 @@ import numpy as np
 
 from jaxnas.datasets import load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
-from jaxnas.models import TrainConfig, cost, make_data, train_population_metrics
+from jaxnas.models import (TrainConfig, cost, make_data, resolve_plan,
+                           train_population_metrics)
+from jaxnas.models.sharded import population_mesh, train_population_sharded
 from jaxnas.spaces import nb201_space
 
 
@@ -102,8 +104,16 @@ def train_evaluator(spec: ProxySpec = ProxySpec()) -> Evaluator:
   space = nb201_space()
   image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
 
+  # Sharded over all devices (of all processes) when there is more than one;
+  # the per-member results are the same as on one device (tests/test_sharding.py).
+  sharded = jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
+  mesh = population_mesh() if sharded else None
+
   def evaluate(key, archs):
-    metrics = train_population_metrics(jnp.asarray(archs, jnp.int32), key, data, config)
+    if sharded:
+      metrics = train_population_sharded(archs, key, data, config, mesh=mesh)
+    else:
+      metrics = train_population_metrics(jnp.asarray(archs, jnp.int32), key, data, config)
     return 100.0 * metrics["val_accuracy"]
 
   def report(archs):
