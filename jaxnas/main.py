@@ -21,7 +21,8 @@ flags.DEFINE_string("evaluator", "nb201",
 flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120 (default "
                     "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
                     "fashion_mnist).")
-flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor.")
+flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor "
+                    "| hyperband (multi-fidelity over epochs; --evaluator=train).")
 flags.DEFINE_integer("budget", 100, "Architecture evaluations per run.")
 flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one program.")
 flags.DEFINE_integer("seed", 0, "Run i uses seed + i (so it can be rerun alone).")
@@ -38,7 +39,13 @@ flags.DEFINE_integer("tournament_size", None, "evolution: tournament size (defau
 flags.DEFINE_integer("num_init", None, "local, predictor: initial random samples (default 10).")
 flags.DEFINE_float("learning_rate", None, "reinforce / predictor: learning rate.")
 flags.DEFINE_integer("ensemble_size", None, "predictor: MLPs in the ensemble (default 5).")
-_STRATEGY_FLAGS = {"population": "batch_size", "population_size": "population_size",
+flags.DEFINE_integer("eta", None, "hyperband: keep 1/eta of the cells per rung (default 3).")
+flags.DEFINE_integer("rungs", None, "hyperband: fidelities per bracket, epochs/eta^(rungs-1) .. "
+                     "epochs (default 3).")
+flags.DEFINE_integer("hyperband_brackets", None, "hyperband: use only the first K brackets "
+                     "(1: successive halving; default all).")
+_STRATEGY_FLAGS = {"eta": "eta", "rungs": "rungs", "hyperband_brackets": "hyperband_brackets",
+                   "population": "batch_size", "population_size": "population_size",
                    "tournament_size": "tournament_size", "num_init": "num_init",
                    "learning_rate": "learning_rate", "ensemble_size": "ensemble_size"}
 # How --evaluator=train trains each candidate (the proxy), and --mode=retrain its final run.

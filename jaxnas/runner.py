@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import estimators
+from jaxnas import estimators, multifidelity
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators.training import ProxySpec, train_evaluator
@@ -42,6 +42,7 @@ from jaxnas.strategies import STRATEGIES
 
 EVALUATORS = ("nb201", "train")
 TRAIN_DATASETS = tuple(_DATASETS)
+HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1}
 
@@ -96,13 +97,17 @@ def validate(c: SearchConfig) -> None:
       raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
   if c.max_hours < 0:
     raise UserError(f"--max_hours must be >= 0, got {c.max_hours}")
-  if c.strategy not in STRATEGIES:
-    raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+  if c.strategy not in STRATEGIES and c.strategy != "hyperband":
+    raise UserError(f"unknown strategy {c.strategy!r}; choose one of "
+                    f"{', '.join(STRATEGIES)}, hyperband")
+  if c.strategy == "hyperband" and c.evaluator != "train":
+    raise UserError("--strategy=hyperband varies training epochs, so it needs --evaluator=train")
   for name in ("budget", "num_seeds", "checkpoint_every"):
     value = getattr(c, name)
     if value < (0 if name == "checkpoint_every" else 1):
       raise UserError(f"--{name} must be >= {0 if name == 'checkpoint_every' else 1}, got {value}")
-  accepted = inspect.signature(STRATEGIES[c.strategy]).parameters
+  accepted = (HYPERBAND_ARGS if c.strategy == "hyperband"
+              else inspect.signature(STRATEGIES[c.strategy]).parameters)
   for k, v in c.strategy_args:
     if k not in accepted or k == "space":
       raise UserError(f"--{k} does not apply to --strategy={c.strategy}")
@@ -229,7 +234,11 @@ def make_advance(search, chunk: int, root_key: jax.Array):
 
 def run(config: SearchConfig, workdir: str | None = None) -> dict:
   """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results."""
-  search = build(config)
+  if config.strategy == "hyperband":
+    validate(config)
+    space, make_at = _hyperband_evaluators(config)
+  else:
+    search = build(config)
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
@@ -255,6 +264,8 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     logging.info("workdir %s holds a finished search; nothing to do", workdir)
     results["already_finished"] = True
     return results
+  if config.strategy == "hyperband":
+    return _run_hyperband(config, workdir, space, make_at)
 
   t_start = time.time()
   n, num_steps = config.num_seeds, search.num_steps
@@ -317,6 +328,42 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                       "backend": jax.default_backend()})
   _write_json_atomic(results_path, results)
   logging.info("search finished in %.2fs", time.time() - t_start)
+  results = dict(results)
+  results["already_finished"] = False
+  return results
+
+
+def _hyperband_evaluators(config: SearchConfig):
+  """The space and ``epochs -> Evaluator`` of a Hyperband search (data checked once, now)."""
+  args = dict(config.evaluator_args)
+  spec = ProxySpec(dataset=config.dataset, **args)
+  try:
+    first = train_evaluator(spec)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  cache = {spec.epochs: first}
+
+  def at(epochs):
+    if epochs not in cache:
+      cache[epochs] = train_evaluator(spec._replace(epochs=epochs))
+    return cache[epochs]
+
+  return first.space, at
+
+
+def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:
+  args = dict(config.strategy_args)
+  args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
+  try:
+    results, timing = multifidelity.run(config, workdir, make_at, space, args)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  results = {"config": config.to_json(), **results}
+  results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
+  timing.update(devices=jax.device_count(), device_s=round(timing["wall_s"] * jax.device_count(),
+                                                           3), backend=jax.default_backend())
+  _write_json_atomic(os.path.join(workdir, "timing.json"), timing)
+  _write_json_atomic(os.path.join(workdir, "results.json"), results)
   results = dict(results)
   results["already_finished"] = False
   return results

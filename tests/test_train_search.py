@@ -120,3 +120,43 @@ def test_bad_training_input_is_one_line_error(tmp_path, flags, message):
   assert "Traceback" not in proc.stderr
   err = proc.stderr.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("jaxnas: error:") and message in err[0], err
+
+
+def test_hyperband_rungs_are_population_calls_and_resume_exactly(tmp_path, monkeypatch):
+  # Successive halving, eta 2: 2 cells at half the epochs, the best one at full epochs.
+  config = _config(strategy="hyperband", budget=3, num_seeds=2,
+                   strategy_args=(("eta", 2), ("hyperband_brackets", 1), ("rungs", 2)))
+  results = runner.run(config, str(tmp_path / "full"))
+  assert results["budget"]["evaluations_used"] == 3
+  assert results["budget"]["epochs_used"] == pytest.approx(2 * 0.5 + 1 * 1.0)
+  for r in results["runs"]:
+    assert r["best_epochs"] == 1.0 and len(r["trajectory"]) == 3
+  lines = [json.loads(x) for x in _read(tmp_path / "full" / "metrics.jsonl").splitlines()]
+  assert [(x["cells"], x["epochs"]) for x in lines] == [(2, 0.5), (1, 1.0)]
+
+  # Killed right after the first rung's state was written.
+  real_write = runner.multifidelity._write_atomic
+  calls = []
+
+  def write_then_die(path, obj):
+    real_write(path, obj)
+    calls.append(path)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(runner.multifidelity, "_write_atomic", write_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    runner.run(config, str(tmp_path / "cut"))
+  monkeypatch.setattr(runner.multifidelity, "_write_atomic", real_write)
+  assert len(calls) == 1 and not os.path.exists(tmp_path / "cut" / "results.json")
+  runner.run(config, str(tmp_path / "cut"))
+  assert _read(tmp_path / "cut" / "results.json") == _read(tmp_path / "full" / "results.json")
+
+
+def test_spearman_matches_definition():
+  from jaxnas.multifidelity import spearman
+  assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  # Ties get average ranks: ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4).
+  assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(np.corrcoef(
+      [1.5, 1.5, 3, 4], [1, 2, 3, 4])[0, 1])
+  assert np.isnan(spearman([1, 2], [3, 4]))
