@@ -7,6 +7,7 @@ stderr with exit status 2.
 
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import os
 import sys
@@ -31,6 +32,9 @@ flags.DEFINE_integer("checkpoint_every", None, "Search steps between checkpoints
                      "default 10 for nb201, 1 (every generation) for train).")
 flags.DEFINE_float("max_hours", 0.0, "Wall-time limit of the search in hours, resumes included "
                    "(0: none). Checked between generations; results.json records it.")
+flags.DEFINE_list("objectives", ["accuracy"], "accuracy, optionally with params and/or flops "
+                  "(e.g. accuracy,params): saves the Pareto front of all evaluated cells as "
+                  "pareto.json and pareto.png. Strategies still search on accuracy.")
 flags.DEFINE_integer("population", None, "Architectures evaluated together per search step and "
                      "seed (the strategy's batch; default: the strategy's own).")
 # Strategy hyperparameters: only those given are passed, and only to strategies that take them.
@@ -108,6 +112,10 @@ def _summary(results: dict) -> str:
   extra = f", test {best['test_accuracy']:.2f} %" if "test_accuracy" in best else ""
   if "params" in best:
     extra += f", {best['params']:,.0f} params, {best['flops'] / 1e6:.1f} MFLOPs"
+  if "pareto_front" in results:
+    pf = results["pareto_front"]
+    lines.append(f"  Pareto front ({', '.join(pf['objectives'])}): {pf['pooled_size']} cells "
+                 f"pooled over runs, {sum(pf['size_per_run']) / len(pf['size_per_run']):.1f} per run (pareto.json)")
   lines.append(f"  best architecture (seed {best['seed']}): {best['best_arch']}  "
                f"val {best['best_score']:.2f} %{extra}")
   if "table_optimum" in s:
@@ -152,7 +160,8 @@ def main(argv):
       evaluator=evaluator, dataset=dataset, strategy=FLAGS.strategy,
       budget=FLAGS.budget, num_seeds=FLAGS.num_seeds, seed=FLAGS.seed,
       checkpoint_every=checkpoint_every, strategy_args=strategy_args,
-      evaluator_args=evaluator_args, max_hours=FLAGS.max_hours)
+      evaluator_args=evaluator_args, max_hours=FLAGS.max_hours,
+      objectives=tuple(FLAGS.objectives))
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
     runner.validate(config)
@@ -166,9 +175,19 @@ def main(argv):
     if plotting.plot_trajectories(results, plot) is None:
       print("matplotlib is not installed, so no plot was saved "
             "(pip install 'jaxnas[plot]' to get trajectory.png)")
+  files = ["results.json", "metrics.jsonl", "config.json"]
+  if "pareto_front" in results:
+    files.append("pareto.json")
+    pareto_png = os.path.join(workdir, "pareto.png")
+    if not os.path.exists(pareto_png):
+      with open(os.path.join(workdir, "pareto.json")) as f:
+        plotting.plot_pareto(json.load(f), pareto_png)
+    if os.path.exists(pareto_png):
+      files.append("pareto.png")
   print(_summary(results))
-  print(f"  workdir: {workdir} (results.json, metrics.jsonl, config.json"
-        + (", trajectory.png)" if os.path.exists(plot) else ")"))
+  if os.path.exists(plot):
+    files.append("trajectory.png")
+  print(f"  workdir: {workdir} ({', '.join(files)})")
 
 
 def _retrain():

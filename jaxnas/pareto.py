@@ -74,3 +74,25 @@ def crowding_distance(objectives: jax.Array, mask: jax.Array) -> jax.Array:
     gap = jnp.where(pos < count, gap, 0.0)
     dist = dist.at[order].add(gap)
   return jnp.where(mask, dist, 0.0)
+
+
+# Objectives a search can report a front over: (report key or "accuracy", sign).
+# Fronts are computed on maximised values, so costs are negated.
+OBJECTIVES = {"accuracy": 1.0, "params": -1.0, "flops": -1.0}
+
+
+def archive_front(space, evaluator, archive, objectives: tuple[str, ...]) -> dict:
+  """The Pareto front of every architecture one search evaluated (jittable; vmap over seeds).
+
+  Accuracy is the search signal (the archive's fitness); costs come from the
+  evaluator's ``report``. Returns ``mask`` (bool[capacity], the front),
+  ``values`` (float32[capacity, len(objectives)], natural signs) and ``valid``.
+  """
+  valid = archive.valid() & jnp.isfinite(archive.fitness)
+  archs = jax.vmap(space.from_vector)(archive.vectors)
+  report = evaluator.report(archs)
+  cols = [archive.fitness if o == "accuracy" else jnp.asarray(report[o], jnp.float32)
+          for o in objectives]
+  values = jnp.stack(cols, -1)
+  signs = jnp.asarray([OBJECTIVES[o] for o in objectives], jnp.float32)
+  return {"mask": pareto_front_mask(values * signs, valid), "values": values, "valid": valid}

@@ -49,3 +49,34 @@ def plot_trajectories(results: dict, path: str) -> str | None:
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def plot_pareto(front: dict, path: str) -> str | None:
+  """Every evaluated cell (grey) and the Pareto front (pooled over runs) in (cost, accuracy)."""
+  if not have_matplotlib():
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  objectives = front["objectives"]
+  fig, axes = plt.subplots(1, len(objectives) - 1, figsize=(5.5 * (len(objectives) - 1), 4),
+                           dpi=120, squeeze=False)
+  for ax, cost_name in zip(axes[0], objectives[1:]):
+    pts = front["evaluated"]
+    ax.scatter([p[cost_name] for p in pts], [p["accuracy"] for p in pts], s=6, c="0.7",
+               label=f"evaluated ({len(pts)})")
+    pf = sorted(front["pooled"], key=lambda p: (p[cost_name], -p["accuracy"]))
+    ax.step([p[cost_name] for p in pf], [p["accuracy"] for p in pf], where="post", color="C3")
+    ax.scatter([p[cost_name] for p in pf], [p["accuracy"] for p in pf], s=18, c="C3",
+               label=f"Pareto front ({len(pf)}, pooled over runs)")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost_name)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

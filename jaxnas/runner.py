@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import estimators, multifidelity
+from jaxnas import estimators, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators.training import ProxySpec, train_evaluator
@@ -64,11 +64,13 @@ class SearchConfig:
   strategy_args: tuple = ()  # sorted (name, value) pairs passed to the strategy factory
   evaluator_args: tuple = ()  # sorted (name, value) pairs: ProxySpec fields for "train"
   max_hours: float = 0.0  # wall-time limit of the whole search, resumes included (0: none)
+  objectives: tuple = ("accuracy",)  # more than one: a Pareto front is saved (pareto.json)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["strategy_args"] = dict(self.strategy_args)
     d["evaluator_args"] = dict(self.evaluator_args)
+    d["objectives"] = list(self.objectives)
     return d
 
 
@@ -95,6 +97,13 @@ def validate(c: SearchConfig) -> None:
   for k, _ in c.evaluator_args:
     if k not in proxy_fields or k == "dataset":
       raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
+  bad = [o for o in c.objectives if o not in pareto.OBJECTIVES]
+  if bad or not c.objectives or c.objectives[0] != "accuracy" or len(set(c.objectives)) < len(
+      c.objectives):
+    raise UserError(f"--objectives must be accuracy followed by any of params, flops "
+                    f"(e.g. accuracy,params), got {','.join(c.objectives)}")
+  if len(c.objectives) > 1 and c.strategy == "hyperband":
+    raise UserError("--objectives with more than accuracy is not supported by hyperband")
   if c.max_hours < 0:
     raise UserError(f"--max_hours must be >= 0, got {c.max_hours}")
   if c.strategy not in STRATEGIES and c.strategy != "hyperband":
@@ -316,6 +325,12 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   ckpt.close()
 
   results = collect_results(search, config, state)
+  if len(config.objectives) > 1:
+    front = collect_front(search, config, state)
+    results["pareto_front"] = {"objectives": front["objectives"],
+                               "size_per_run": [len(r) for r in front["per_run"]],
+                               "pooled_size": len(front["pooled"]), "file": "pareto.json"}
+    _write_json_atomic(os.path.join(workdir, "pareto.json"), front)
   # Limits and whether they cut the search are results; the measured times are
   # not (they differ between an interrupted and an uninterrupted run, which must
   # write identical results.json), so they go to timing.json.
@@ -367,6 +382,42 @@ def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:
   results = dict(results)
   results["already_finished"] = False
   return results
+
+
+def collect_front(search, config: SearchConfig, state) -> dict:
+  """Pareto fronts (per run and pooled over runs) of all evaluated architectures."""
+  objectives = tuple(config.objectives)
+  out = jax.device_get(jax.jit(jax.vmap(lambda a: pareto.archive_front(
+      search.evaluator.space, search.evaluator, a, objectives)))(state.archive))
+  vectors = np.asarray(jax.device_get(state.archive.vectors))
+  space = search.evaluator.space
+
+  def point(i, j):
+    arch = space.from_vector(vectors[i, j])
+    values = {o: (round(float(v), 6) if o == "accuracy" else int(v))
+              for o, v in zip(objectives, out["values"][i, j])}
+    return {"arch": space.encode(arch), "seed": config.seed + i, **values}
+
+  def sort_key(p):  # cheapest first, then most accurate
+    return tuple(p[o] for o in objectives[1:]) + (-p["accuracy"], p["arch"])
+
+  per_run = [sorted((point(i, j) for j in np.nonzero(out["mask"][i])[0]), key=sort_key)
+             for i in range(config.num_seeds)]
+  everything = [point(i, j) for i in range(config.num_seeds)
+                for j in np.nonzero(out["valid"][i])[0]]
+  # A point dominated within its run is dominated overall, so the pooled front
+  # is the front of the union of the per-run fronts (small, whatever the budget).
+  candidates = [p for front in per_run for p in front]
+  signs = np.asarray([pareto.OBJECTIVES[o] for o in objectives])
+  values = np.asarray([[p[o] for o in objectives] for p in candidates], np.float64) * signs
+  seen, pooled = set(), []
+  for k, p in enumerate(candidates):
+    dominated = np.any(np.all(values >= values[k], 1) & np.any(values > values[k], 1))
+    if not dominated and p["arch"] not in seen:
+      seen.add(p["arch"])
+      pooled.append(p)
+  return {"objectives": list(objectives), "per_run": per_run,
+          "pooled": sorted(pooled, key=sort_key), "evaluated": everything}
 
 
 def retrain_command(config: SearchConfig, arch: str) -> str:

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnas.estimators.base import Evaluator
+from jaxnas.models.nb201_net import cost
 from jaxnas.spaces import nb201_space
 from jaxnas.spaces import nb201 as nb201_lib
 
 DATASETS = ("cifar10", "cifar100", "imagenet16-120")
+_NETWORK = {"cifar10": (10, 32), "cifar100": (100, 32), "imagenet16-120": (120, 16)}
 _FILE_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet16-120": "ImageNet16-120"}
 
 
@@ -66,9 +68,14 @@ def nb201_evaluator(dataset: str = "cifar10") -> Evaluator:
     del key  # the 12-epoch table holds one value per cell
     return val[space.rank(archs)]
 
+  classes, image = _NETWORK[dataset]
+
   def report(archs):
     idx = space.rank(archs)
-    return {"test_accuracy": test[idx], "val_accuracy": val[idx]}
+    # Size of the benchmark's own network (C=16, N=5) for this dataset.
+    params, flops = jax.vmap(lambda a: cost(a, 16, 5, classes, 3, image))(archs)
+    return {"test_accuracy": test[idx], "val_accuracy": val[idx], "params": params,
+            "flops": flops}
 
   return Evaluator(name=f"nb201/{dataset}", space=space, evaluate=evaluate, report=report,
                    jittable=True)
