@@ -159,7 +159,14 @@ def environment() -> dict:
           "versions": versions, "command": " ".join(sys.argv)}
 
 
+def _primary() -> bool:
+  """Only process 0 writes the workdir's JSON files (checkpoints are collective)."""
+  return jax.process_index() == 0
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
+  if not _primary():
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
@@ -314,8 +321,9 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     last_chunk_s = time.time() - t0
     elapsed += last_chunk_s
     lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
-    with open(metrics_path, "a") as f:
-      f.writelines(json.dumps(line) + "\n" for line in lines)
+    if _primary():
+      with open(metrics_path, "a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
     last = lines[-1]
     logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
                  step, num_steps, last["evaluations"], config.budget, last["best"],
