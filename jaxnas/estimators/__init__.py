@@ -6,3 +6,9 @@ from jaxnas.estimators.nb201 import nb201_evaluator
 from jaxnas.estimators.training import ProxySpec, train_evaluator
 
 __all__ = ["Evaluator", "NB201_DATASETS", "ProxySpec", "nb201_evaluator", "train_evaluator"]
+from jaxnas.estimators.zero_cost import PROXIES as ZERO_COST_PROXIES
+from jaxnas.estimators.zero_cost import (make_scorer, prefilter, zero_cost_evaluator,
+                                         zero_cost_scores)
+
+__all__ += ["ZERO_COST_PROXIES", "make_scorer", "prefilter", "zero_cost_evaluator",
+            "zero_cost_scores"]
