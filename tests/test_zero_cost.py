@@ -196,3 +196,28 @@ def test_evaluator_in_the_scanned_search_loop():
   assert np.isfinite(res["best_score"])
   assert set(res["report"]) == set(zc.PROXIES)
   np.testing.assert_allclose(res["report"]["naswot"], res["best_score"], rtol=1e-5)
+
+
+def test_prefiltered_strategy_keeps_the_best_inner_proposals():
+  from jaxnas.search import make_search
+  from jaxnas.strategies import archive_init, random_search
+  from jaxnas.strategies.prefilter import prefiltered
+  space = tiny_space((5, 5))
+  ev = tiny_evaluator(space)
+  score = lambda a: ev.evaluate(None, a)
+  inner = random_search(space, batch_size=3)
+  strategy = prefiltered(inner, score, factor=4)
+  state = strategy.init(jax.random.PRNGKey(0))
+  archive = archive_init(25, 2)
+  key = jax.random.PRNGKey(5)
+  archs, _ = jax.jit(strategy.ask)(key, state, archive)
+  proposed = np.concatenate([np.asarray(inner.ask(k, state, archive)[0])
+                             for k in jax.random.split(key, 4)])
+  best = np.sort(np.unique(np.asarray(score(proposed))))[::-1][:3]
+  np.testing.assert_array_equal(np.sort(np.asarray(score(archs)))[::-1], best)
+  # In the scanned search loop: every evaluation novel, and the best cell found within budget.
+  search = make_search(strategy, ev, budget=12)
+  final, _ = jax.jit(search.run_chunk, static_argnums=2)(search.init(jax.random.PRNGKey(1)), 0,
+                                                         search.num_steps)
+  assert int(final.num_duplicates) == 0 and int(final.archive.count) == 12
+  assert float(final.best) == space.size - 1
