@@ -46,9 +46,12 @@ def test_arch_as_data_equals_specialised(op_impl):
 
 
 def test_conv_vjp_matches_autodiff():
-  for h, k, stride in [(8, 3, 1), (8, 1, 1), (8, 3, 2), (7, 3, 2)]:
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, h, h + 1, 3))
-    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 5))
+  # Covers each kernel-gradient form: im2col (k*k*cin <= 64), per-tap matmuls
+  # (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too.
+  for n, cin, h, k, stride in [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2),
+                               (2, 8, 8, 3, 1), (8, 8, 8, 3, 1), (8, 8, 7, 3, 2), (8, 8, 6, 1, 2)]:
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, h + 1, cin))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, 5))
     p = k // 2
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))

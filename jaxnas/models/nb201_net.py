@@ -66,11 +66,58 @@ def _conv_canonical_fwd(x, kernel, stride, pad):
   return _conv_canonical(x, kernel, stride, pad), (x, kernel)
 
 
+def _tap(xp, i, j, ho, wo, stride):
+  """The input pixels that kernel tap ``(i, j)`` multiplies, for every output pixel."""
+  return jax.lax.slice(xp, (0, i, j, 0),
+                       (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                        xp.shape[3]), (1, stride, stride, 1))
+
+
+def _kernel_grad_taps(xp, g, k, stride):
+  """``dK[i, j] = tap(i, j)^T g`` (contracting batch and pixels), as one small matmul per tap.
+
+  ``g`` is the left operand so the output is ``[Cout, Cin]``: XLA:CPU's matmul
+  is about twice as fast with the wider operand on the right for these long,
+  thin contractions.
+  """
+  ho, wo = g.shape[1], g.shape[2]
+  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  taps = [jax.lax.dot_general(g, _tap(xp, i, j, ho, wo, stride), dims)
+          for i in range(k) for j in range(k)]
+  return jnp.stack(taps).reshape(k, k, g.shape[-1], xp.shape[-1]).transpose(0, 1, 3, 2)
+
+
+def _kernel_grad(x, g, k, stride, pad, chunk=4):
+  """Kernel gradient of the NHWC conv: a sum over batch chunks of per-tap matmuls.
+
+  Measured in a scan body on CPU (experiments/NOTES_population.md): 1.5-3x
+  faster for NB201's 3x3 convs than the conv that correlates channels-as-batch
+  inputs with batch-as-features output gradients (3x for stride 2, which that
+  conv computes on a 4x4 window), and a 1x1 conv is a single matmul (6x). Chunks of ``chunk`` images keep each tap's
+  operands in cache; tiny kernels (the stem: ``k*k*Cin <= 64``) take one
+  im2col matmul.
+  """
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
+  if k > 1 and k * k * x.shape[-1] <= 64:
+    cols = jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)],
+                           -1)
+    dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    return dk.reshape(g.shape[-1], k, k, x.shape[-1]).transpose(1, 2, 3, 0)
+  if k == 1 or n % chunk or n == chunk:
+    return _kernel_grad_taps(xp, g, k, stride)
+  xc = xp.reshape((n // chunk, chunk) + xp.shape[1:])
+  gc = g.reshape((n // chunk, chunk) + g.shape[1:])
+  body = lambda acc, xg: (acc + _kernel_grad_taps(xg[0], xg[1], k, stride), None)
+  zero = jnp.zeros((k, k, x.shape[-1], g.shape[-1]), g.dtype)
+  return jax.lax.scan(body, zero, (xc, gc))[0]
+
+
 def _conv_canonical_bwd(stride, pad, res, g):
-  # Both gradients written as plain NHWC/HWIO convolutions. Autodiff's own
-  # transposes use permuted dimension labels that XLA:CPU only rewrites into
-  # its fast (Eigen/YNNPACK) form in the entry computation; inside a
-  # conditional or a loop body they run as naive loops, 4-30x slower
+  # Both gradients written without autodiff's transposed convolutions: those
+  # use permuted dimension labels that XLA:CPU only rewrites into its fast
+  # (Eigen/YNNPACK) form in the entry computation; inside a conditional or a
+  # loop body they run as naive loops, 4-30x slower
   # (experiments/NOTES_population.md). Training is a scan and op choice a
   # switch, so this matters more than anything else on CPU.
   x, kernel = res
@@ -80,11 +127,7 @@ def _conv_canonical_bwd(stride, pad, res, g):
   lo = k - 1 - pad
   pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo), (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
   dx = _conv(g, flipped, 1, pads, lhs_dilation=(stride, stride))
-  # The kernel gradient correlates inputs (channels as batch) with output
-  # gradients (batch as input features), dilated by the stride.
-  dk = _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), 1, ((pad, pad), (pad, pad)),
-             rhs_dilation=(stride, stride))
-  return dx, dk[:, :k, :k, :].transpose(1, 2, 0, 3)
+  return dx, _kernel_grad(x, g, k, stride, pad)
 
 
 _conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
