@@ -7,6 +7,9 @@ shape when it is not installed), then scores them on a validation split.
   python experiments/bench_population.py --population=16 --steps=50 --channels=16 \
       --cells=1 --batch=128 --image=28 --in_channels=1 [--plan=map|vmap|sequential|...]
 
+On CPU it exposes one single-threaded XLA device per core (``--cpu_devices``)
+and the ``map`` plan runs a slice of the population on each.
+
 ``end_to_end_s`` counts everything from nothing (process start after imports:
 data loading, compilation, training, validation) to all members scored;
 ``compile_s`` is the lowering+compilation time, measured separately with
@@ -62,6 +65,22 @@ def population(args):
   return jax.vmap(space.sample)(keys)
 
 
+def setup_cpu_devices(n: int) -> int:
+  """One single-threaded CPU device per core, before the backend starts.
+
+  XLA:CPU's intra-op threads help little for these small convs and much of a
+  step is small elementwise work (NOTES_population.md); members are
+  independent, so running one slice of the population per core is the better
+  use of the cores, and the ``map`` plan shards over local devices.
+  """
+  n = n or os.cpu_count() or 1
+  if n > 1:
+    jax.config.update("jax_num_cpu_devices", n)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+  return n
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--population", type=int, default=16)
@@ -79,8 +98,12 @@ def main():
   p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
   p.add_argument("--random_data", action="store_true")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="CPU backend: expose this many single-threaded CPU devices and shard the "
+                 "population over them (0: one per core; 1: one multi-threaded device)")
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
   args = p.parse_args()
+  cpu_devices = setup_cpu_devices(args.cpu_devices)
 
   source, arrays = load_data(args)
   data = train_lib.make_data(*arrays)
@@ -127,6 +150,7 @@ def main():
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
       "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
+      "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
       "end_to_end_s": round(end_to_end, 3), "compile_s": round(compile_s, 3),

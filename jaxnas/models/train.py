@@ -8,6 +8,9 @@ function with the architecture as data (purejaxrl's ``make_train``).
 * ``"map"``: ``lax.map`` over members inside one jitted program. The op index
   is unbatched inside the body, so ``op_impl="switch"`` is a real conditional
   and each member pays only for its own ops. One compilation for any cells.
+  With several local devices (``jax_num_cpu_devices``: one single-threaded
+  CPU device per core) the population is sharded over them with
+  ``shard_map``, padded to a multiple of the device count.
 * ``"vmap"``: ``vmap`` over members in one program; convs become grouped convs
   and a data-dependent op must compute every candidate op (select/one-hot).
 * ``"sequential"``: a Python loop over members calling the same jitted
@@ -212,7 +215,15 @@ def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
       return jax.lax.map(lambda a: train(a[0], a[1], data_key, data, a[2]),
                          (archs, keys, lr_scales), batch_size=batch)
 
-    return jax.jit(run)
+    devices = jax.local_devices()
+    if len(devices) == 1:
+      return jax.jit(run)
+    # Several local devices (e.g. CPU cores exposed with ``jax_num_cpu_devices``):
+    # each runs its own slice of the population, concurrently.
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("pop",))
+    pop, rep = jax.sharding.PartitionSpec("pop"), jax.sharding.PartitionSpec()
+    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(pop, pop, rep, rep, pop),
+                                 out_specs=pop, check_vma=False))
   return jax.jit(train)
 
 
@@ -230,6 +241,12 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
   keys = jax.random.split(init_key, archs.shape[0])
   scales = jnp.ones(archs.shape[0], jnp.float32) if lr_scales is None else jnp.asarray(
       lr_scales, jnp.float32)
+  if config.plan == "map" and archs.shape[0] % jax.local_device_count():
+    # Shard evenly: pad with copies of the first member, drop their results.
+    p, pad = archs.shape[0], -archs.shape[0] % jax.local_device_count()
+    grow = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)])
+    out = _compiled(config, "map")(grow(archs), grow(keys), data_key, data, grow(scales))
+    return jax.tree_util.tree_map(lambda a: a[:p], out)
   if config.plan in ("vmap", "map"):
     return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
   outs = []
