@@ -23,7 +23,8 @@ flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120
                     "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
                     "fashion_mnist).")
 flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor "
-                    "| hyperband (multi-fidelity over epochs; --evaluator=train).")
+                    "| hyperband (multi-fidelity over epochs) | darts (gradient-based: DARTS, GDAS, DARTS-); "
+                    "the last two train networks (--evaluator=train).")
 flags.DEFINE_integer("budget", 100, "Architecture evaluations per run.")
 flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one program.")
 flags.DEFINE_integer("seed", 0, "Run i uses seed + i (so it can be rerun alone).")
@@ -48,7 +49,15 @@ flags.DEFINE_integer("rungs", None, "hyperband: fidelities per bracket, epochs/e
                      "epochs (default 3).")
 flags.DEFINE_integer("hyperband_brackets", None, "hyperband: use only the first K brackets "
                      "(1: successive halving; default all).")
-_STRATEGY_FLAGS = {"eta": "eta", "rungs": "rungs", "hyperband_brackets": "hyperband_brackets",
+flags.DEFINE_enum("darts_variant", None, ["darts", "gdas", "darts-"], "darts: DARTS (softmax), "
+                  "GDAS (Gumbel, hard forward) or DARTS- (auxiliary skip; default darts).")
+flags.DEFINE_integer("darts_order", None, "darts: 1 (first order, default) or 2 (unrolled, exact "
+                     "Hessian-vector product).")
+flags.DEFINE_bool("remat", None, "darts: rematerialise mixed edges (jax.checkpoint) to save memory.")
+flags.DEFINE_float("alpha_learning_rate", None, "darts: Adam learning rate of alpha (3e-4).")
+_STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order",
+                   "remat": "remat", "alpha_learning_rate": "alpha_learning_rate",
+                   "eta": "eta", "rungs": "rungs", "hyperband_brackets": "hyperband_brackets",
                    "population": "batch_size", "population_size": "population_size",
                    "tournament_size": "tournament_size", "num_init": "num_init",
                    "learning_rate": "learning_rate", "ensemble_size": "ensemble_size"}
@@ -146,6 +155,8 @@ def main(argv):
   if FLAGS.mode == "retrain":
     return _retrain()
   evaluator = FLAGS.evaluator
+  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
+    evaluator = "train"  # they only make sense with real training
   dataset = FLAGS.dataset or ("fashion_mnist" if evaluator == "train" else "cifar10")
   strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
                                _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))

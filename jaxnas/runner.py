@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import estimators, multifidelity, pareto
+from jaxnas import darts_runner, estimators, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators.training import ProxySpec, train_evaluator
@@ -43,6 +43,8 @@ from jaxnas.strategies import STRATEGIES
 EVALUATORS = ("nb201", "train")
 TRAIN_DATASETS = tuple(_DATASETS)
 HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
+# Strategies with their own host loop (not init/ask/tell): Hyperband and DARTS.
+HOST_STRATEGIES = ("hyperband", "darts")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1}
 
@@ -102,25 +104,26 @@ def validate(c: SearchConfig) -> None:
       c.objectives):
     raise UserError(f"--objectives must be accuracy followed by any of params, flops "
                     f"(e.g. accuracy,params), got {','.join(c.objectives)}")
-  if len(c.objectives) > 1 and c.strategy == "hyperband":
-    raise UserError("--objectives with more than accuracy is not supported by hyperband")
+  if len(c.objectives) > 1 and c.strategy in HOST_STRATEGIES:
+    raise UserError(f"--objectives with more than accuracy is not supported by {c.strategy}")
   if c.max_hours < 0:
     raise UserError(f"--max_hours must be >= 0, got {c.max_hours}")
-  if c.strategy not in STRATEGIES and c.strategy != "hyperband":
+  if c.strategy not in STRATEGIES and c.strategy not in HOST_STRATEGIES:
     raise UserError(f"unknown strategy {c.strategy!r}; choose one of "
-                    f"{', '.join(STRATEGIES)}, hyperband")
-  if c.strategy == "hyperband" and c.evaluator != "train":
-    raise UserError("--strategy=hyperband varies training epochs, so it needs --evaluator=train")
+                    f"{', '.join(tuple(STRATEGIES) + HOST_STRATEGIES)}")
+  if c.strategy in HOST_STRATEGIES and c.evaluator != "train":
+    raise UserError(f"--strategy={c.strategy} trains networks, so it needs --evaluator=train")
   for name in ("budget", "num_seeds", "checkpoint_every"):
     value = getattr(c, name)
     if value < (0 if name == "checkpoint_every" else 1):
       raise UserError(f"--{name} must be >= {0 if name == 'checkpoint_every' else 1}, got {value}")
-  accepted = (HYPERBAND_ARGS if c.strategy == "hyperband"
-              else inspect.signature(STRATEGIES[c.strategy]).parameters)
+  accepted = (HYPERBAND_ARGS if c.strategy == "hyperband" else
+              tuple(darts_runner.DARTS_ARGS) if c.strategy == "darts" else
+              inspect.signature(STRATEGIES[c.strategy]).parameters)
   for k, v in c.strategy_args:
     if k not in accepted or k == "space":
       raise UserError(f"--{k} does not apply to --strategy={c.strategy}")
-    if isinstance(v, (int, float)) and v <= 0:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
       raise UserError(f"--{k} must be > 0, got {v}")
 
 
@@ -253,6 +256,12 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   if config.strategy == "hyperband":
     validate(config)
     space, make_at = _hyperband_evaluators(config)
+  elif config.strategy == "darts":
+    validate(config)
+    try:
+      darts, darts_data = darts_runner.build(config)
+    except ValueError as e:  # DatasetError included
+      raise UserError(str(e)) from None
   else:
     search = build(config)
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
@@ -282,6 +291,8 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     return results
   if config.strategy == "hyperband":
     return _run_hyperband(config, workdir, space, make_at)
+  if config.strategy == "darts":
+    return _run_darts(config, workdir, darts, darts_data)
 
   t_start = time.time()
   n, num_steps = config.num_seeds, search.num_steps
@@ -372,6 +383,19 @@ def _hyperband_evaluators(config: SearchConfig):
     return cache[epochs]
 
   return first.space, at
+
+
+def _run_darts(config: SearchConfig, workdir: str, darts, data) -> dict:
+  try:
+    results = darts_runner.run(config, workdir, darts, data, _write_json_atomic)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  results = {"config": config.to_json(), **results}
+  results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
+  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  results = dict(results)
+  results["already_finished"] = False
+  return results
 
 
 def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:

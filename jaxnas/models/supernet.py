@@ -1,0 +1,90 @@
+"""The NAS-Bench-201 supernet: every edge a mixture of all five ops (Liu et al., ICLR 2019).
+
+``NB201SuperNet(...)(images, weights, train)`` with ``weights`` a float
+``[6, 5]`` array, one row of op weights per edge (NAS-Bench-201 edge order).
+DARTS passes ``softmax(alpha)``; GDAS passes a straight-through one-hot Gumbel
+sample; SPOS passes a one-hot path. The weights are data, so one compiled
+program serves every weighting, and ``jax.grad`` with respect to them is the
+architecture gradient.
+
+The macro skeleton and the ops are exactly those of ``NB201Network`` (same
+stem, residual reductions and ReLU-Conv-BN ops), so a cell derived from the
+supernet is retrained by the same code. ``remat=True`` wraps every mixed edge
+in ``jax.checkpoint``: the five ops' activations are recomputed in the
+backward pass instead of stored, which cuts the supernet's activation memory
+(measured in experiments/bench_darts.py) for ~1/3 more compute.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxnas.models.nb201_net import (BatchNorm, ReLUConvBN, ResidualReduction, avg_pool_3x3,
+                                     conv2d, conv_init)
+from jaxnas.spaces.nb201 import EDGES, NUM_NODES, OPS
+
+
+class MixedEdge(nn.Module):
+  """``sum_k w[k] * op_k(x)`` over none, skip, conv1x1, conv3x3, avg_pool."""
+  features: int
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, w, train: bool):
+    conv1 = ReLUConvBN(self.features, self.features, 1, bn_momentum=self.bn_momentum,
+                       name="nor_conv_1x1")(x, train)
+    conv3 = ReLUConvBN(self.features, self.features, 3, bn_momentum=self.bn_momentum,
+                       name="nor_conv_3x3")(x, train)
+    # "none" contributes w[0] * 0.
+    return w[1] * x + w[2] * conv1 + w[3] * conv3 + w[4] * avg_pool_3x3(x)
+
+
+class SuperCell(nn.Module):
+  features: int
+  bn_momentum: float = 0.9
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, weights, train: bool):
+    edge_cls = nn.remat(MixedEdge, static_argnums=(3,)) if self.remat else MixedEdge
+    nodes = [x]
+    incoming = [[] for _ in range(NUM_NODES)]
+    for e, (j, i) in enumerate(EDGES):
+      incoming[j].append((edge_cls(self.features, self.bn_momentum, name=f"edge{e}"), i, e))
+      if len(incoming[j]) == j:
+        nodes.append(sum(m(nodes[src], weights[e], train) for m, src, e in incoming[j]))
+    return nodes[-1]
+
+
+class NB201SuperNet(nn.Module):
+  """NAS-Bench-201 skeleton with mixed edges; ``__call__(images, weights[6, 5], train)``."""
+  channels: int = 16
+  cells: int = 1
+  num_classes: int = 10
+  bn_momentum: float = 0.9
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images, weights, train: bool = False):
+    m = self.bn_momentum
+    k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.channels))
+    x = BatchNorm(m, name="stem_bn")(conv2d(images, k), train)
+    for stage in range(3):
+      c = self.channels * 2 ** stage
+      if stage:
+        x = ResidualReduction(c, m, name=f"reduce{stage}")(x, train)
+      for n in range(self.cells):
+        x = SuperCell(c, m, self.remat, name=f"cell{stage}_{n}")(x, weights, train)
+    x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
+    return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+NUM_OPS = len(OPS)
+NUM_EDGES = len(EDGES)
+
+
+def derive_nb201(alpha: jax.Array) -> jax.Array:
+  """Discretisation for NAS-Bench-201: the argmax op of every edge (int32[6])."""
+  return jnp.argmax(alpha, axis=-1).astype(jnp.int32)

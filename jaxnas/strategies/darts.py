@@ -1,0 +1,230 @@
+"""Gradient-based NAS on the NAS-Bench-201 supernet: DARTS, GDAS and DARTS-.
+
+Pure functions on one explicit state pytree (``DartsState``: weights, BN
+statistics, architecture logits ``alpha``, both optax states, the PRNG key and
+the step), purejaxrl style: ``make_darts(config)`` returns ``init(key, data)``
+and ``run_epoch(state, data)``; ``jax.vmap`` over states runs many seeds as
+one program, and the host checkpoints the state between epochs.
+
+Bilevel optimisation (Liu et al., ICLR 2019): the network weights ``w``
+follow SGD on minibatches of the search-train split, the logits ``alpha``
+follow Adam on minibatches of the search-validation split.
+
+* ``order=1``: ``g_alpha = d/dalpha L_val(w, alpha)``.
+* ``order=2``: the unrolled gradient at ``w' = w - xi * dL_train/dw``:
+  ``g_alpha = d/dalpha L_val(w', alpha) - xi * (d2 L_train / dalpha dw) v`` with
+  ``v = dL_val/dw (w', alpha)``. The mixed second derivative times ``v`` is an
+  exact Hessian-vector product, the reverse-mode derivative of
+  ``<dL_train/dw, v>`` with respect to alpha, not DARTS' finite difference
+  (checked against finite differences in tests/test_darts.py; see
+  ``mixed_hvp`` for why not ``jax.jvp``).
+
+Variants (``variant``):
+* ``"darts"``: edge weights ``softmax(alpha)``.
+* ``"gdas"`` (Dong & Yang, CVPR 2019): a Gumbel-softmax sample per edge and
+  step, hard (one-hot) in the forward pass with the soft sample's gradient
+  (straight-through); temperature annealed from 10 to 0.1. Sampling one op
+  per edge keeps the supernet from settling on parameter-free ops.
+* ``"darts-"`` (Chu et al., ICLR 2021): an auxiliary skip connection with a
+  coefficient decaying linearly from 1 to 0 over the search is added to every
+  edge, so the skip op no longer needs a large weight to let gradients through
+  (the cause of skip collapse); the derived cell is read from ``alpha`` alone.
+
+Discretisation: the argmax op of every edge (NAS-Bench-201).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxnas.datasets import make_preprocess
+from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
+from jaxnas.spaces.nb201 import OPS
+
+VARIANTS = ("darts", "gdas", "darts-")
+SKIP = OPS.index("skip_connect")
+
+
+class DartsConfig(NamedTuple):
+  variant: str = "darts"
+  order: int = 1
+  epochs: int = 10
+  steps_per_epoch: int = 50
+  batch_size: int = 64
+  channels: int = 8
+  cells: int = 1
+  num_classes: int = 10
+  w_lr: float = 0.025
+  w_momentum: float = 0.9
+  w_weight_decay: float = 3e-4
+  w_grad_clip: float = 5.0
+  alpha_lr: float = 3e-4
+  alpha_weight_decay: float = 1e-3
+  tau_max: float = 10.0
+  tau_min: float = 0.1
+  remat: bool = False
+
+
+@struct.dataclass
+class DartsState:
+  params: dict
+  batch_stats: dict
+  alpha: jax.Array        # float32[6, 5] architecture logits
+  w_opt: optax.OptState
+  alpha_opt: optax.OptState
+  key: jax.Array          # uint32[2], root key of this search
+  step: jax.Array         # int32, bilevel steps done
+
+
+class DartsData(NamedTuple):
+  """Search-train and search-validation splits on device (uint8 NHWC, int32 labels)."""
+  train_images: jax.Array
+  train_labels: jax.Array
+  val_images: jax.Array
+  val_labels: jax.Array
+  mean: jax.Array
+  std: jax.Array
+
+
+class Darts(NamedTuple):
+  config: DartsConfig
+  net: NB201SuperNet
+  init: Callable
+  step: Callable
+  run_epoch: Callable
+  edge_weights: Callable
+  mixed_hvp: Callable
+  losses: Callable
+
+
+def check_config(c: DartsConfig) -> None:
+  if c.variant not in VARIANTS:
+    raise ValueError(f"unknown DARTS variant {c.variant!r}; choose one of {', '.join(VARIANTS)}")
+  if c.order not in (1, 2):
+    raise ValueError(f"DARTS order must be 1 or 2, got {c.order}")
+  if c.variant == "gdas" and c.order != 1:
+    raise ValueError("GDAS is first order (its architecture gradient is a straight-through "
+                     "estimate); use --darts_order=1")
+  for name in ("epochs", "steps_per_epoch", "batch_size", "channels", "cells"):
+    if getattr(c, name) < 1:
+      raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+
+
+def make_darts(c: DartsConfig) -> Darts:
+  check_config(c)
+  net = NB201SuperNet(channels=c.channels, cells=c.cells, num_classes=c.num_classes,
+                      remat=c.remat)
+  total = c.epochs * c.steps_per_epoch
+  w_tx = optax.chain(optax.clip_by_global_norm(c.w_grad_clip),
+                     optax.add_decayed_weights(c.w_weight_decay),
+                     optax.sgd(optax.cosine_decay_schedule(c.w_lr, total, alpha=0.001 / c.w_lr),
+                               momentum=c.w_momentum))
+  a_tx = optax.chain(optax.add_decayed_weights(c.alpha_weight_decay),
+                     optax.adam(c.alpha_lr, b1=0.5, b2=0.999))
+  w_schedule = optax.cosine_decay_schedule(c.w_lr, total, alpha=0.001 / c.w_lr)
+
+  def edge_weights(alpha, key, step):
+    """The ``[6, 5]`` op weights the supernet uses at ``step``."""
+    progress = step.astype(jnp.float32) / max(total - 1, 1)
+    if c.variant == "gdas":
+      tau = c.tau_max - (c.tau_max - c.tau_min) * progress
+      gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, alpha.shape, minval=1e-10,
+                                                    maxval=1.0)))
+      soft = jax.nn.softmax((jax.nn.log_softmax(alpha) + gumbel) / tau)
+      hard = jax.nn.one_hot(jnp.argmax(soft, -1), NUM_OPS, dtype=soft.dtype)
+      return hard - jax.lax.stop_gradient(soft) + soft
+    w = jax.nn.softmax(alpha)
+    if c.variant == "darts-":
+      beta = 1.0 - progress
+      w = w + beta * jax.nn.one_hot(SKIP, NUM_OPS, dtype=w.dtype)
+    return w
+
+  def loss_fn(params, stats, weights, x, y):
+    logits, new = net.apply({"params": params, "batch_stats": stats}, x, weights, train=True,
+                            mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return loss, (new["batch_stats"], acc)
+
+  def losses(params, stats, alpha, key, step, x, y):
+    """Loss of the supernet at ``alpha`` (for tests and logging)."""
+    return loss_fn(params, stats, edge_weights(alpha, key, step), x, y)[0]
+
+  def mixed_hvp(params, stats, alpha, key, step, x, y, v):
+    """``(d2 L_train / dalpha dw) v``, exactly: ``d/dalpha <dL/dw, v>`` (reverse over reverse).
+
+    Forward-over-reverse (``jax.jvp`` of the gradient) is not available here:
+    the convolutions carry a ``custom_vjp`` (XLA:CPU needs it for fast
+    backward convs, see models/nb201_net.py), and JAX cannot push tangents
+    through a custom VJP. Differentiating the gradient once more in reverse
+    mode gives the same exact product at about the same cost.
+    """
+    def directional(a):
+      g = jax.grad(lambda p: loss_fn(p, stats, edge_weights(a, key, step), x, y)[0])(params)
+      return sum(jnp.vdot(gi, vi) for gi, vi in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    return jax.grad(directional)(alpha)
+
+  def init(key, data: DartsData):
+    k_init, k_alpha = jax.random.split(jax.random.fold_in(key, 0x7FFFFFFF))
+    dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
+    variables = net.init(k_init, dummy, jnp.full((NUM_EDGES, NUM_OPS), 1.0 / NUM_OPS), False)
+    alpha = 1e-3 * jax.random.normal(k_alpha, (NUM_EDGES, NUM_OPS))
+    params = variables["params"]
+    return DartsState(params=params, batch_stats=variables["batch_stats"], alpha=alpha,
+                      w_opt=w_tx.init(params), alpha_opt=a_tx.init(alpha), key=key,
+                      step=jnp.zeros((), jnp.int32))
+
+  def step(state: DartsState, data: DartsData):
+    """One bilevel step: alpha on a validation batch, then w on a training batch."""
+    preprocess = make_preprocess(data.mean, data.std)
+    k = jax.random.fold_in(state.key, state.step)
+    k_t, k_v, k_g = jax.random.split(k, 3)
+    ti = jax.random.randint(k_t, (c.batch_size,), 0, data.train_labels.shape[0])
+    vi = jax.random.randint(k_v, (c.batch_size,), 0, data.val_labels.shape[0])
+    xt, yt = preprocess(None, data.train_images[ti]), data.train_labels[ti]
+    xv, yv = preprocess(None, data.val_images[vi]), data.val_labels[vi]
+    params, stats, alpha = state.params, state.batch_stats, state.alpha
+
+    def val_loss(p, a):
+      return loss_fn(p, stats, edge_weights(a, k_g, state.step), xv, yv)
+
+    if c.order == 1:
+      (l_val, (_, val_acc)), g_alpha = jax.value_and_grad(
+          lambda a: val_loss(params, a), has_aux=True)(alpha)
+    else:
+      xi = w_schedule(state.step)
+      g_w = jax.grad(lambda p: loss_fn(p, stats, edge_weights(alpha, k_g, state.step), xt,
+                                       yt)[0])(params)
+      unrolled = jax.tree.map(lambda p, g: p - xi * g, params, g_w)
+      (l_val, (_, val_acc)), (v, g_direct) = jax.value_and_grad(
+          val_loss, argnums=(0, 1), has_aux=True)(unrolled, alpha)
+      hvp = mixed_hvp(params, stats, alpha, k_g, state.step, xt, yt, v)
+      g_alpha = g_direct - xi * hvp
+    a_updates, alpha_opt = a_tx.update(g_alpha, state.alpha_opt, alpha)
+    alpha = optax.apply_updates(alpha, a_updates)
+
+    weights = edge_weights(alpha, k_g, state.step)
+    (l_train, (stats, train_acc)), g_w = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, state.batch_stats, weights, xt, yt)
+    w_updates, w_opt = w_tx.update(g_w, state.w_opt, params)
+    params = optax.apply_updates(params, w_updates)
+    new = state.replace(params=params, batch_stats=stats, alpha=alpha, w_opt=w_opt,
+                        alpha_opt=alpha_opt, step=state.step + 1)
+    return new, {"train_loss": l_train, "train_acc": train_acc, "val_loss": l_val,
+                 "val_acc": val_acc}
+
+  def run_epoch(state: DartsState, data: DartsData):
+    """``steps_per_epoch`` bilevel steps; returns the state and epoch-mean metrics."""
+    state, metrics = jax.lax.scan(lambda s, _: step(s, data), state, None,
+                                  length=c.steps_per_epoch)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["arch"] = derive_nb201(state.alpha)
+    metrics["skip_count"] = jnp.sum(metrics["arch"] == SKIP)
+    return state, metrics
+
+  return Darts(c, net, init, step, run_epoch, edge_weights, mixed_hvp, losses)
