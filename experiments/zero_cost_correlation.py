@@ -10,7 +10,7 @@ correlation of each proxy with
 * the NB201 table's 12-epoch CIFAR-10 validation accuracy (a second,
   independent reference: long training on another dataset).
 
-  python experiments/zero_cost_correlation.py --num_archs=50 --steps=150 --channels=8
+  python experiments/zero_cost_correlation.py --num_archs=50 --steps=120 --channels=8
 
 Disconnected cells (no input-output path) are kept: they are part of the space,
 train to chance and score ``-inf`` in every proxy (ties, average ranks). The
@@ -67,7 +67,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--num_archs", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--steps", type=int, default=150, help="SGD steps of the short training")
+  p.add_argument("--steps", type=int, default=120, help="SGD steps of the short training")
   p.add_argument("--batch", type=int, default=128, help="training batch size")
   p.add_argument("--channels", type=int, default=8, help="C of the trained and scored network")
   p.add_argument("--cells", type=int, default=1, help="cells per stage (N)")
