@@ -1,4 +1,4 @@
-"""Population training sharded over 8 host devices equals the single-device run.
+"""Population training sharded over 8 host devices equals training the members on one device.
 
 The device count is fixed when JAX starts, so the comparison runs in a child
 process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
@@ -26,7 +26,9 @@ CHILD = textwrap.dedent("""
     archs = np.array([[3, 2, 1, 0, 4, 3], [1] * 6, [3] * 6, [0] * 6, [2, 4, 3, 1, 0, 2]], np.int32)
     scales = np.array([1, 1, 1e30, 1, 1], np.float32)
     key = jax.random.PRNGKey(3)
-    a = train_population_metrics(archs, key, data, cfg, lr_scales=scales)
+    # Reference on one device: members one after another (the same compiled train).
+    a = train_population_metrics(archs, key, data, cfg._replace(plan="sequential"),
+                                 lr_scales=scales)
     b = train_population_sharded(archs, key, data, cfg, lr_scales=scales)
     assert b["val_accuracy"].shape == (5,)
     fa, fb = np.asarray(a["failed"]), np.asarray(b["failed"])

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxnas.models.train import TrainConfig, TrainData, _compiled, resolve_plan
+from jaxnas.models.train import TrainConfig, TrainData, make_train, resolve_plan
 
 AXIS = "population"
 
@@ -38,7 +38,13 @@ def population_mesh(devices=None) -> Mesh:
 
 @functools.lru_cache(maxsize=16)
 def _sharded(config: TrainConfig, mesh: Mesh):
-  per_shard = _compiled(config, config.plan)  # jitted; inlined into the shard_map body
+  train = make_train(config)
+
+  def per_shard(archs, keys, data_key, data, scales):  # this device's block of members
+    if config.plan == "vmap":
+      return jax.vmap(train, in_axes=(0, 0, None, None, 0))(archs, keys, data_key, data, scales)
+    return jax.lax.map(lambda a: train(a[0], a[1], data_key, data, a[2]), (archs, keys, scales))
+
   return jax.jit(jax.shard_map(
       per_shard, mesh=mesh,
       in_specs=(P(AXIS), P(AXIS), P(), P(), P(AXIS)), out_specs=P(AXIS),
