@@ -18,7 +18,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "search", ["search", "retrain"],
                   "search: run a NAS search; retrain: train --arch from scratch and test it.")
 flags.DEFINE_string("evaluator", "nb201",
-                    "nb201 (tabular NAS-Bench-201) | train (real training of each population).")
+                    "nb201 (tabular NAS-Bench-201) | train (real training of each population) | "
+                    "zero_cost (a training-free proxy, --proxy).")
+flags.DEFINE_string("proxy", None, "zero_cost: naswot (default) | synflow | grad_norm | snip | "
+                    "jacov | params | flops.")
+flags.DEFINE_string("prefilter", None, "Any init/ask/tell strategy: propose --prefilter_factor "
+                    "times more cells and evaluate only the best by this zero-cost proxy.")
+flags.DEFINE_integer("prefilter_factor", 4, "With --prefilter: proposals per evaluated cell.")
 flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120 (default "
                     "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
                     "fashion_mnist).")
@@ -75,12 +81,15 @@ flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network tr
                    "(default 0.1).")
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
                     "sequential | sequential_static (default auto: by backend).")
+flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
+                     "(e.g. one per core) so population training runs a slice per core; 0 keeps "
+                     "JAX's default (one multi-threaded device).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host, "
                   "e.g. a Cloud TPU pod: every host runs the same command); populations are "
                   "then sharded over the devices of all hosts.")
 flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
                     "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
-_PROXY_FLAGS = {"data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
+_PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
                 "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
                 "train_learning_rate": "learning_rate", "plan": "plan"}
 
@@ -114,10 +123,19 @@ def _summary(results: dict) -> str:
     lines.append(f"  test accuracy of chosen cells: {s['test_accuracy_mean']:.2f} ± "
                  f"{s['test_accuracy_std']:.2f} %  (search signal, validation: "
                  f"{s['best_score_mean']:.2f} ± {s['best_score_std']:.2f} %)")
+  elif c["evaluator"] == "zero_cost":
+    proxy = c.get("evaluator_args", {}).get("proxy", "naswot")
+    lines.append(f"  {proxy} score of chosen cells: {s['best_score_mean']:.3f} ± "
+                 f"{s['best_score_std']:.3f} (a training-free proxy, not an accuracy)")
   else:
     lines.append(f"  proxy validation accuracy of chosen cells: {s['best_score_mean']:.2f} ± "
                  f"{s['best_score_std']:.2f} %")
+  if "skip_count_mean" in s:
+    lines.append(f"  derived cells: {s['distinct_cells']} distinct over seeds, "
+                 f"{s['skip_count_mean']:.2f} skip connections on average; their NAS-Bench-201 "
+                 f"CIFAR-10 12-epoch test accuracy: {s['nb201_cifar10_test12_mean']:.2f} %")
   best = next(r for r in results["runs"] if r["seed"] == s["best_run_seed"])
+  label, unit = ("score", "") if c["evaluator"] == "zero_cost" else ("val", " %")
   extra = f", test {best['test_accuracy']:.2f} %" if "test_accuracy" in best else ""
   if "params" in best:
     extra += f", {best['params']:,.0f} params, {best['flops'] / 1e6:.1f} MFLOPs"
@@ -126,7 +144,7 @@ def _summary(results: dict) -> str:
     lines.append(f"  Pareto front ({', '.join(pf['objectives'])}): {pf['pooled_size']} cells "
                  f"pooled over runs, {sum(pf['size_per_run']) / len(pf['size_per_run']):.1f} per run (pareto.json)")
   lines.append(f"  best architecture (seed {best['seed']}): {best['best_arch']}  "
-               f"val {best['best_score']:.2f} %{extra}")
+               f"{label} {best['best_score']:.2f}{unit}{extra}")
   if "table_optimum" in s:
     o = s["table_optimum"]
     lines.append(f"  table optimum: val {o['best_val']:.2f} %, its test {o['test_of_best_val']:.2f} %")
@@ -146,6 +164,16 @@ def main(argv):
   from jaxnas import plotting, runner
   from jaxnas.checkpoint import CheckpointError
 
+  if FLAGS.cpu_devices < 0:
+    _fail(f"--cpu_devices must be >= 0, got {FLAGS.cpu_devices}")
+  if FLAGS.cpu_devices:
+    # Before the backend starts: members are independent, and one
+    # single-threaded device per core beats XLA's intra-op threads for these
+    # small convs (experiments/NOTES_population.md).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+    import jax
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   if FLAGS.distributed:
     import jax
     try:
@@ -157,7 +185,7 @@ def main(argv):
   evaluator = FLAGS.evaluator
   if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
     evaluator = "train"  # they only make sense with real training
-  dataset = FLAGS.dataset or ("fashion_mnist" if evaluator == "train" else "cifar10")
+  dataset = FLAGS.dataset or ("cifar10" if evaluator == "nb201" else "fashion_mnist")
   strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
                                _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))
   evaluator_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
@@ -172,7 +200,8 @@ def main(argv):
       budget=FLAGS.budget, num_seeds=FLAGS.num_seeds, seed=FLAGS.seed,
       checkpoint_every=checkpoint_every, strategy_args=strategy_args,
       evaluator_args=evaluator_args, max_hours=FLAGS.max_hours,
-      objectives=tuple(FLAGS.objectives))
+      objectives=tuple(FLAGS.objectives), prefilter=FLAGS.prefilter or "",
+      prefilter_factor=FLAGS.prefilter_factor)
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
     runner.validate(config)

@@ -36,17 +36,21 @@ from absl import logging
 from jaxnas import darts_runner, estimators, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
+from jaxnas.estimators import zero_cost
 from jaxnas.estimators.training import ProxySpec, train_evaluator
+from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
 
-EVALUATORS = ("nb201", "train")
+EVALUATORS = ("nb201", "train", "zero_cost")
 TRAIN_DATASETS = tuple(_DATASETS)
 HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 # Strategies with their own host loop (not init/ask/tell): Hyperband and DARTS.
 HOST_STRATEGIES = ("hyperband", "darts")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
-DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1}
+DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10}
+# --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
+ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
 
 
 class UserError(ValueError):
@@ -67,6 +71,8 @@ class SearchConfig:
   evaluator_args: tuple = ()  # sorted (name, value) pairs: ProxySpec fields for "train"
   max_hours: float = 0.0  # wall-time limit of the whole search, resumes included (0: none)
   objectives: tuple = ("accuracy",)  # more than one: a Pareto front is saved (pareto.json)
+  prefilter: str = ""  # a zero-cost proxy: keep the best 1/prefilter_factor of the proposals
+  prefilter_factor: int = 4
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -90,15 +96,24 @@ def validate(c: SearchConfig) -> None:
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
                     f"{', '.join(estimators.NB201_DATASETS)}")
-  if c.evaluator == "train" and c.dataset not in TRAIN_DATASETS:
-    raise UserError(f"unknown dataset {c.dataset!r} for train; choose one of "
+  if c.evaluator in ("train", "zero_cost") and c.dataset not in TRAIN_DATASETS:
+    raise UserError(f"unknown dataset {c.dataset!r} for {c.evaluator}; choose one of "
                     f"{', '.join(TRAIN_DATASETS)}")
   if c.evaluator == "nb201" and c.evaluator_args:
-    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train")
-  proxy_fields = ProxySpec._fields
-  for k, _ in c.evaluator_args:
-    if k not in proxy_fields or k == "dataset":
+    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train or zero_cost")
+  allowed = ZERO_COST_ARGS if c.evaluator == "zero_cost" else ProxySpec._fields
+  for k, v in c.evaluator_args:
+    if k not in allowed or k == "dataset":
       raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
+    if k == "proxy" and v not in zero_cost.PROXIES:
+      raise UserError(f"unknown proxy {v!r}; choose one of {', '.join(zero_cost.PROXIES)}")
+  if c.prefilter and c.prefilter not in zero_cost.PROXIES:
+    raise UserError(f"unknown --prefilter proxy {c.prefilter!r}; choose one of "
+                    f"{', '.join(zero_cost.PROXIES)}")
+  if c.prefilter and c.strategy in HOST_STRATEGIES:
+    raise UserError(f"--prefilter applies to init/ask/tell strategies, not {c.strategy}")
+  if c.prefilter_factor < 1:
+    raise UserError(f"--prefilter_factor must be >= 1, got {c.prefilter_factor}")
   bad = [o for o in c.objectives if o not in pareto.OBJECTIVES]
   if bad or not c.objectives or c.objectives[0] != "accuracy" or len(set(c.objectives)) < len(
       c.objectives):
@@ -130,12 +145,32 @@ def validate(c: SearchConfig) -> None:
 def make_evaluator(c: SearchConfig):
   if c.evaluator == "nb201":
     return estimators.nb201_evaluator(c.dataset)
-  if c.evaluator == "train":
-    try:
+  try:
+    if c.evaluator == "train":
       return train_evaluator(ProxySpec(dataset=c.dataset, **dict(c.evaluator_args)))
-    except ValueError as e:  # DatasetError included: missing or malformed data
-      raise UserError(str(e)) from None
+    if c.evaluator == "zero_cost":
+      return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args))
+  except ValueError as e:  # DatasetError included: missing or malformed data
+    raise UserError(str(e)) from None
   raise UserError(f"unknown evaluator {c.evaluator!r}")
+
+
+def _prefilter_score(c: SearchConfig):
+  """``archs -> float32[N]``: the zero-cost proxy ``c.prefilter`` (a fixed function of the cell).
+
+  Images come from the search's own dataset when it has one; the tabular
+  benchmark ships no images, so NB201 searches score on Fashion-MNIST (from
+  its default location).
+  """
+  args = dict(c.evaluator_args)
+  dataset = c.dataset if c.evaluator in ("train", "zero_cost") else "fashion_mnist"
+  kw = {"data_dir": args["data_dir"]} if "data_dir" in args else {}
+  try:
+    proxy = zero_cost.zero_cost_evaluator(proxy=c.prefilter, dataset=dataset, **kw)
+  except ValueError as e:
+    raise UserError(f"--prefilter: {e}") from None
+  key = jax.random.PRNGKey(0)  # the default evaluator ignores it: scores are fixed per cell
+  return lambda archs: proxy.evaluate(key, archs)
 
 
 def build(c: SearchConfig):
@@ -144,6 +179,8 @@ def build(c: SearchConfig):
   evaluator = make_evaluator(c)
   try:
     strategy = STRATEGIES[c.strategy](evaluator.space, **dict(c.strategy_args))
+    if c.prefilter:
+      strategy = prefiltered(strategy, _prefilter_score(c), c.prefilter_factor)
     return make_search(strategy, evaluator, c.budget)
   except ValueError as e:
     raise UserError(str(e)) from None

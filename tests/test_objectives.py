@@ -42,3 +42,31 @@ def test_pareto_fronts_are_the_non_dominated_evaluated_cells(tmp_path, objective
 def test_bad_objectives_are_refused(objectives):
   with pytest.raises(runner.UserError, match="--objectives"):
     runner.validate(runner.SearchConfig(objectives=objectives))
+
+
+def test_zero_cost_evaluator_and_prefilter_from_the_runner(tmp_path):
+  # The params "proxy" is exact and cheap: evolution maximising it heads for the all-3x3 cell.
+  config = runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
+                               strategy="evolution", budget=100, num_seeds=2,
+                               evaluator_args=(("channels", 4), ("proxy", "params")))
+  results = runner.run(config, str(tmp_path / "zc"))
+  for r in results["runs"]:
+    assert r["best_arch"].count("nor_conv_3x3") >= 5, r["best_arch"]
+  # A params prefilter makes random search on the table evaluate bigger cells.
+  plain = runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4),
+                     str(tmp_path / "plain"))
+  filtered = runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4,
+                                            prefilter="params", prefilter_factor=8),
+                        str(tmp_path / "filtered"))
+  mean_params = lambda res: np.mean([r["params"] for r in res["runs"]])
+  assert mean_params(filtered) > mean_params(plain)
+  for r in filtered["runs"]:
+    assert r["duplicate_evaluations"] == 0 and len(r["trajectory"]) == 30
+
+
+def test_unknown_proxy_and_prefilter_are_refused():
+  with pytest.raises(runner.UserError, match="unknown proxy"):
+    runner.validate(runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
+                                        evaluator_args=(("proxy", "nope"),)))
+  with pytest.raises(runner.UserError, match="--prefilter"):
+    runner.validate(runner.SearchConfig(prefilter="nope"))
