@@ -115,7 +115,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path):
 BAD_INPUTS = {
     "unknown_strategy": ("--strategy=annealing",),
     "unknown_dataset": ("--dataset=mnist",),
-    "unknown_evaluator": ("--evaluator=zero_cost",),
+    "unknown_evaluator": ("--evaluator=surrogate",),
     "zero_budget": ("--budget=0",),
     "zero_seeds": ("--num_seeds=0",),
     "budget_not_int": ("--budget=abc",),
@@ -170,7 +170,7 @@ def test_bad_input_is_one_line_error(name, bad_runs):
 
 def test_bad_input_messages_name_the_problem(bad_runs):
   expect = {"unknown_strategy": "annealing", "unknown_dataset": "mnist",
-            "unknown_evaluator": "zero_cost", "zero_budget": "budget",
+            "unknown_evaluator": "surrogate", "zero_budget": "budget",
             "zero_seeds": "num_seeds", "budget_not_int": "abc",
             "flag_not_for_strategy": "tournament_size", "unknown_flag": "budjet",
             "positional_argument": "extra", "other_config_in_workdir": "budget",
