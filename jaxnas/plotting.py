@@ -15,16 +15,33 @@ def have_matplotlib() -> bool:
   return True
 
 
-def plot_trajectories(results: dict, path: str) -> str | None:
-  """Best-so-far validation score vs evaluations: mean, ±1 std band and min-max over seeds.
-
-  Returns the path written, or None when matplotlib is not installed.
-  """
+def _pyplot():
+  """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing."""
   if not have_matplotlib():
     return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: str) -> str:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_trajectories(results: dict, path: str) -> str | None:
+  """Best-so-far validation score vs evaluations: mean, ±1 std band and min-max over seeds.
+
+  Returns the path written, or None when matplotlib is not installed.
+  """
+  plt = _pyplot()
+  if plt is None:
+    return None
 
   traj = np.asarray([r["trajectory"] for r in results["runs"]], np.float64)
   x = np.arange(1, traj.shape[1] + 1)
@@ -44,20 +61,14 @@ def plot_trajectories(results: dict, path: str) -> str | None:
   ax.set_ylim(lo, (opt["best_val"] if opt else traj.max()) + 0.5)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_pareto(front: dict, path: str) -> str | None:
   """Every evaluated cell (grey) and the Pareto front (pooled over runs) in (cost, accuracy)."""
-  if not have_matplotlib():
+  plt = _pyplot()
+  if plt is None:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   objectives = front["objectives"]
   fig, axes = plt.subplots(1, len(objectives) - 1, figsize=(5.5 * (len(objectives) - 1), 4),
@@ -75,8 +86,4 @@ def plot_pareto(front: dict, path: str) -> str | None:
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
