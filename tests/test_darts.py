@@ -14,6 +14,15 @@ from jaxnas import runner
 from jaxnas.datasets import FASHION_MNIST_DIR
 from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
+# Compiling the supernet's programs dominates these tests (tens of seconds each at XLA's
+# default optimisation level, for programs that then run in milliseconds): the programs the
+# tests build themselves are compiled without XLA's expensive passes, as in test_zero_cost.py.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(f, *args):
+  return jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
+
 
 def _data(n=64, image=8, classes=3, seed=0):
   rng = np.random.default_rng(seed)
@@ -33,22 +42,26 @@ def test_mixed_hvp_matches_finite_differences():
   """In float64 (ReLU kinks make float32 central differences meaningless at small eps)."""
   darts = _tiny()
   data = _data()
-  state = darts.init(jax.random.PRNGKey(0), data)
+  key = jax.random.PRNGKey(0)
+  state = _compile(darts.init, key, data)(key, data)
   with jax.enable_x64(True):
     f64 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)
     params, stats, alpha = f64(state.params), f64(state.batch_stats), f64(state.alpha)
     x = (data.train_images[:8].astype(jnp.float64) / 255 - 0.5) / 0.25
     y = data.train_labels[:8]
-    v = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, jnp.float64),
-                     params)
-    hvp = darts.mixed_hvp(params, stats, alpha, state.key, state.step, x, y, v)
+    rng = np.random.default_rng(1)  # not jax.random: that compiles a sampler per shape
+    v = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float64), params)
+    args = (params, stats, alpha, state.key, state.step, x, y, v)
+    hvp = _compile(darts.mixed_hvp, *args)(*args)
 
     def grad_alpha(p):
       return jax.grad(lambda a: darts.losses(p, stats, a, state.key, state.step, x, y))(alpha)
 
     eps = 1e-6
-    fd = (grad_alpha(jax.tree.map(lambda p, d: p + eps * d, params, v))
-          - grad_alpha(jax.tree.map(lambda p, d: p - eps * d, params, v))) / (2 * eps)
+    plus = jax.tree.map(lambda p, d: p + eps * d, params, v)
+    minus = jax.tree.map(lambda p, d: p - eps * d, params, v)
+    grad_at = _compile(grad_alpha, plus)  # one program for both points
+    fd = (grad_at(plus) - grad_at(minus)) / (2 * eps)
     assert hvp.dtype == jnp.float64 and float(jnp.abs(hvp).max()) > 1e-2
     np.testing.assert_allclose(np.asarray(hvp), np.asarray(fd), rtol=1e-5,
                                atol=1e-6 * float(jnp.abs(fd).max()))
@@ -58,7 +71,8 @@ def test_second_order_alpha_gradient_is_the_exact_unrolled_gradient():
   """Adam's first update is lr * sign(g) (bias-corrected); compare the raw gradient instead."""
   darts = _tiny(order=2, alpha_weight_decay=0.0)
   data = _data()
-  state = darts.init(jax.random.PRNGKey(0), data)
+  key = jax.random.PRNGKey(0)
+  state = _compile(darts.init, key, data)(key, data)
   # Reproduce step 0's batches and compare g_alpha from the step with full autodiff
   # through the one-step unroll: d/dalpha L_val(w - xi dL_train/dw(w, alpha), alpha).
   from jaxnas.datasets import make_preprocess
@@ -76,14 +90,16 @@ def test_second_order_alpha_gradient_is_the_exact_unrolled_gradient():
     w1 = jax.tree.map(lambda p, gi: p - xi * gi, state.params, g)
     return darts.losses(w1, stats, a, k_g, state.step, xv, yv)
 
-  exact = jax.grad(unrolled_val)(state.alpha)
-  g_w = jax.grad(lambda p: darts.losses(p, stats, state.alpha, k_g, state.step, xt, yt))(
-      state.params)
-  w1 = jax.tree.map(lambda p, gi: p - xi * gi, state.params, g_w)
-  v, g_direct = jax.grad(lambda p, a: darts.losses(p, stats, a, k_g, state.step, xv, yv),
-                         argnums=(0, 1))(w1, state.alpha)
-  ours = g_direct - xi * darts.mixed_hvp(state.params, stats, state.alpha, k_g, state.step,
-                                          xt, yt, v)
+  def ours_of(params, alpha):
+    g_w = jax.grad(lambda p: darts.losses(p, stats, alpha, k_g, state.step, xt, yt))(params)
+    w1 = jax.tree.map(lambda p, gi: p - xi * gi, params, g_w)
+    v, g_direct = jax.grad(lambda p, a: darts.losses(p, stats, a, k_g, state.step, xv, yv),
+                           argnums=(0, 1))(w1, alpha)
+    return g_direct - xi * darts.mixed_hvp(params, stats, alpha, k_g, state.step, xt, yt, v)
+
+  # Two separately compiled programs: full autodiff through the unroll, and our formula.
+  exact = _compile(jax.grad(unrolled_val), state.alpha)(state.alpha)
+  ours = _compile(ours_of, state.params, state.alpha)(state.params, state.alpha)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(exact), rtol=1e-3, atol=1e-6)
 
 
@@ -93,13 +109,13 @@ def test_same_seed_same_alphas_and_vmap_over_seeds_equals_single_runs():
   # darts- differs from darts only in edge_weights' added constant; gdas adds sampling.
   for variant in ("darts", "gdas"):
     darts = _tiny(variant=variant)
-    run = jax.jit(jax.vmap(lambda k: darts.run_epoch(darts.init(k, data), data)))
+    run = _compile(jax.vmap(lambda k: darts.run_epoch(darts.init(k, data), data)), keys)
     a, ma = run(keys)
     b, _ = run(keys)
     np.testing.assert_array_equal(np.asarray(a.alpha), np.asarray(b.alpha))
     assert not np.array_equal(np.asarray(a.alpha[0]), np.asarray(a.alpha[1]))
     if variant == "darts":  # one unbatched compile is enough to pin vmap == single
-      s, m = jax.jit(lambda k: darts.run_epoch(darts.init(k, data), data))(keys[1])
+      s, m = _compile(lambda k: darts.run_epoch(darts.init(k, data), data), keys[1])(keys[1])
       np.testing.assert_allclose(np.asarray(s.alpha), np.asarray(a.alpha[1]), rtol=1e-5,
                                  atol=1e-6)
       assert np.asarray(m["arch"]).tolist() == np.asarray(ma["arch"][1]).tolist()

@@ -1,5 +1,6 @@
 """NB201 network with the architecture as data, its cost model, and population training."""
 
+import functools
 import os
 
 import chex
@@ -15,6 +16,14 @@ from jaxnas.models import train as train_lib
 from jaxnas.spaces import nb201_space
 
 ARCHS = [(3, 1, 2, 4, 0, 3), (0, 0, 0, 0, 0, 0), (1, 4, 2, 1, 3, 4)]
+# Programs the tests build themselves run in milliseconds and take far longer to compile at
+# XLA's default optimisation level: they are compiled without the expensive passes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(f, *args, static_argnums=()):
+  return jax.jit(f, static_argnums=static_argnums).lower(*args).compile(
+      compiler_options=FAST_COMPILE)
 
 
 def _net(**kw):
@@ -25,10 +34,13 @@ def _net(**kw):
 def test_arch_as_data_equals_specialised(op_impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 2))
   net = _net(op_impl=op_impl)
-  apply = jax.jit(lambda v, a, train: net.apply(v, x, a, train=train, mutable=["batch_stats"]),
-                  static_argnums=2)
   # One variable tree serves every cell: the arch-as-data net holds all ops.
-  v = jax.jit(net.init)(jax.random.PRNGKey(1), x, jnp.zeros(6, jnp.int32))
+  init_args = (jax.random.PRNGKey(1), x, jnp.zeros(6, jnp.int32))
+  v = _compile(net.init, *init_args)(*init_args)
+  f = lambda v, a, train: net.apply(v, x, a, train=train, mutable=["batch_stats"])
+  compiled = {train: _compile(f, v, init_args[2], train, static_argnums=2)
+              for train in (True, False)}
+  apply = lambda v, a, train: compiled[train](v, a)
   for arch in ARCHS:
     a = jnp.asarray(arch, jnp.int32)
     spec = net_lib.specialise(net, arch)
@@ -50,15 +62,23 @@ def test_conv_vjp_matches_autodiff():
   # (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too.
   for n, cin, h, k, stride in [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2),
                                (2, 8, 8, 3, 1), (8, 8, 8, 3, 1), (8, 8, 7, 3, 2), (8, 8, 6, 1, 2)]:
-    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, h + 1, cin))
-    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, 5))
+    # numpy draws: jax.random.normal would compile a sampler per shape (~1 s each).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, h + 1, cin), np.float32)
+    w = rng.standard_normal((k, k, cin, 5), np.float32)
     p = k // 2
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y, vjp_ref = jax.vjp(ref, x, w)
-    y2, vjp = jax.vjp(lambda x, w: net_lib.conv2d(x, w, stride), x, w)
-    g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-    chex.assert_trees_all_close((y2,) + vjp(g), (y,) + vjp_ref(g), atol=1e-4, rtol=1e-5)
+    ours = lambda x, w: net_lib.conv2d(x, w, stride)
+    g = rng.standard_normal(jax.eval_shape(ref, x, w).shape, np.float32)
+    expected, got = (_compile(functools.partial(_value_and_vjp, conv), x, w, g)(x, w, g)
+                     for conv in (ref, ours))
+    chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def _value_and_vjp(f, x, w, g):
+  y, vjp = jax.vjp(f, x, w)
+  return (y,) + vjp(g)
 
 
 def _jaxpr_macs(jaxpr):
