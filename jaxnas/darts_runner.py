@@ -25,23 +25,27 @@ from absl import logging
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
-from jaxnas.spaces import nb201_space
 from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
               "alpha_learning_rate": "alpha_lr"}
+# Cells of the DARTS-space supernet unless --cells says otherwise (DARTS itself: 8;
+# 5 = normal, reduce, normal, reduce, normal keeps a CPU search to minutes).
+DARTS_SPACE_CELLS = 5
 
 
 def build(config) -> tuple:
   """``(darts, data, dataset)`` of a SearchConfig with ``strategy="darts"``."""
   args = dict(config.evaluator_args)
   # DARTS splits the training set in halves: weights on one, alphas on the other.
+  if config.space == "darts":
+    args.setdefault("cells", DARTS_SPACE_CELLS)
   spec = ProxySpec(dataset=config.dataset, val_fraction=0.5, **args)
   ds, data = search_split(spec)
   n_train = int(data.train_labels.shape[0])
   kw = {DARTS_ARGS[k]: v for k, v in config.strategy_args}
-  dc = DartsConfig(epochs=max(1, math.ceil(spec.epochs)),
+  dc = DartsConfig(space=config.space, epochs=max(1, math.ceil(spec.epochs)),
                    steps_per_epoch=max(1, math.ceil(n_train / spec.batch_size)),
                    batch_size=spec.batch_size, channels=spec.channels, cells=spec.cells,
                    num_classes=ds.num_classes, w_lr=spec.learning_rate if "learning_rate" in args
@@ -70,7 +74,7 @@ def run(config, workdir: str, darts, data, write_json) -> dict:
     _truncate(metrics_path, epoch)
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
-  space = nb201_space()
+  space = darts.supernet.space
   run_epoch = jax.jit(jax.vmap(darts.run_epoch, in_axes=(0, None)))
   limit_s, last_s, stopped = config.max_hours * 3600.0, 0.0, None
   history = _read_history(metrics_path)
@@ -84,13 +88,13 @@ def run(config, workdir: str, darts, data, write_json) -> dict:
     epoch += 1
     last_s = time.time() - t0
     elapsed += last_s
-    alphas = np.asarray(jax.device_get(jax.nn.softmax(state.alpha)))
+    alphas = _softmax(state.alpha)
     line = {"step": epoch, "epoch": epoch,
             **{k: round(float(np.mean(m[k])), 6) for k in ("train_loss", "train_acc",
                                                               "val_loss", "val_acc")},
             "skip_count": round(float(np.mean(m["skip_count"])), 4),
-            "archs": [space.encode(a) for a in np.asarray(m["arch"])],
-            "alphas": np.round(alphas, 5).tolist(),
+            "archs": [space.encode(a) for a in _unstack(m["arch"], n)],
+            "alphas": _round(alphas, 5),
             "val_acc_per_seed": [round(float(v), 6) for v in m["val_acc"]]}
     history.append(line)
     if jax.process_index() == 0:
@@ -109,31 +113,49 @@ def run(config, workdir: str, darts, data, write_json) -> dict:
   return _results(config, darts, state, history, stopped)
 
 
+def _softmax(alpha):
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(jax.nn.softmax(a))), alpha)
+
+
+def _round(tree, digits):
+  return jax.tree.map(lambda a: np.round(a, digits).tolist(), tree)
+
+
+def _unstack(tree, n):
+  """Per-seed slices of a pytree with a leading seed axis."""
+  return [jax.tree.map(lambda a: np.asarray(a)[i], tree) for i in range(n)]
+
+
 def _results(config, darts, state, history, stopped) -> dict:
-  space = nb201_space()
-  table = load_table()
-  final = np.asarray(jax.device_get(jnp.argmax(state.alpha, -1)))
-  alphas = np.asarray(jax.device_get(jax.nn.softmax(state.alpha)))
+  supernet = darts.supernet
+  space = supernet.space
+  n = config.num_seeds
+  finals = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
+  alphas = _unstack(_softmax(state.alpha), n)
+  table = load_table() if space.name == "nb201" else None
   runs = []
-  for i in range(config.num_seeds):
-    arch = final[i].astype(np.int32)
-    rank = int(space.rank(jnp.asarray(arch)))
-    runs.append({"seed": config.seed + i, "best_arch": space.encode(arch),
-                 "best_score": history[-1]["val_acc_per_seed"][i] * 100.0 if history else 0.0,
-                 "trajectory": [round(h["val_acc_per_seed"][i] * 100.0, 6) for h in history],
-                 "skip_count": int(np.sum(arch == 1)),
-                 "alphas": np.round(alphas[i], 6).tolist(),
-                 # The derived cell is a NAS-Bench-201 cell: its 12-epoch CIFAR-10
-                 # test accuracy from the table is a free, search-independent reference.
-                 "nb201_cifar10_test12": round(float(table["test/cifar10"][rank]), 4)})
+  for i in range(n):
+    arch = jax.tree.map(lambda a: a.astype(np.int32), finals[i])
+    run = {"seed": config.seed + i, "best_arch": space.encode(arch),
+           "best_score": history[-1]["val_acc_per_seed"][i] * 100.0 if history else 0.0,
+           "trajectory": [round(h["val_acc_per_seed"][i] * 100.0, 6) for h in history],
+           "skip_count": int(supernet.skip_count(arch)),
+           "alphas": _round(alphas[i], 6)}
+    if table is not None:
+      # The derived cell is a NAS-Bench-201 cell: its 12-epoch CIFAR-10 test
+      # accuracy from the table is a free, search-independent reference.
+      rank = int(space.rank(space.to_vector(jnp.asarray(arch))))
+      run["nb201_cifar10_test12"] = round(float(table["test/cifar10"][rank]), 4)
+    runs.append(run)
   cells = [r["best_arch"] for r in runs]
   summary = {"best_score_mean": float(np.mean([r["best_score"] for r in runs])),
              "best_score_std": float(np.std([r["best_score"] for r in runs])),
              "skip_count_mean": float(np.mean([r["skip_count"] for r in runs])),
              "distinct_cells": len(set(cells)),
-             "best_run_seed": runs[int(np.argmax([r["best_score"] for r in runs]))]["seed"],
-             "nb201_cifar10_test12_mean": float(np.mean([r["nb201_cifar10_test12"]
-                                                        for r in runs]))}
+             "best_run_seed": runs[int(np.argmax([r["best_score"] for r in runs]))]["seed"]}
+  if table is not None:
+    summary["nb201_cifar10_test12_mean"] = float(np.mean([r["nb201_cifar10_test12"]
+                                                          for r in runs]))
   summary["best_arch"] = next(r["best_arch"] for r in runs
                               if r["seed"] == summary["best_run_seed"])
   return {"summary": summary, "runs": runs,

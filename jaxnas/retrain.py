@@ -29,9 +29,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxnas.datasets import DATASETS, DatasetError, load_dataset
-from jaxnas.models import TrainConfig, cost, make_data, make_train
+from jaxnas.models import TrainConfig, cost, fixed_genotype, make_data, make_train
 from jaxnas.models.train import make_network
-from jaxnas.spaces import nb201_space
+from jaxnas.spaces import darts_space, nb201_space
 from jaxnas.spaces.nb201 import OPS
 
 
@@ -59,8 +59,13 @@ def default_workdir(c: RetrainConfig) -> str:
                               f"-e{c.epochs:g}-s{c.seed}")
 
 
+def space_of(arch: str):
+  """The space an architecture string belongs to: DARTS genotypes read ``Genotype(...)``."""
+  return darts_space() if arch.lstrip().startswith("Genotype") else nb201_space()
+
+
 def _check(c: RetrainConfig):
-  space = nb201_space()
+  space = space_of(c.arch)
   try:
     arch = space.decode(c.arch)
   except ValueError as e:
@@ -94,12 +99,12 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
                        batch_size=c.batch_size, learning_rate=c.learning_rate,
                        weight_decay=c.weight_decay, channels=c.channels, cells=c.cells,
                        num_classes=ds.num_classes, augment=c.dataset.startswith("cifar"),
-                       plan="sequential_static", op_impl="switch")
+                       plan="sequential_static", op_impl="switch", space=space.name)
   # The test set takes the validation slot: it is scored once, never selected on.
   data = make_data(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, ds.mean,
                    ds.std)
-  ops = tuple(int(o) for o in np.asarray(arch))
-  train = jax.jit(make_train(config, fixed_arch=ops, return_variables=True))
+  fixed = _fixed(space, arch)
+  train = jax.jit(make_train(config, fixed_arch=fixed, return_variables=True))
   init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
   logging.info("retraining %s on %s: %d steps of batch %d (%g epochs)", c.arch, c.dataset,
                config.steps, c.batch_size, c.epochs)
@@ -110,9 +115,15 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
     raise RetrainError(f"training of {c.arch} diverged (non-finite loss); try a lower "
                        "--train_learning_rate")
   image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
-  params, flops = cost(arch, c.channels, c.cells, ds.num_classes, in_channels, image)
-  arch_json = {"arch": space.encode(arch), "ops": [OPS[o] for o in ops],
-               "network": "nb201", "channels": c.channels, "cells": c.cells,
+  if space.name == "nb201":
+    params, flops = cost(arch, c.channels, c.cells, ds.num_classes, in_channels, image)
+    ops = [OPS[o] for o in fixed]
+  else:
+    params, flops = measured_cost(make_network(config, fixed), out["variables"],
+                                  (1, image, image, in_channels))
+    ops = None
+  arch_json = {"arch": space.encode(arch), "ops": ops,
+               "network": space.name, "channels": c.channels, "cells": c.cells,
                "num_classes": ds.num_classes, "in_channels": int(in_channels),
                "image_size": int(image), "params": int(params), "flops": int(flops)}
   _write_json(os.path.join(workdir, "arch.json"), arch_json)
@@ -136,12 +147,35 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
+def _fixed(space, arch):
+  """The hashable ``fixed_arch`` of a decoded architecture."""
+  if space.name == "darts":
+    return fixed_genotype(arch)
+  return tuple(int(o) for o in np.asarray(arch))
+
+
+def measured_cost(net, variables, image_shape) -> tuple[int, int]:
+  """Trainable parameters (BN statistics excluded) and multiply-accumulates of one image.
+
+  The FLOPs are XLA's cost analysis of the inference forward pass, halved
+  (XLA counts a multiply-add as 2) to match NAS-Bench-201's MAC convention;
+  unlike ``cost`` this includes BN, pooling and elementwise work.
+  """
+  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+  x = jax.ShapeDtypeStruct(image_shape, np.float32)
+  compiled = jax.jit(lambda v, x: net.apply(v, x, None, train=False)).lower(variables,
+                                                                             x).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return params, int(float(analysis.get("flops", 0.0)) // 2)
+
+
 def network_of(arch_json: dict):
   """The specialised flax module described by an ``arch.json``."""
-  ops = tuple(nb201_space().to_vector(nb201_space().decode(arch_json["arch"])).tolist())
+  space = space_of(arch_json["arch"])
   config = TrainConfig(channels=arch_json["channels"], cells=arch_json["cells"],
-                       num_classes=arch_json["num_classes"], op_impl="switch")
-  return make_network(config, fixed_arch=ops)
+                       num_classes=arch_json["num_classes"], op_impl="switch", space=space.name)
+  return make_network(config, fixed_arch=_fixed(space, space.decode(arch_json["arch"])))
 
 
 def load_variables(workdir: str) -> dict:
@@ -152,7 +186,8 @@ def load_variables(workdir: str) -> dict:
 
 def run_from_flags(flags) -> dict:
   if flags.arch is None:
-    raise RetrainError("--mode=retrain needs --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'")
+    raise RetrainError("--mode=retrain needs --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' "
+                       "(NAS-Bench-201) or --arch=\"Genotype(normal=[...], ...)\" (DARTS)")
   dataset = flags.dataset or "fashion_mnist"
   if dataset not in DATASETS:
     raise RetrainError(f"unknown dataset {dataset!r} for retrain; choose one of "

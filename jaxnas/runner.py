@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from typing import Any
@@ -47,6 +48,7 @@ TRAIN_DATASETS = tuple(_DATASETS)
 HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 # Strategies with their own host loop (not init/ask/tell): Hyperband and DARTS.
 HOST_STRATEGIES = ("hyperband", "darts")
+SPACES = ("nb201", "darts")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
@@ -73,6 +75,7 @@ class SearchConfig:
   objectives: tuple = ("accuracy",)  # more than one: a Pareto front is saved (pareto.json)
   prefilter: str = ""  # a zero-cost proxy: keep the best 1/prefilter_factor of the proposals
   prefilter_factor: int = 4
+  space: str = "nb201"  # "darts": the DARTS cell space (--strategy=darts only, for now)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -85,12 +88,18 @@ class SearchConfig:
 def default_workdir(c: SearchConfig) -> str:
   args = "".join(f"-{k}{v}" for k, v in c.strategy_args + c.evaluator_args
                  if k not in ("data_dir", "plan"))
-  return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{args}"
+  space = "" if c.space == "nb201" else f"-{c.space}"
+  return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{space}{args}"
                               f"-b{c.budget}-n{c.num_seeds}-s{c.seed}")
 
 
 def validate(c: SearchConfig) -> None:
   """Checks a config at the edge; raises UserError with one clear line."""
+  if c.space not in SPACES:
+    raise UserError(f"unknown space {c.space!r}; choose one of {', '.join(SPACES)}")
+  if c.space != "nb201" and c.strategy != "darts":
+    raise UserError(f"--space={c.space} is searched by --strategy=darts only (the other "
+                    "strategies and evaluators work on the NAS-Bench-201 space)")
   if c.evaluator not in EVALUATORS:
     raise UserError(f"unknown evaluator {c.evaluator!r}; choose one of {', '.join(EVALUATORS)}")
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
@@ -492,7 +501,10 @@ def collect_front(search, config: SearchConfig, state) -> dict:
 def retrain_command(config: SearchConfig, arch: str) -> str:
   """The CLI line that retrains ``arch`` from scratch on the search's data and network size."""
   args = dict(config.evaluator_args)
-  parts = ["python -m jaxnas.main --mode=retrain", f"--arch='{arch}'", f"--dataset={config.dataset}"]
+  if config.space == "darts":
+    args.setdefault("cells", darts_runner.DARTS_SPACE_CELLS)
+  parts = ["python -m jaxnas.main --mode=retrain", f"--arch={shlex.quote(arch)}",
+           f"--dataset={config.dataset}"]
   for k in ("data_dir", "channels", "cells"):
     if k in args:
       parts.append(f"--{k}={args[k]}")

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from jaxnas.datasets.loaders import make_preprocess
+from jaxnas.models.darts_net import DartsNetwork
 from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
 
 PLANS = ("map", "vmap", "sequential", "sequential_static")
@@ -65,6 +66,7 @@ class TrainConfig(NamedTuple):
   plan: str = "auto"
   op_impl: str = "auto"
   map_batch: int = 1
+  space: str = "nb201"  # "darts": DartsNetwork with ``cells`` cells in all
 
 
 class TrainData(NamedTuple):
@@ -109,7 +111,12 @@ def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig
   return config._replace(plan=plan, op_impl=op_impl)
 
 
-def make_network(config: TrainConfig, fixed_arch=None) -> NB201Network:
+def make_network(config: TrainConfig, fixed_arch=None):
+  """The network trained under ``config`` (``fixed_arch``: the specialised one)."""
+  if config.space == "darts":
+    return DartsNetwork(channels=config.channels, layers=config.cells,
+                        num_classes=config.num_classes, cell="discrete", fixed_arch=fixed_arch,
+                        bn_momentum=config.bn_momentum)
   return NB201Network(channels=config.channels, cells=config.cells,
                       num_classes=config.num_classes,
                       op_impl=config.op_impl if config.op_impl != "auto" else "switch",

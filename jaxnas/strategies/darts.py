@@ -1,4 +1,4 @@
-"""Gradient-based NAS on the NAS-Bench-201 supernet: DARTS, GDAS and DARTS-.
+"""Gradient-based NAS on a supernet: DARTS, GDAS and DARTS-, in the NAS-Bench-201 or DARTS space.
 
 Pure functions on one explicit state pytree (``DartsState``: weights, BN
 statistics, architecture logits ``alpha``, both optax states, the PRNG key and
@@ -30,7 +30,13 @@ Variants (``variant``):
   edge, so the skip op no longer needs a large weight to let gradients through
   (the cause of skip collapse); the derived cell is read from ``alpha`` alone.
 
-Discretisation: the argmax op of every edge (NAS-Bench-201).
+Spaces (``space``): ``"nb201"`` uses ``NB201SuperNet`` with ``alpha``
+``float[6, 5]``; ``"darts"`` the DARTS search network (``DartsNetwork(cell=
+"mixed")``, ``cells`` cells in all) with ``alpha`` ``{"normal": float[14, 8],
+"reduce": float[14, 8]}``. Everything below treats ``alpha`` as a pytree.
+
+Discretisation: the argmax op of every edge (NAS-Bench-201); per node the two
+strongest inputs, each with its best non-``none`` op (DARTS space).
 """
 
 from __future__ import annotations
@@ -43,15 +49,49 @@ import optax
 from flax import struct
 
 from jaxnas.datasets import make_preprocess
+from jaxnas.models.darts_net import DartsNetwork, derive_darts
+from jaxnas.models.darts_net import NUM_EDGES as DARTS_EDGES
 from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
+from jaxnas.spaces import darts as darts_lib
+from jaxnas.spaces import darts_space, nb201_space
+from jaxnas.spaces.base import Space
 from jaxnas.spaces.nb201 import OPS
 
 VARIANTS = ("darts", "gdas", "darts-")
+SPACES = ("nb201", "darts")
 SKIP = OPS.index("skip_connect")
+
+
+class SuperNet(NamedTuple):
+  """A space's supernet and how its ``alpha`` pytree maps to a cell."""
+  space: Space
+  net: object                # flax module: __call__(images, edge weights, train)
+  alpha_shapes: object       # pytree of shapes of alpha
+  skip: int                  # index of skip_connect among the space's ops
+  derive: Callable           # alpha -> architecture pytree (jittable)
+  skip_count: Callable       # architecture -> number of skip connections (normal cell)
+
+
+def supernet_of(space: str, channels: int, cells: int, num_classes: int,
+                remat: bool = False) -> SuperNet:
+  if space == "nb201":
+    net = NB201SuperNet(channels=channels, cells=cells, num_classes=num_classes, remat=remat)
+    return SuperNet(nb201_space(), net, (NUM_EDGES, NUM_OPS), SKIP, derive_nb201,
+                    lambda arch: jnp.sum(arch == SKIP))
+  if space == "darts":
+    net = DartsNetwork(channels=channels, layers=cells, num_classes=num_classes, cell="mixed",
+                       affine=False, remat=remat)
+    n_ops = len(darts_lib.OPS)
+    skip = darts_lib.OPS.index("skip_connect")
+    return SuperNet(darts_space(), net, {"normal": (DARTS_EDGES, n_ops),
+                                         "reduce": (DARTS_EDGES, n_ops)}, skip, derive_darts,
+                    lambda arch: jnp.sum(arch.normal_ops == skip))
+  raise ValueError(f"unknown DARTS space {space!r}; choose one of {', '.join(SPACES)}")
 
 
 class DartsConfig(NamedTuple):
   variant: str = "darts"
+  space: str = "nb201"
   order: int = 1
   epochs: int = 10
   steps_per_epoch: int = 50
@@ -74,7 +114,7 @@ class DartsConfig(NamedTuple):
 class DartsState:
   params: dict
   batch_stats: dict
-  alpha: jax.Array        # float32[6, 5] architecture logits
+  alpha: jax.Array        # architecture logits: float32[6, 5] or a dict (DARTS space)
   w_opt: optax.OptState
   alpha_opt: optax.OptState
   key: jax.Array          # uint32[2], root key of this search
@@ -93,7 +133,7 @@ class DartsData(NamedTuple):
 
 class Darts(NamedTuple):
   config: DartsConfig
-  net: NB201SuperNet
+  supernet: SuperNet
   init: Callable
   step: Callable
   run_epoch: Callable
@@ -107,6 +147,8 @@ def check_config(c: DartsConfig) -> None:
     raise ValueError(f"unknown DARTS variant {c.variant!r}; choose one of {', '.join(VARIANTS)}")
   if c.order not in (1, 2):
     raise ValueError(f"DARTS order must be 1 or 2, got {c.order}")
+  if c.space not in SPACES:
+    raise ValueError(f"unknown DARTS space {c.space!r}; choose one of {', '.join(SPACES)}")
   if c.variant == "gdas" and c.order != 1:
     raise ValueError("GDAS is first order (its architecture gradient is a straight-through "
                      "estimate); use --darts_order=1")
@@ -117,8 +159,8 @@ def check_config(c: DartsConfig) -> None:
 
 def make_darts(c: DartsConfig) -> Darts:
   check_config(c)
-  net = NB201SuperNet(channels=c.channels, cells=c.cells, num_classes=c.num_classes,
-                      remat=c.remat)
+  supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat)
+  net = supernet.net
   total = c.epochs * c.steps_per_epoch
   w_tx = optax.chain(optax.clip_by_global_norm(c.w_grad_clip),
                      optax.add_decayed_weights(c.w_weight_decay),
@@ -128,21 +170,28 @@ def make_darts(c: DartsConfig) -> Darts:
                      optax.adam(c.alpha_lr, b1=0.5, b2=0.999))
   w_schedule = optax.cosine_decay_schedule(c.w_lr, total, alpha=0.001 / c.w_lr)
 
-  def edge_weights(alpha, key, step):
-    """The ``[6, 5]`` op weights the supernet uses at ``step``."""
-    progress = step.astype(jnp.float32) / max(total - 1, 1)
+  def cell_weights(alpha, key, progress):
+    n_ops = alpha.shape[-1]
     if c.variant == "gdas":
       tau = c.tau_max - (c.tau_max - c.tau_min) * progress
       gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, alpha.shape, minval=1e-10,
                                                     maxval=1.0)))
       soft = jax.nn.softmax((jax.nn.log_softmax(alpha) + gumbel) / tau)
-      hard = jax.nn.one_hot(jnp.argmax(soft, -1), NUM_OPS, dtype=soft.dtype)
+      hard = jax.nn.one_hot(jnp.argmax(soft, -1), n_ops, dtype=soft.dtype)
       return hard - jax.lax.stop_gradient(soft) + soft
     w = jax.nn.softmax(alpha)
     if c.variant == "darts-":
       beta = 1.0 - progress
-      w = w + beta * jax.nn.one_hot(SKIP, NUM_OPS, dtype=w.dtype)
+      w = w + beta * jax.nn.one_hot(supernet.skip, n_ops, dtype=w.dtype)
     return w
+
+  def edge_weights(alpha, key, step):
+    """The op weights (same pytree as ``alpha``) the supernet uses at ``step``."""
+    progress = step.astype(jnp.float32) / max(total - 1, 1)
+    leaves, treedef = jax.tree.flatten(alpha)
+    keys = [key if i == 0 else jax.random.fold_in(key, i) for i in range(len(leaves))]
+    return jax.tree.unflatten(treedef, [cell_weights(a, k, progress)
+                                        for a, k in zip(leaves, keys)])
 
   def loss_fn(params, stats, weights, x, y):
     logits, new = net.apply({"params": params, "batch_stats": stats}, x, weights, train=True,
@@ -172,8 +221,13 @@ def make_darts(c: DartsConfig) -> Darts:
   def init(key, data: DartsData):
     k_init, k_alpha = jax.random.split(jax.random.fold_in(key, 0x7FFFFFFF))
     dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-    variables = net.init(k_init, dummy, jnp.full((NUM_EDGES, NUM_OPS), 1.0 / NUM_OPS), False)
-    alpha = 1e-3 * jax.random.normal(k_alpha, (NUM_EDGES, NUM_OPS))
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    shapes, treedef = jax.tree.flatten(supernet.alpha_shapes, is_leaf=is_shape)
+    uniform = jax.tree.unflatten(treedef, [jnp.full(s, 1.0 / s[-1]) for s in shapes])
+    variables = net.init(k_init, dummy, uniform, False)
+    alpha = jax.tree.unflatten(treedef, [
+        1e-3 * jax.random.normal(k_alpha if i == 0 else jax.random.fold_in(k_alpha, i), s)
+        for i, s in enumerate(shapes)])
     params = variables["params"]
     return DartsState(params=params, batch_stats=variables["batch_stats"], alpha=alpha,
                       w_opt=w_tx.init(params), alpha_opt=a_tx.init(alpha), key=key,
@@ -204,7 +258,7 @@ def make_darts(c: DartsConfig) -> Darts:
       (l_val, (_, val_acc)), (v, g_direct) = jax.value_and_grad(
           val_loss, argnums=(0, 1), has_aux=True)(unrolled, alpha)
       hvp = mixed_hvp(params, stats, alpha, k_g, state.step, xt, yt, v)
-      g_alpha = g_direct - xi * hvp
+      g_alpha = jax.tree.map(lambda d, h: d - xi * h, g_direct, hvp)
     a_updates, alpha_opt = a_tx.update(g_alpha, state.alpha_opt, alpha)
     alpha = optax.apply_updates(alpha, a_updates)
 
@@ -223,8 +277,8 @@ def make_darts(c: DartsConfig) -> Darts:
     state, metrics = jax.lax.scan(lambda s, _: step(s, data), state, None,
                                   length=c.steps_per_epoch)
     metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["arch"] = derive_nb201(state.alpha)
-    metrics["skip_count"] = jnp.sum(metrics["arch"] == SKIP)
+    metrics["arch"] = supernet.derive(state.alpha)
+    metrics["skip_count"] = supernet.skip_count(metrics["arch"])
     return state, metrics
 
-  return Darts(c, net, init, step, run_epoch, edge_weights, mixed_hvp, losses)
+  return Darts(c, supernet, init, step, run_epoch, edge_weights, mixed_hvp, losses)

@@ -1,0 +1,531 @@
+"""Networks of the DARTS space (Liu, Simonyan & Yang, ICLR 2019), with the architecture as data.
+
+Macro skeleton, as in the DARTS code base: a 3x3 conv + BN stem with
+``3C`` channels, then ``layers`` cells; the cells at ``layers // 3`` and
+``2 * layers // 3`` are reduction cells (stride 2, channels doubled), the rest
+normal cells; then global average pooling and a linear classifier. A cell
+preprocesses its two inputs (outputs of the previous two cells) to ``C``
+channels (``FactorizedReduce`` when the previous cell reduced, else
+ReLU-Conv1x1-BN), computes 4 intermediate nodes and concatenates them
+(``4C`` channels out). The ops (DARTS' ``operations.py``): ``none``,
+3x3 max and average pooling (``count_include_pad=False``), ``skip_connect``
+(``FactorizedReduce`` when strided), separable convs (twice
+ReLU-depthwise-pointwise-BN) and dilated separable convs (dilation 2).
+
+Two cells, one skeleton (``DartsNetwork(cell=...)``):
+
+* ``"discrete"``: the architecture is a ``DartsArch`` *input* (jaxnas.spaces.darts):
+  each of the 8 (node, slot) pairs picks its input node and its op from data.
+  Parameters live per slot (one set per op), as in DARTS' evaluation network
+  where each chosen (input, op) pair owns its weights; the input is selected
+  with ``lax.select_n`` and the op with ``nn.switch``, so with an unbatched
+  architecture (one candidate at a time, ``lax.map``) only the chosen op runs,
+  and one compiled program trains any genotype. ``fixed_arch`` builds the
+  specialised network of one genotype (only its ops exist, same parameter
+  names) for retraining and export.
+* ``"mixed"``: the DARTS supernet. Every one of the 14 (node, input) edges is a
+  mixture ``sum_k w[e, k] * op_k(x)`` of the 8 ops; ``__call__`` takes
+  ``{"normal": float[14, 8], "reduce": float[14, 8]}`` op weights (DARTS:
+  softmax(alpha); GDAS: a straight-through one-hot sample). As in DARTS' search
+  network, BN in the ops is not affine and pooling is followed by a BN.
+  ``remat=True`` recomputes each mixed edge in the backward pass
+  (``jax.checkpoint``) instead of storing its 8 ops' activations.
+
+Edge order of the supernet: node ``i`` (0..3) has edges ``offset(i) + j`` for
+inputs ``j = 0..i+1``, ``offset = 0, 2, 5, 9`` (DARTS' order).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas.models.nb201_net import conv2d, conv_init
+from jaxnas.spaces.darts import NUM_NODES, OPS, DartsArch
+
+CELLS = ("discrete", "mixed")
+NONE, MAX_POOL, AVG_POOL, SKIP, SEP3, SEP5, DIL3, DIL5 = range(len(OPS))
+NUM_OPS = len(OPS)
+OFFSETS = tuple(sum(n + 2 for n in range(i)) for i in range(NUM_NODES))  # 0, 2, 5, 9
+NUM_EDGES = OFFSETS[-1] + NUM_NODES + 1  # 14
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def edge_index(node: int, source: int) -> int:
+  """The supernet edge of intermediate node ``node`` (0..3) from input ``source``."""
+  return OFFSETS[node] + source
+
+
+def pointwise(x, kernel):
+  """A 1x1 conv (``kernel`` ``[1, 1, Cin, Cout]``) as a matmul over pixels (a batched
+  matmul under ``vmap`` over members, where a conv would become a grouped conv)."""
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+
+def _depthwise_geometry(x, kernel, stride, dilation):
+  k = kernel.shape[0]
+  p = dilation * (k // 2)
+  ho = (x.shape[1] + 2 * p - dilation * (k - 1) - 1) // stride + 1
+  wo = (x.shape[2] + 2 * p - dilation * (k - 1) - 1) // stride + 1
+  ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+  taps = (jnp.asarray(ii.reshape(-1) * dilation), jnp.asarray(jj.reshape(-1) * dilation),
+          kernel.reshape(k * k, -1))
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  window = (xp.shape[0], (ho - 1) * stride + 1, (wo - 1) * stride + 1, xp.shape[3])
+  return p, xp, taps, window
+
+
+def depthwise(x, kernel, stride: int, dilation: int = 1):
+  """Depthwise NHWC conv (``kernel`` ``[k, k, 1, C]``), PyTorch padding ``dilation * (k // 2)``.
+
+  On CPU ``depthwise_taps``, elsewhere XLA's grouped convolution
+  (``depthwise_reference``), which cuDNN and the TPU compiler run natively.
+  """
+  if jax.default_backend() == "cpu":
+    return depthwise_taps(x, kernel, stride, dilation)
+  return depthwise_reference(x, kernel, stride, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_taps(x, kernel, stride: int, dilation: int = 1):
+  """Depthwise conv as a ``lax.scan`` over the ``k*k`` taps, each a window of the padded input
+  times a per-channel weight, with a hand-written VJP (two more tap scans)
+  that keeps only ``x`` and the kernel for the backward pass. XLA:CPU runs a
+  depthwise (``feature_group_count=C``) convolution as a slow generic loop:
+  on 32x28x28x4 the taps are 2.5-5x faster forward + backward (sep_conv_5x5:
+  48 ms vs 19 ms). Unrolled taps are as fast but multiply compile time (a
+  3-cell supernet step: 530 s vs 140 s); autodiff of the scan would store
+  every tap's window (1.5 GB for that step).
+  """
+  _, xp, taps, window = _depthwise_geometry(x, kernel, stride, dilation)
+
+  def tap(acc, t):
+    i, j, w = t
+    win = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
+    return acc + win[:, ::stride, ::stride, :] * w, None
+
+  out = jnp.zeros((window[0], (window[1] - 1) // stride + 1, (window[2] - 1) // stride + 1,
+                   window[3]), x.dtype)
+  return jax.lax.scan(tap, out, taps)[0]
+
+
+def _depthwise_fwd(x, kernel, stride, dilation):
+  return depthwise_taps(x, kernel, stride, dilation), (x, kernel)
+
+
+def _depthwise_bwd(stride, dilation, res, g):
+  x, kernel = res
+  p, xp, taps, window = _depthwise_geometry(x, kernel, stride, dilation)
+  # g spread back onto the stride grid of a window (zeros between samples).
+  g_up = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, stride - 1),
+                                                  (0, 0, stride - 1), (0, 0, 0)))
+
+  def tap(dxp, t):
+    i, j, w = t
+    win = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
+    dw = jnp.sum(win[:, ::stride, ::stride, :] * g, axis=(0, 1, 2))
+    cur = jax.lax.dynamic_slice(dxp, (0, i, j, 0), window)
+    return jax.lax.dynamic_update_slice(dxp, cur + g_up * w, (0, i, j, 0)), dw
+
+  dxp, dws = jax.lax.scan(tap, jnp.zeros_like(xp), taps)
+  dx = dxp[:, p:p + x.shape[1], p:p + x.shape[2], :]
+  return dx, dws.reshape(kernel.shape)
+
+
+depthwise_taps.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_reference(x, kernel, stride: int, dilation: int = 1):
+  """``depthwise`` as XLA's grouped convolution (the reference it is tested against)."""
+  p = dilation * (kernel.shape[0] // 2)
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
+                                      rhs_dilation=(dilation, dilation), dimension_numbers=_DN,
+                                      feature_group_count=x.shape[-1])
+
+
+def _pool_counts(h: int, w: int, stride: int) -> np.ndarray:
+  """Real (non-padding) pixels under each 3x3 window (padding 1) at ``stride``."""
+  def counts(n):
+    o = np.arange((n - 1) // stride + 1) * stride
+    return np.minimum(o + 1, n - 1) - np.maximum(o - 1, 0) + 1
+  return (counts(h)[:, None] * counts(w)[None, :]).astype(np.float32)
+
+
+def avg_pool_3x3(x, stride: int):
+  """3x3 average pool, padding 1, ``count_include_pad=False`` (divisor a numpy constant)."""
+  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
+                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+  inv = 1.0 / _pool_counts(x.shape[1], x.shape[2], stride)
+  return s * jnp.asarray(inv[None, :, :, None], x.dtype)
+
+
+def max_pool_3x3(x, stride: int):
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
+                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def zeros(x, stride: int):
+  """The ``none`` op: zeros at the output resolution."""
+  return jnp.zeros_like(x[:, ::stride, ::stride, :])
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-default BN (momentum 0.1 there = 0.9 here, eps 1e-5), optionally without scale/bias."""
+  affine: bool = True
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
+                        use_scale=self.affine, use_bias=self.affine, name="bn")(x)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> Conv1x1 -> BN (the cells' input preprocessing)."""
+  features: int
+  affine: bool = True
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    k = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features))
+    return BatchNorm(self.affine, self.bn_momentum, name="norm")(
+        pointwise(nn.relu(x), k), train)
+
+
+class FactorizedReduce(nn.Module):
+  """ReLU, two stride-2 1x1 convs on pixel grids offset by one, concatenated, BN.
+
+  The offset grid is zero-padded at the far edge, so odd sizes (28 -> 14 -> 7
+  for Fashion-MNIST) reduce like the other ops (``ceil(H / 2)``); for even
+  sizes this is exactly DARTS' ``FactorizedReduce``.
+  """
+  features: int
+  affine: bool = True
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c_in, half = x.shape[-1], self.features // 2
+    k1 = self.param("kernel_1", conv_init, (1, 1, c_in, half))
+    k2 = self.param("kernel_2", conv_init, (1, 1, c_in, self.features - half))
+    x = nn.relu(x)
+    shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+    y = jnp.concatenate([pointwise(x[:, ::2, ::2], k1), pointwise(shifted[:, ::2, ::2], k2)],
+                        axis=-1)
+    return BatchNorm(self.affine, self.bn_momentum, name="norm")(y, train)
+
+
+class SepConv(nn.Module):
+  """DARTS' ``SepConv`` (``dilation=1``, applied twice) or ``DilConv`` (``dilation=2``, once).
+
+  One stage is ReLU -> depthwise kxk (stride, dilation) -> pointwise 1x1 -> BN;
+  the stride applies in the first stage only.
+  """
+  features: int
+  kernel_size: int
+  dilation: int = 1
+  affine: bool = True
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, stride: int, train: bool):
+    k, c = self.kernel_size, self.features
+    stages = 2 if self.dilation == 1 else 1
+    for s in range(stages):
+      dw = self.param(f"depthwise_{s}", conv_init, (k, k, 1, x.shape[-1]))
+      pw = self.param(f"pointwise_{s}", conv_init, (1, 1, x.shape[-1], c))
+      x = depthwise(nn.relu(x), dw, stride if s == 0 else 1, self.dilation)
+      x = BatchNorm(self.affine, self.bn_momentum, name=f"norm_{s}")(pointwise(x, pw),
+                                                                     train)
+    return x
+
+
+class OpSet(nn.Module):
+  """The 8 DARTS ops on one edge or slot; ``apply(k, x, stride, train)`` runs op ``k``.
+
+  ``only`` (a Python int) builds the one op of a specialised network.
+  ``strides`` lists the strides this module is used with: the strided
+  ``skip_connect`` is a ``FactorizedReduce`` with weights, the unstrided one
+  the identity.
+  """
+  features: int
+  strides: tuple[int, ...] = (1,)
+  affine: bool = True
+  pool_bn: bool = False
+  only: int | None = None
+  bn_momentum: float = 0.9
+
+  def setup(self):
+    want = lambda k: self.only is None or self.only == k
+    c, a, m = self.features, self.affine, self.bn_momentum
+    if self.pool_bn:
+      if want(MAX_POOL):
+        self.max_pool_3x3 = BatchNorm(False, m)
+      if want(AVG_POOL):
+        self.avg_pool_3x3 = BatchNorm(False, m)
+    if want(SKIP) and 2 in self.strides:
+      self.skip_connect = FactorizedReduce(c, a, m)
+    if want(SEP3):
+      self.sep_conv_3x3 = SepConv(c, 3, 1, a, m)
+    if want(SEP5):
+      self.sep_conv_5x5 = SepConv(c, 5, 1, a, m)
+    if want(DIL3):
+      self.dil_conv_3x3 = SepConv(c, 3, 2, a, m)
+    if want(DIL5):
+      self.dil_conv_5x5 = SepConv(c, 5, 2, a, m)
+
+  def apply_op(self, k: int, x, stride: int, train: bool):
+    if k == NONE:
+      return zeros(x, stride)
+    if k in (MAX_POOL, AVG_POOL):
+      y = (max_pool_3x3 if k == MAX_POOL else avg_pool_3x3)(x, stride)
+      return getattr(self, OPS[k])(y, train) if self.pool_bn else y
+    if k == SKIP:
+      return x if stride == 1 else self.skip_connect(x, train)
+    return getattr(self, OPS[k])(x, stride, train)
+
+  def __call__(self, x, weights, stride: int, train: bool):
+    """``sum_k weights[k] * op_k(x)`` (``none`` adds nothing): DARTS' ``MixedOp``."""
+    return sum(weights[k] * self.apply_op(k, x, stride, train) for k in range(1, NUM_OPS))
+
+
+class Slot(nn.Module):
+  """One (node, slot) of a discrete cell: op ``op`` of an input chosen by data.
+
+  ``x`` is the chosen input when it needs stride 1, ``x_strided`` the chosen
+  input when it needs stride 2 (the cell inputs of a reduction cell);
+  ``strided`` (bool, data) says which one applies.
+  """
+  features: int
+  strides: tuple[int, ...]
+  affine: bool = True
+  fixed: tuple[int, int] | None = None  # (stride, op) of a specialised network
+  bn_momentum: float = 0.9
+
+  def setup(self):
+    only = None if self.fixed is None else self.fixed[1]
+    strides = self.strides if self.fixed is None else (self.fixed[0],)
+    self.ops = OpSet(self.features, strides, self.affine, False, only, self.bn_momentum)
+
+  def __call__(self, x, x_strided, op, strided, train: bool):
+    if self.fixed is not None:
+      stride, k = self.fixed
+      return self.ops.apply_op(k, x_strided if stride == 2 else x, stride, train)
+    branches = []
+    for stride in self.strides:
+      for k in range(NUM_OPS):
+        branches.append(lambda m, x, xs, k=k, s=stride:
+                        m.ops.apply_op(k, xs if s == 2 else x, s, train))
+    if self.is_initializing():
+      for b in branches:  # every op's variables exist, so all branches share one structure
+        b(self, x, x_strided)
+    index = op
+    if len(self.strides) == 2:
+      index = op + NUM_OPS * jnp.asarray(strided, jnp.int32)  # strides == (1, 2)
+    elif self.strides == (2,):
+      x = x_strided
+    return nn.switch(index, branches, self, x, x_strided)
+
+
+def _preprocess(features, reduction_prev, affine, m, s0, s1, train):
+  pre0 = (FactorizedReduce if reduction_prev else ReLUConvBN)(features, affine, m, name="pre0")
+  return pre0(s0, train), ReLUConvBN(features, affine, m, name="pre1")(s1, train)
+
+
+class DiscreteCell(nn.Module):
+  """A DARTS cell whose genotype (``ops``, ``inputs``: int32[8]) is data, or ``fixed``."""
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  affine: bool = True
+  fixed: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (ops, inputs)
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, s0, s1, genotype, train: bool):
+    s0, s1 = _preprocess(self.features, self.reduction_prev, self.affine, self.bn_momentum, s0,
+                         s1, train)
+    states = [s0, s1]
+    for i in range(NUM_NODES):
+      node = 0
+      for slot in range(2):
+        e = 2 * i + slot
+        fixed = None
+        if self.fixed is not None:
+          src, op = self.fixed[1][e], self.fixed[0][e]
+          fixed = (2 if self.reduction and src < 2 else 1, op)
+          x, xs = states[src], states[src]
+        else:
+          op, src = genotype[0][e], genotype[1][e]
+          pick = lambda cands, idx: (cands[0] if len(cands) == 1 else
+                                     jax.lax.select_n(jnp.clip(idx, 0, len(cands) - 1), *cands))
+          if self.reduction:
+            xs = pick(states[:2], src)
+            x = pick(states[2:], src - 2) if i else None
+          else:
+            x, xs = pick(states, src), None
+        strides = ((2,) if i == 0 else (1, 2)) if self.reduction else (1,)
+        strided = None if self.fixed is not None else src < 2
+        node = node + Slot(self.features, strides, self.affine, fixed, self.bn_momentum,
+                           name=f"node{i}_{slot}")(x, xs, op, strided, train)
+      states.append(node)
+    return jnp.concatenate(states[2:], axis=-1)
+
+
+class MixedCell(nn.Module):
+  """A DARTS search cell: every edge mixes all ops with weights ``float[14, 8]``."""
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  affine: bool = False
+  remat: bool = False
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, s0, s1, weights, train: bool):
+    s0, s1 = _preprocess(self.features, self.reduction_prev, self.affine, self.bn_momentum, s0,
+                         s1, train)
+    edge_cls = nn.remat(OpSet, static_argnums=(3, 4)) if self.remat else OpSet
+    states = [s0, s1]
+    for i in range(NUM_NODES):
+      node = 0
+      for src, h in enumerate(states):
+        stride = 2 if self.reduction and src < 2 else 1
+        e = edge_index(i, src)
+        edge = edge_cls(self.features, (stride,), self.affine, True, None, self.bn_momentum,
+                        name=f"edge{e}")
+        node = node + edge(h, weights[e], stride, train)
+      states.append(node)
+    return jnp.concatenate(states[2:], axis=-1)
+
+
+def is_reduction(layer: int, layers: int) -> bool:
+  return layer in (layers // 3, 2 * layers // 3)
+
+
+class DartsNetwork(nn.Module):
+  """DARTS-space network; ``__call__(images, choice, train)``.
+
+  ``choice`` is a ``DartsArch`` for ``cell="discrete"`` (ignored with
+  ``fixed_arch``) or ``{"normal": w, "reduce": w}`` op weights ``float[14, 8]``
+  for ``cell="mixed"``.
+
+  Attributes:
+    channels: C, the width of the first cells (DARTS search: 16, evaluation: 36).
+    layers: number of cells (DARTS search: 8, evaluation: 20).
+    num_classes: classifier outputs.
+    cell: ``"discrete"`` or ``"mixed"``.
+    fixed_arch: ``(normal_ops, normal_inputs, reduce_ops, reduce_inputs)`` Python
+      tuples for the specialised network of one genotype.
+    affine: BN with scale and bias in the ops (False in the DARTS supernet).
+    remat: rematerialise mixed edges in the backward pass.
+    stem_multiplier: the stem has ``stem_multiplier * C`` channels (DARTS: 3).
+  """
+  channels: int = 16
+  layers: int = 8
+  num_classes: int = 10
+  cell: str = "discrete"
+  fixed_arch: Any = None
+  affine: bool = True
+  remat: bool = False
+  stem_multiplier: int = 3
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, images, choice=None, train: bool = False):
+    if self.cell not in CELLS:
+      raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+    if choice is None and self.fixed_arch is None:
+      raise ValueError("DartsNetwork needs a choice (genotype or op weights) unless fixed_arch")
+    m = self.bn_momentum
+    k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.stem_multiplier *
+                                       self.channels))
+    x = BatchNorm(True, m, name="stem_bn")(conv2d(images, k), train)
+    s0 = s1 = x
+    c, reduction_prev = self.channels, False
+    for layer in range(self.layers):
+      reduction = is_reduction(layer, self.layers)
+      c = c * 2 if reduction else c
+      kind = "reduce" if reduction else "normal"
+      if self.cell == "mixed":
+        cell = MixedCell(c, reduction, reduction_prev, self.affine, self.remat, m,
+                         name=f"cell{layer}")
+        out = cell(s0, s1, choice[kind], train)
+      else:
+        fixed = None
+        genotype = None
+        if self.fixed_arch is not None:
+          n_ops, n_in, r_ops, r_in = self.fixed_arch
+          fixed = (r_ops, r_in) if reduction else (n_ops, n_in)
+        else:
+          genotype = ((choice.reduce_ops, choice.reduce_inputs) if reduction else
+                      (choice.normal_ops, choice.normal_inputs))
+        cell = DiscreteCell(c, reduction, reduction_prev, self.affine, fixed, m,
+                            name=f"cell{layer}")
+        out = cell(s0, s1, genotype, train)
+      s0, s1, reduction_prev = s1, out, reduction
+    x = jnp.mean(s1, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+def fixed_genotype(arch: DartsArch) -> tuple:
+  """A ``DartsArch`` as the hashable ``fixed_arch`` of ``DartsNetwork``."""
+  return tuple(tuple(int(v) for v in np.asarray(getattr(arch, f))) for f in DartsArch._fields)
+
+
+def specialise_variables(variables, arch: DartsArch, layers: int):
+  """Prunes discrete-network variables to the specialised network's tree for ``arch``.
+
+  Each slot keeps only its chosen op's variables (a strided ``skip_connect``
+  keeps its ``FactorizedReduce``); slots of parameter-free ops disappear.
+  """
+  n_ops, n_in, r_ops, r_in = fixed_genotype(arch)
+
+  def prune_cell(layer, tree):
+    ops, inputs = (r_ops, r_in) if is_reduction(layer, layers) else (n_ops, n_in)
+    out = {}
+    for name, sub in tree.items():
+      if name.startswith("node"):
+        i, slot = (int(t) for t in name[4:].split("_"))
+        keep = OPS[ops[2 * i + slot]]
+        strided = is_reduction(layer, layers) and inputs[2 * i + slot] < 2
+        kept = {k: v for k, v in sub["ops"].items() if k == keep}
+        if keep == "skip_connect" and not strided:
+          kept = {}
+        if kept:
+          out[name] = {"ops": kept}
+      else:
+        out[name] = sub
+    return out
+
+  def prune(tree):
+    return {name: prune_cell(int(name[4:]), sub) if name.startswith("cell") else sub
+            for name, sub in tree.items()}
+
+  return {col: prune(dict(tree)) for col, tree in variables.items()}
+
+
+def derive_darts(alpha: dict) -> DartsArch:
+  """DARTS' discretisation: per node the 2 inputs whose best non-``none`` op weighs most,
+  each with that op (jittable; ``alpha`` ``{"normal", "reduce"}`` of ``float[14, 8]``)."""
+  def cell(a):
+    w = jax.nn.softmax(a, axis=-1)[:, 1:]  # drop "none"
+    best_op = jnp.argmax(w, axis=-1) + 1
+    strength = jnp.max(w, axis=-1)
+    ops, inputs = [], []
+    for i in range(NUM_NODES):
+      edges = jnp.arange(OFFSETS[i], OFFSETS[i] + i + 2)
+      _, top = jax.lax.top_k(strength[edges], 2)
+      src = jnp.sort(top)
+      inputs += [src[0], src[1]]
+      ops += [best_op[edges[src[0]]], best_op[edges[src[1]]]]
+    return jnp.stack(ops).astype(jnp.int32), jnp.stack(inputs).astype(jnp.int32)
+  n_ops, n_in = cell(alpha["normal"])
+  r_ops, r_in = cell(alpha["reduce"])
+  return DartsArch(n_ops, n_in, r_ops, r_in)

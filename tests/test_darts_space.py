@@ -1,0 +1,141 @@
+"""The DARTS-space networks: ops, arch-as-data == specialised, supernet, discretisation, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import retrain, runner
+from jaxnas.datasets import FASHION_MNIST_DIR
+from jaxnas.models.darts_net import (DartsNetwork, avg_pool_3x3, depthwise_reference, depthwise_taps,
+                                     derive_darts, fixed_genotype, specialise_variables)
+from jaxnas.spaces import darts_space
+
+# These tests' own programs run in milliseconds; compile them without XLA's expensive
+# passes (as tests/test_darts.py does), or compilation dominates.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(f, *args):
+  return jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k,dilation", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_depthwise_matches_grouped_conv_to_second_order(stride, k, dilation):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 9, 5))  # odd size: asymmetric windows
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 1, 5))
+  np.testing.assert_allclose(depthwise_taps(x, w, stride, dilation),
+                             depthwise_reference(x, w, stride, dilation), rtol=1e-5, atol=1e-5)
+
+  def grads(fn):
+    return jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride, dilation))), (0, 1))(x, w)
+
+  for a, b in zip(grads(depthwise_taps), grads(depthwise_reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+  def second(fn):  # reverse over the hand-written VJP, as DARTS' exact HVP does
+    inner = lambda w: jax.grad(lambda x: jnp.sum(jnp.sin(fn(x, w, stride, dilation))))(x)
+    return jax.grad(lambda w: jnp.sum(jnp.cos(inner(w))))(w)
+
+  a, b = second(depthwise_taps), second(depthwise_reference)
+  np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_avg_pool_excludes_padding(size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
+  for stride in (1, 2):
+    ref = nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)), count_include_pad=False)
+    np.testing.assert_allclose(avg_pool_3x3(x, stride), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_arch_as_data_network_equals_the_specialised_network():
+  space = darts_space()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  net = DartsNetwork(channels=2, layers=3, num_classes=3)
+  key = jax.random.PRNGKey(1)
+  arch0 = space.sample(jax.random.PRNGKey(0))
+  variables = _compile(lambda k, x, a: net.init(k, x, a, False), key, x, arch0)(key, x, arch0)
+  apply = _compile(lambda v, x, a: net.apply(v, x, a, True, mutable=["batch_stats"])[0],
+                   variables, x, arch0)
+  for seed in range(2):
+    arch = space.sample(jax.random.PRNGKey(seed))
+    fixed = DartsNetwork(channels=2, layers=3, num_classes=3, fixed_arch=fixed_genotype(arch))
+    pruned = specialise_variables(variables, arch, 3)
+    own = jax.eval_shape(lambda k, x: fixed.init(k, x, None, False), key, x)
+    assert jax.tree.structure(own) == jax.tree.structure(pruned)
+    assert jax.tree.map(lambda a: a.shape, own) == jax.tree.map(lambda a: a.shape, pruned)
+    y_fixed = _compile(lambda v, x: fixed.apply(v, x, None, True, mutable=["batch_stats"])[0],
+                       pruned, x)(pruned, x)
+    np.testing.assert_allclose(apply(variables, x, arch), y_fixed, rtol=1e-5, atol=1e-5)
+    n_fixed = sum(p.size for p in jax.tree.leaves(pruned["params"]))
+    assert n_fixed < sum(p.size for p in jax.tree.leaves(variables["params"]))
+
+
+def test_supernet_with_one_hot_weights_runs_and_derive_picks_the_strongest_edges():
+  net = DartsNetwork(channels=2, layers=2, num_classes=3, cell="mixed", affine=False)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 1)), jnp.float32)
+  w = {"normal": jnp.full((14, 8), 1 / 8), "reduce": jnp.full((14, 8), 1 / 8)}
+  key = jax.random.PRNGKey(1)
+  variables = _compile(lambda k, x, w: net.init(k, x, w, False), key, x, w)(key, x, w)
+  # Both cells of a 2-cell network reduce. Edge 5 of theirs (node 2 from input 0, strided)
+  # weighing a sep_conv_3x3 only must change the output.
+  one_hot = {"normal": w["normal"], "reduce": w["reduce"].at[5].set(jax.nn.one_hot(4, 8))}
+  apply = _compile(lambda v, x, w: net.apply(v, x, w, False), variables, x, w)
+  y, y1 = apply(variables, x, w), apply(variables, x, one_hot)
+  assert y.shape == (2, 3) and bool(jnp.all(jnp.isfinite(y))) and not np.allclose(y, y1)
+
+  alpha = {"normal": jnp.zeros((14, 8)), "reduce": jnp.zeros((14, 8))}
+  # Node 3 (edges 9..13 from inputs 0..4): make inputs 4 (sep_conv_5x5) and 1 (max_pool)
+  # strongest; "none" (op 0) is ignored however large.
+  alpha["normal"] = (alpha["normal"].at[13, 5].set(5.0).at[10, 1].set(4.0)
+                     .at[11, 0].set(50.0))
+  arch = derive_darts(alpha)
+  space = darts_space()
+  string = space.encode(arch)
+  assert string.startswith("Genotype(") and space.decode(string).normal_ops.tolist() == \
+      arch.normal_ops.tolist()
+  assert arch.normal_inputs[6:].tolist() == [1, 4]
+  assert arch.normal_ops[6:].tolist() == [1, 5]
+
+
+def test_darts_space_needs_the_darts_strategy():
+  with pytest.raises(runner.UserError, match="--space=darts"):
+    runner.validate(runner.SearchConfig(space="darts", strategy="evolution"))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
+def test_darts_space_search_then_retrain_its_cell(tmp_path):
+  config = runner.SearchConfig(
+      evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
+      checkpoint_every=1, space="darts",
+      evaluator_args=(("batch_size", 16), ("cells", 1), ("channels", 2), ("epochs", 1.0),
+                      ("train_fraction", 0.002)))
+  runner.validate(config)
+  results = runner.run(config, str(tmp_path / "search"))
+  space = darts_space()
+  for r in results["runs"]:
+    arch = space.decode(r["best_arch"])  # a valid genotype
+    assert set(r["alphas"]) == {"normal", "reduce"}
+    assert np.allclose(np.sum(r["alphas"]["normal"], 1), 1.0, atol=1e-4)
+    assert r["skip_count"] == int(np.sum(np.asarray(arch.normal_ops) == 3))
+  command = results["summary"]["retrain_command"]
+  assert "--cells=1" in command and "Genotype(" in command
+
+  c = retrain.RetrainConfig(arch=results["summary"]["best_arch"], epochs=0.02, channels=2,
+                            cells=1, batch_size=32)
+  out = retrain.retrain(c, str(tmp_path / "retrain"))
+  assert 0.0 <= out["test_accuracy"] <= 100.0 and out["params"] > 0 and out["flops"] > 0
+  with open(tmp_path / "retrain" / "arch.json") as f:
+    arch_json = json.load(f)
+  net = retrain.network_of(arch_json)
+  variables = retrain.load_variables(str(tmp_path / "retrain"))
+  logits = net.apply(variables, jnp.zeros((1, 28, 28, 1)), None, train=False)
+  assert logits.shape == (1, 10) and bool(jnp.all(jnp.isfinite(logits)))
