@@ -13,8 +13,9 @@ import pytest
 
 from jaxnas import retrain, runner
 from jaxnas.datasets import FASHION_MNIST_DIR
-from jaxnas.models.darts_net import (DartsNetwork, avg_pool_3x3, depthwise_reference, depthwise_taps,
-                                     derive_darts, fixed_genotype, specialise_variables)
+from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, avg_pool_3x3,
+                                     depthwise_reference, depthwise_taps, derive_darts,
+                                     edge_index, fixed_genotype, specialise_variables)
 from jaxnas.spaces import darts_space
 
 # These tests' own programs run in milliseconds; compile them without XLA's expensive
@@ -142,7 +143,7 @@ def test_darts_space_search_then_retrain_its_cell(tmp_path):
 
 
 def test_late_remat_supernet_equals_the_stored_one():
-  """remat=True recomputes each edge behind a barrier with the cotangent: same values,
+  """remat=True recomputes each edge group behind a barrier with the cotangent: same values,
   same gradients (w.r.t. weights and op weights), same new BN statistics."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
   rng = np.random.default_rng(1)
@@ -152,12 +153,7 @@ def test_late_remat_supernet_equals_the_stored_one():
   remat = plain.clone(remat=True)
   key = jax.random.PRNGKey(1)
   v = _compile(lambda k, x, w: plain.init(k, x, w, False), key, x, w)(key, x, w)
-  # The remat edges hold the same trees one level down, under "ops".
-  nest = lambda tree: {c: {name: ({"ops": sub} if name.startswith("edge") else sub)
-                           for name, sub in cell.items()} if isinstance(cell, dict) else cell
-                       for c, cell in tree.items()}
-  vr = {col: nest(tree) for col, tree in v.items()}
-  assert jax.tree.structure(vr) == jax.tree.structure(jax.eval_shape(
+  assert jax.tree.structure(v) == jax.tree.structure(jax.eval_shape(
       lambda k: remat.init(k, x, w, False), key))
 
   def loss(net):
@@ -169,9 +165,50 @@ def test_late_remat_supernet_equals_the_stored_one():
 
   (l0, s0), (gp0, gw0) = _compile(loss(plain), v["params"], v["batch_stats"], w)(
       v["params"], v["batch_stats"], w)
-  (l1, s1), (gp1, gw1) = _compile(loss(remat), vr["params"], vr["batch_stats"], w)(
-      vr["params"], vr["batch_stats"], w)
+  (l1, s1), (gp1, gw1) = _compile(loss(remat), v["params"], v["batch_stats"], w)(
+      v["params"], v["batch_stats"], w)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
-  for a, b in ((nest(gp0), gp1), (gw0, gw1), (nest(s0["batch_stats"]), s1["batch_stats"])):
+  for a, b in ((gp0, gp1), (gw0, gw1), (s0["batch_stats"], s1["batch_stats"])):
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), a, b)
   assert float(jnp.abs(gw0["reduce"]).max()) > 0
+
+
+@pytest.mark.parametrize("reduction", [False, True])
+def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
+  """MixedCell runs the edges leaving each state as one vmap; the same cell written edge by
+  edge in DARTS' order (node i = sum over inputs j of MixedOp_(i,j)) gives the same output
+  and the same new BN statistics."""
+  rng = np.random.default_rng(2)
+  s0 = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  s1 = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  w = jax.nn.softmax(jnp.asarray(rng.normal(size=(14, 8)), jnp.float32))
+  cell = MixedCell(2, reduction, False, affine=False)
+  key = jax.random.PRNGKey(3)
+  v = _compile(lambda k: cell.init(k, s0, s1, w, False), key)(key)
+  out, new = _compile(lambda v: cell.apply(v, s0, s1, w, True, mutable=["batch_stats"]), v)(v)
+
+  def reference(v):
+    pre = lambda name, x: ReLUConvBN(2, False).apply(
+        {c: tree[name] for c, tree in v.items()}, x, True, mutable=["batch_stats"])[0]
+    h0, h1 = pre("pre0", s0), pre("pre1", s1)
+    states, stats = [h0, h1], {}
+    for i in range(4):
+      node = 0
+      for j, h in enumerate(states):
+        stride = 2 if reduction and j < 2 else 1
+        k = i - max(0, j - 1)
+        take = lambda tree: jax.tree.map(lambda a: a[k], tree[f"src{j}"]["ops"])
+        edge = OpSet(2, (stride,), False, True)
+        y, upd = edge.apply({"params": take(v["params"]), "batch_stats": take(v["batch_stats"])},
+                            h, w[edge_index(i, j)], stride, True, mutable=["batch_stats"])
+        stats[(i, j)] = upd["batch_stats"]
+        node = node + y
+      states.append(node)
+    return jnp.concatenate(states[2:], axis=-1), stats
+
+  ref, ref_stats = _compile(reference, v)(v)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for (i, j), st in ref_stats.items():
+    k = i - max(0, j - 1)
+    got = jax.tree.map(lambda a: a[k], new["batch_stats"][f"src{j}"]["ops"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, st)
