@@ -25,7 +25,9 @@ from absl import logging
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
-from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxnas.strategies.darts import DartsConfig, DartsData, data_mesh, make_darts
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
@@ -50,16 +52,23 @@ def build(config) -> tuple:
                    batch_size=spec.batch_size, channels=spec.channels, cells=spec.cells,
                    num_classes=ds.num_classes, w_lr=spec.learning_rate if "learning_rate" in args
                    else DartsConfig().w_lr, **kw)
-  darts = make_darts(dc)
+  # With several local devices the bilevel steps are data-parallel over them.
+  mesh = data_mesh() if jax.local_device_count() > 1 else None
+  darts = make_darts(dc, mesh)
   ddata = DartsData(data.train_images, data.train_labels, data.val_images, data.val_labels,
                     data.mean, data.std)
+  if mesh is not None:
+    ddata = jax.device_put(ddata, NamedSharding(mesh, P()))
   return darts, ddata
 
 
 def run(config, workdir: str, darts, data, write_json) -> dict:
   n = config.num_seeds
   keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
-  state = jax.jit(jax.vmap(darts.init, in_axes=(0, None)))(keys, data)
+  init = jax.vmap(darts.init, in_axes=(0, None))
+  if darts.mesh is not None:  # the state lives replicated on every device
+    init = jax.jit(init, out_shardings=NamedSharding(darts.mesh, P()))
+  state = jax.jit(init)(keys, data)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:

@@ -141,3 +141,43 @@ def test_darts_search_resumes_bit_identically(tmp_path):
   runner.run(config, str(cut))
   for name in ("results.json", "metrics.jsonl"):
     assert (cut / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+DATA_PARALLEL_CHILD = """
+import json, sys, jax, numpy as np
+from jaxnas import runner
+from jaxnas.strategies.darts import DartsConfig
+assert jax.device_count() == int(sys.argv[2]), jax.devices()
+config = runner.SearchConfig(
+    evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
+    checkpoint_every=1, strategy_args=(("darts_order", 2),),
+    evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 2.0),
+                    ("train_fraction", 0.002)))
+results = runner.run(config, sys.argv[1])
+print(json.dumps([[r["best_arch"], r["alphas"]] for r in results["runs"]]))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
+def test_data_parallel_search_on_8_devices_derives_the_single_device_cell(tmp_path):
+  """The same second-order DARTS search on 1 and on 8 host devices (minibatches split over
+  them, alpha replicated, gradients all-reduced) derives the same cells with the same
+  alphas up to float summation order."""
+  import json
+  import subprocess
+  import sys
+
+  out = {}
+  for n in (1, 8):
+    flags = (f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_CHILD, str(tmp_path / str(n)),
+                           str(n)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+  with open(tmp_path / "8" / "timing.json") as f:
+    assert json.load(f)["devices"] == 8
+  for (arch1, alpha1), (arch8, alpha8) in zip(out[1], out[8]):
+    assert arch1 == arch8
+    np.testing.assert_allclose(alpha1, alpha8, rtol=1e-4, atol=1e-6)

@@ -45,8 +45,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxnas.datasets import make_preprocess
 from jaxnas.models.darts_net import DartsNetwork, derive_darts
@@ -58,6 +60,7 @@ from jaxnas.spaces.base import Space
 from jaxnas.spaces.nb201 import OPS
 
 VARIANTS = ("darts", "gdas", "darts-")
+DATA_AXIS = "data"
 SPACES = ("nb201", "darts")
 SKIP = OPS.index("skip_connect")
 
@@ -134,6 +137,7 @@ class DartsData(NamedTuple):
 class Darts(NamedTuple):
   config: DartsConfig
   supernet: SuperNet
+  mesh: Mesh | None
   init: Callable
   step: Callable
   run_epoch: Callable
@@ -157,8 +161,29 @@ def check_config(c: DartsConfig) -> None:
       raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
 
 
-def make_darts(c: DartsConfig) -> Darts:
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D ``"data"`` mesh over ``devices`` (default: all local devices)."""
+  devices = jax.local_devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
+  """The DARTS functions of ``c``; with a ``mesh``, steps are data-parallel over its devices.
+
+  Data parallelism is expressed as sharding, not as code: each step's train
+  and validation minibatches are constrained to be split over the mesh's
+  ``"data"`` axis and the state (weights, BN statistics, ``alpha``, both
+  optimizer states) to be replicated, and XLA's SPMD partitioner inserts the
+  all-reduces (gradients of ``w`` and ``alpha``, and BN's batch moments, so BN
+  is synchronised: the maths is the single-device step's). Every device
+  therefore holds the same ``alpha`` by construction, and the derived cell
+  is the single-device one (tests/test_darts.py runs 1 vs 8 host devices).
+  ``batch_size`` must divide evenly over the mesh.
+  """
   check_config(c)
+  if mesh is not None and c.batch_size % mesh.size:
+    raise ValueError(f"batch_size {c.batch_size} does not split over {mesh.size} devices; "
+                     f"use a multiple of {mesh.size}")
   supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat)
   net = supernet.net
   total = c.epochs * c.steps_per_epoch
@@ -242,6 +267,9 @@ def make_darts(c: DartsConfig) -> Darts:
     vi = jax.random.randint(k_v, (c.batch_size,), 0, data.val_labels.shape[0])
     xt, yt = preprocess(None, data.train_images[ti]), data.train_labels[ti]
     xv, yv = preprocess(None, data.val_images[vi]), data.val_labels[vi]
+    if mesh is not None:
+      split = NamedSharding(mesh, P(DATA_AXIS))
+      xt, yt, xv, yv = (jax.lax.with_sharding_constraint(a, split) for a in (xt, yt, xv, yv))
     params, stats, alpha = state.params, state.batch_stats, state.alpha
 
     def val_loss(p, a):
@@ -269,6 +297,8 @@ def make_darts(c: DartsConfig) -> Darts:
     params = optax.apply_updates(params, w_updates)
     new = state.replace(params=params, batch_stats=stats, alpha=alpha, w_opt=w_opt,
                         alpha_opt=alpha_opt, step=state.step + 1)
+    if mesh is not None:
+      new = jax.lax.with_sharding_constraint(new, NamedSharding(mesh, P()))
     return new, {"train_loss": l_train, "train_acc": train_acc, "val_loss": l_val,
                  "val_acc": val_acc}
 
@@ -281,4 +311,4 @@ def make_darts(c: DartsConfig) -> Darts:
     metrics["skip_count"] = supernet.skip_count(metrics["arch"])
     return state, metrics
 
-  return Darts(c, supernet, init, step, run_epoch, edge_weights, mixed_hvp, losses)
+  return Darts(c, supernet, mesh, init, step, run_epoch, edge_weights, mixed_hvp, losses)
