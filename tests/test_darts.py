@@ -181,3 +181,28 @@ def test_data_parallel_search_on_8_devices_derives_the_single_device_cell(tmp_pa
   for (arch1, alpha1), (arch8, alpha8) in zip(out[1], out[8]):
     assert arch1 == arch8
     np.testing.assert_allclose(alpha1, alpha8, rtol=1e-4, atol=1e-6)
+
+
+def test_nb201_supernet_with_remat_equals_the_stored_one():
+  """remat=True (late_remat per mixed edge) changes what is stored, not what is computed."""
+  from jaxnas.models.supernet import NB201SuperNet
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  w = jax.nn.softmax(jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)), jnp.float32))
+  plain = NB201SuperNet(channels=2, cells=1, num_classes=3)
+  key = jax.random.PRNGKey(0)
+  v = _compile(lambda k: plain.init(k, x, w, False), key)(key)
+
+  def grads(net):
+    def f(params, w):
+      y, new = net.apply({"params": params, "batch_stats": v["batch_stats"]}, x, w, True,
+                         mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), new["batch_stats"]
+    g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+    return _compile(g, v["params"], w)(v["params"], w)
+
+  (l0, s0), g0 = grads(plain)
+  (l1, s1), g1 = grads(plain.clone(remat=True))
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in ((g0, g1), (s0, s1)):
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), a, b)
+  assert float(jnp.abs(g0[1]).max()) > 0

@@ -14,7 +14,7 @@ import pytest
 from jaxnas import retrain, runner
 from jaxnas.datasets import FASHION_MNIST_DIR
 from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, avg_pool_3x3,
-                                     depthwise_reference, depthwise_taps, derive_darts,
+                                     max_pool_3x3, max_pool_reference, depthwise_reference, depthwise_taps, derive_darts,
                                      edge_index, fixed_genotype, specialise_variables)
 from jaxnas.spaces import darts_space
 
@@ -47,6 +47,18 @@ def test_depthwise_matches_grouped_conv_to_second_order(stride, k, dilation):
 
   a, b = second(depthwise_taps), second(depthwise_reference)
   np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 7, 3), (2, 8, 8, 3), (2, 5, 6, 2)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_and_its_gradient_match_reduce_window(shape, stride):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(f(x, stride)))))
+  (la, ga), (lb, gb) = loss(max_pool_3x3)(x), loss(max_pool_reference)(x)
+  np.testing.assert_allclose(max_pool_3x3(x, stride), max_pool_reference(x, stride))
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  np.testing.assert_allclose(ga, gb, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(ga).sum()) > 0
 
 
 @pytest.mark.parametrize("size", [7, 8])

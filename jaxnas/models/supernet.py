@@ -9,10 +9,11 @@ architecture gradient.
 
 The macro skeleton and the ops are exactly those of ``NB201Network`` (same
 stem, residual reductions and ReLU-Conv-BN ops), so a cell derived from the
-supernet is retrained by the same code. ``remat=True`` wraps every mixed edge
-in ``jax.checkpoint``: the five ops' activations are recomputed in the
-backward pass instead of stored, which cuts the supernet's activation memory
-(measured in experiments/bench_darts.py) for ~1/3 more compute.
+supernet is retrained by the same code. Each edge is a ``remat.PureEdges``
+(its variables under ``edge{e}/ops``); ``remat=True`` applies it through
+``late_remat``: the five ops' activations are recomputed in the backward pass
+instead of stored (``jax.checkpoint`` would save nothing on XLA:CPU, see
+models/remat.py), for ~1/3 more compute.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxnas.models.nb201_net import (BatchNorm, ReLUConvBN, ResidualReduction, avg_pool_3x3,
                                      conv2d, conv_init)
+from jaxnas.models.remat import PureEdges
 from jaxnas.spaces.nb201 import EDGES, NUM_NODES, OPS
 
 
@@ -48,13 +50,14 @@ class SuperCell(nn.Module):
 
   @nn.compact
   def __call__(self, x, weights, train: bool):
-    edge_cls = nn.remat(MixedEdge, static_argnums=(3,)) if self.remat else MixedEdge
     nodes = [x]
     incoming = [[] for _ in range(NUM_NODES)]
     for e, (j, i) in enumerate(EDGES):
-      incoming[j].append((edge_cls(self.features, self.bn_momentum, name=f"edge{e}"), i, e))
+      edge = PureEdges(MixedEdge(self.features, self.bn_momentum), (train,), None, train,
+                       self.remat, name=f"edge{e}")
+      incoming[j].append((edge, i, e))
       if len(incoming[j]) == j:
-        nodes.append(sum(m(nodes[src], weights[e], train) for m, src, e in incoming[j]))
+        nodes.append(sum(m(nodes[src], weights[e]) for m, src, e in incoming[j]))
     return nodes[-1]
 
 
