@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnas.models.nb201_net import conv2d, conv_init
+from jaxnas.models.nb201_net import avg_pool_3x3, conv2d, conv_init
 from jaxnas.models.remat import PureEdges
 from jaxnas.spaces.darts import NUM_NODES, OPS, DartsArch
 
@@ -149,22 +149,6 @@ def depthwise_reference(x, kernel, stride: int, dilation: int = 1):
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
                                       rhs_dilation=(dilation, dilation), dimension_numbers=_DN,
                                       feature_group_count=x.shape[-1])
-
-
-def _pool_counts(h: int, w: int, stride: int) -> np.ndarray:
-  """Real (non-padding) pixels under each 3x3 window (padding 1) at ``stride``."""
-  def counts(n):
-    o = np.arange((n - 1) // stride + 1) * stride
-    return np.minimum(o + 1, n - 1) - np.maximum(o - 1, 0) + 1
-  return (counts(h)[:, None] * counts(w)[None, :]).astype(np.float32)
-
-
-def avg_pool_3x3(x, stride: int):
-  """3x3 average pool, padding 1, ``count_include_pad=False`` (divisor a numpy constant)."""
-  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
-                            ((0, 0), (1, 1), (1, 1), (0, 0)))
-  inv = 1.0 / _pool_counts(x.shape[1], x.shape[2], stride)
-  return s * jnp.asarray(inv[None, :, :, None], x.dtype)
 
 
 def _max_pool_taps(x, stride: int):

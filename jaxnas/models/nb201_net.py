@@ -142,23 +142,25 @@ def conv2d(x, kernel, stride: int = 1, padding: int | None = None):
   return _conv_canonical(x, kernel, stride, p)
 
 
-def _pool_counts(h: int, w: int) -> np.ndarray:
-  """How many real (non-padding) pixels each 3x3 window covers: 4 at corners, 6 on edges, 9 inside."""
-  rows = np.minimum(np.arange(h) + 1, h - 1) - np.maximum(np.arange(h) - 1, 0) + 1
-  cols = np.minimum(np.arange(w) + 1, w - 1) - np.maximum(np.arange(w) - 1, 0) + 1
-  return (rows[:, None] * cols[None, :]).astype(np.float32)
+def _pool_counts(h: int, w: int, stride: int = 1) -> np.ndarray:
+  """Real (non-padding) pixels under each 3x3 window (padding 1) at ``stride``: at stride 1,
+  4 at corners, 6 on edges, 9 inside."""
+  def counts(n):
+    o = np.arange((n - 1) // stride + 1) * stride
+    return np.minimum(o + 1, n - 1) - np.maximum(o - 1, 0) + 1
+  return (counts(h)[:, None] * counts(w)[None, :]).astype(np.float32)
 
 
-def avg_pool_3x3(x):
-  """3x3 average pool, stride 1, padding 1, ``count_include_pad=False`` as in NAS-Bench-201.
+def avg_pool_3x3(x, stride: int = 1):
+  """3x3 average pool, padding 1, ``count_include_pad=False`` as in NAS-Bench-201 and DARTS.
 
   The divisor is a small numpy constant: ``nn.avg_pool(count_include_pad=False)``
   instead pools a batch-sized array of ones, which XLA then constant-folds for
   ~10 s per pool at compile time.
   """
-  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
+  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
                             ((0, 0), (1, 1), (1, 1), (0, 0)))
-  inv = 1.0 / _pool_counts(x.shape[1], x.shape[2])
+  inv = 1.0 / _pool_counts(x.shape[1], x.shape[2], stride)
   return s * jnp.asarray(inv[None, :, :, None], x.dtype)
 
 
