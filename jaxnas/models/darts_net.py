@@ -377,6 +377,13 @@ class Slot(nn.Module):
     return nn.switch(index, branches, self, x, x_strided)
 
 
+def _pick(candidates, index):
+  """``candidates[index]`` for a traced ``index`` (clipped; the cell's inputs of one stride)."""
+  if len(candidates) == 1:
+    return candidates[0]
+  return jax.lax.select_n(jnp.clip(index, 0, len(candidates) - 1), *candidates)
+
+
 def _preprocess(features, reduction_prev, affine, m, s0, s1, train):
   pre0 = (FactorizedReduce if reduction_prev else ReLUConvBN)(features, affine, m, name="pre0")
   return pre0(s0, train), ReLUConvBN(features, affine, m, name="pre1")(s1, train)
@@ -407,13 +414,11 @@ class DiscreteCell(nn.Module):
           x, xs = states[src], states[src]
         else:
           op, src = genotype[0][e], genotype[1][e]
-          pick = lambda cands, idx: (cands[0] if len(cands) == 1 else
-                                     jax.lax.select_n(jnp.clip(idx, 0, len(cands) - 1), *cands))
           if self.reduction:
-            xs = pick(states[:2], src)
-            x = pick(states[2:], src - 2) if i else None
+            xs = _pick(states[:2], src)
+            x = _pick(states[2:], src - 2) if i else None
           else:
-            x, xs = pick(states, src), None
+            x, xs = _pick(states, src), None
         strides = ((2,) if i == 0 else (1, 2)) if self.reduction else (1,)
         strided = None if self.fixed is not None else src < 2
         node = node + Slot(self.features, strides, self.affine, fixed, self.bn_momentum,
