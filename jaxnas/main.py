@@ -19,7 +19,8 @@ flags.DEFINE_enum("mode", "search", ["search", "retrain"],
                   "search: run a NAS search; retrain: train --arch from scratch and test it.")
 flags.DEFINE_string("evaluator", "nb201",
                     "nb201 (tabular NAS-Bench-201) | train (real training of each population) | "
-                    "zero_cost (a training-free proxy, --proxy).")
+                    "zero_cost (a training-free proxy, --proxy) | supernet (one-shot: weights "
+                    "inherited from a SPOS supernet trained first, --epochs of it).")
 flags.DEFINE_string("proxy", None, "zero_cost: naswot (default) | synflow | grad_norm | snip | "
                     "jacov | params | flops.")
 flags.DEFINE_string("prefilter", None, "Any init/ask/tell strategy: propose --prefilter_factor "
@@ -36,7 +37,7 @@ flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one pro
 flags.DEFINE_integer("seed", 0, "Run i uses seed + i (so it can be rerun alone).")
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<evaluator>-<dataset>-...).")
 flags.DEFINE_integer("checkpoint_every", None, "Search steps between checkpoints (0: none; "
-                     "default 10 for nb201, 1 (every generation) for train).")
+                     "default 10 for nb201, 1 (every generation) for train and supernet).")
 flags.DEFINE_float("max_hours", 0.0, "Wall-time limit of the search in hours, resumes included "
                    "(0: none). Checked between generations; results.json records it.")
 flags.DEFINE_list("objectives", ["accuracy"], "accuracy, optionally with params and/or flops "
@@ -59,7 +60,7 @@ flags.DEFINE_enum("darts_variant", None, ["darts", "gdas", "darts-"], "darts: DA
                   "GDAS (Gumbel, hard forward) or DARTS- (auxiliary skip; default darts).")
 flags.DEFINE_integer("darts_order", None, "darts: 1 (first order, default) or 2 (unrolled, exact "
                      "Hessian-vector product).")
-flags.DEFINE_bool("remat", None, "darts: rematerialise mixed edges (jax.checkpoint) to save memory.")
+flags.DEFINE_bool("remat", None, "darts: recompute mixed edges in the backward pass (late_remat) to save memory.")
 flags.DEFINE_float("alpha_learning_rate", None, "darts: Adam learning rate of alpha (3e-4).")
 _STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order",
                    "remat": "remat", "alpha_learning_rate": "alpha_learning_rate",
@@ -71,16 +72,21 @@ _STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order
 flags.DEFINE_string("data_dir", None, "Dataset folder (default for fashion_mnist: "
                     "/usr/share/datasets/fashion-mnist; CIFAR needs it).")
 flags.DEFINE_float("epochs", None, "train: passes over the proxy training subset per candidate "
-                   "(default 1); retrain: epochs over the full training set (default 10).")
+                   "(default 1); supernet: SPOS training epochs over it (default 5); retrain: "
+                   "epochs over the full training set (default 10).")
 flags.DEFINE_integer("channels", None, "Channels C of the first stage (default 16).")
 flags.DEFINE_integer("cells", None, "Cells per stage N (default 1).")
 flags.DEFINE_integer("batch_size", None, "Training minibatch size (default 128).")
-flags.DEFINE_float("train_fraction", None, "train: fraction of the search train/validation "
-                   "split used by the proxy (default 0.1).")
+flags.DEFINE_float("train_fraction", None, "train, supernet: fraction of the search "
+                   "train/validation split used by the proxy (default 0.1).")
+flags.DEFINE_integer("bn_batches", None, "supernet: training batches whose average BatchNorm "
+                     "statistics each scored cell gets (default 4; 0: the supernet's stale "
+                     "running statistics).")
 flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network training "
                    "(default 0.1).")
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
-                    "sequential | sequential_static (default auto: by backend).")
+                    "sequential | sequential_static (default auto: by backend); supernet: auto "
+                    "| map | vmap.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
                      "(e.g. one per core) so population training runs a slice per core; 0 keeps "
                      "JAX's default (one multi-threaded device).")
@@ -88,13 +94,15 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first
                   "e.g. a Cloud TPU pod: every host runs the same command); populations are "
                   "then sharded over the devices of all hosts.")
 flags.DEFINE_enum("space", "nb201", ["nb201", "darts"], "Search space: nb201 (NAS-Bench-201 "
-                  "cells) or darts (DARTS normal + reduction cells; --strategy=darts, where "
-                  "--cells counts all cells of the supernet, default 5).")
+                  "cells) or darts (DARTS normal + reduction cells; --strategy=darts, or "
+                  "random/evolution/local/reinforce with --evaluator=train; --cells counts all "
+                  "cells of the network, default 5).")
 flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
                     "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
 _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
                 "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
-                "train_learning_rate": "learning_rate", "plan": "plan"}
+                "train_learning_rate": "learning_rate", "plan": "plan",
+                "bn_batches": "bn_batches"}
 
 
 def _fail(message: str) -> None:
@@ -130,6 +138,9 @@ def _summary(results: dict) -> str:
     proxy = c.get("evaluator_args", {}).get("proxy", "naswot")
     lines.append(f"  {proxy} score of chosen cells: {s['best_score_mean']:.3f} ± "
                  f"{s['best_score_std']:.3f} (a training-free proxy, not an accuracy)")
+  elif c["evaluator"] == "supernet":
+    lines.append(f"  supernet (inherited-weight) validation accuracy of chosen cells: "
+                 f"{s['best_score_mean']:.2f} ± {s['best_score_std']:.2f} %")
   else:
     lines.append(f"  proxy validation accuracy of chosen cells: {s['best_score_mean']:.2f} ± "
                  f"{s['best_score_std']:.2f} %")

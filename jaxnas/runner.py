@@ -37,20 +37,24 @@ from absl import logging
 from jaxnas import darts_runner, estimators, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
-from jaxnas.estimators import zero_cost
+from jaxnas.estimators import one_shot, zero_cost
 from jaxnas.estimators.training import ProxySpec, train_evaluator
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
 
-EVALUATORS = ("nb201", "train", "zero_cost")
+EVALUATORS = ("nb201", "train", "zero_cost", "supernet")
+# Evaluators that train or score networks on an image dataset (not the tabular benchmark).
+IMAGE_EVALUATORS = ("train", "zero_cost", "supernet")
 TRAIN_DATASETS = tuple(_DATASETS)
 HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 # Strategies with their own host loop (not init/ask/tell): Hyperband and DARTS.
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = ("nb201", "darts")
+# Strategies that train DARTS-space populations (--space=darts --evaluator=train).
+DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
-DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10}
+DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
 ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
 
@@ -70,7 +74,7 @@ class SearchConfig:
   seed: int = 0
   checkpoint_every: int = 10
   strategy_args: tuple = ()  # sorted (name, value) pairs passed to the strategy factory
-  evaluator_args: tuple = ()  # sorted (name, value) pairs: ProxySpec fields for "train"
+  evaluator_args: tuple = ()  # sorted (name, value) pairs: ProxySpec / SupernetConfig fields
   max_hours: float = 0.0  # wall-time limit of the whole search, resumes included (0: none)
   objectives: tuple = ("accuracy",)  # more than one: a Pareto front is saved (pareto.json)
   prefilter: str = ""  # a zero-cost proxy: keep the best 1/prefilter_factor of the proposals
@@ -97,22 +101,27 @@ def validate(c: SearchConfig) -> None:
   """Checks a config at the edge; raises UserError with one clear line."""
   if c.space not in SPACES:
     raise UserError(f"unknown space {c.space!r}; choose one of {', '.join(SPACES)}")
-  if c.space != "nb201" and c.strategy != "darts":
-    raise UserError(f"--space={c.space} is searched by --strategy=darts only (the other "
-                    "strategies and evaluators work on the NAS-Bench-201 space)")
+  if c.space == "darts" and c.strategy != "darts" and not (
+      c.evaluator == "train" and c.strategy in DARTS_SPACE_STRATEGIES):
+    raise UserError(f"--space=darts is searched by --strategy=darts, or by "
+                    f"--strategy={'|'.join(DARTS_SPACE_STRATEGIES)} with --evaluator=train")
   if c.evaluator not in EVALUATORS:
     raise UserError(f"unknown evaluator {c.evaluator!r}; choose one of {', '.join(EVALUATORS)}")
+  if c.evaluator == "supernet" and c.space != "nb201":
+    raise UserError("--evaluator=supernet (a NAS-Bench-201 SPOS supernet) needs --space=nb201")
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
                     f"{', '.join(estimators.NB201_DATASETS)}")
-  if c.evaluator in ("train", "zero_cost") and c.dataset not in TRAIN_DATASETS:
+  if c.evaluator in IMAGE_EVALUATORS and c.dataset not in TRAIN_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for {c.evaluator}; choose one of "
                     f"{', '.join(TRAIN_DATASETS)}")
   if c.evaluator == "nb201" and c.evaluator_args:
-    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train or zero_cost")
-  allowed = ZERO_COST_ARGS if c.evaluator == "zero_cost" else ProxySpec._fields
+    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train, supernet "
+                    "or zero_cost")
+  allowed = (ZERO_COST_ARGS if c.evaluator == "zero_cost" else
+             one_shot.SupernetConfig._fields if c.evaluator == "supernet" else ProxySpec._fields)
   for k, v in c.evaluator_args:
-    if k not in allowed or k == "dataset":
+    if k not in allowed or k in ("dataset", "space"):
       raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
     if k == "proxy" and v not in zero_cost.PROXIES:
       raise UserError(f"unknown proxy {v!r}; choose one of {', '.join(zero_cost.PROXIES)}")
@@ -151,14 +160,21 @@ def validate(c: SearchConfig) -> None:
       raise UserError(f"--{k} must be > 0, got {v}")
 
 
-def make_evaluator(c: SearchConfig):
+def make_evaluator(c: SearchConfig, workdir: str | None = None):
+  """The evaluator of ``c``; the supernet is trained (or resumed) under ``workdir/supernet``."""
   if c.evaluator == "nb201":
     return estimators.nb201_evaluator(c.dataset)
   try:
     if c.evaluator == "train":
-      return train_evaluator(ProxySpec(dataset=c.dataset, **dict(c.evaluator_args)))
+      args = dict(c.evaluator_args)
+      if c.space == "darts":
+        args.setdefault("cells", darts_runner.DARTS_SPACE_CELLS)
+      return train_evaluator(ProxySpec(dataset=c.dataset, space=c.space, **args))
     if c.evaluator == "zero_cost":
       return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args))
+    if c.evaluator == "supernet":
+      return one_shot.supernet_evaluator(
+          one_shot.SupernetConfig(dataset=c.dataset, **dict(c.evaluator_args)), workdir)
   except ValueError as e:  # DatasetError included: missing or malformed data
     raise UserError(str(e)) from None
   raise UserError(f"unknown evaluator {c.evaluator!r}")
@@ -172,7 +188,7 @@ def _prefilter_score(c: SearchConfig):
   its default location).
   """
   args = dict(c.evaluator_args)
-  dataset = c.dataset if c.evaluator in ("train", "zero_cost") else "fashion_mnist"
+  dataset = c.dataset if c.evaluator in IMAGE_EVALUATORS else "fashion_mnist"
   kw = {"data_dir": args["data_dir"]} if "data_dir" in args else {}
   try:
     proxy = zero_cost.zero_cost_evaluator(proxy=c.prefilter, dataset=dataset, **kw)
@@ -182,10 +198,13 @@ def _prefilter_score(c: SearchConfig):
   return lambda archs: proxy.evaluate(key, archs)
 
 
-def build(c: SearchConfig):
-  """The Search of a config (raises UserError for inconsistent hyperparameters)."""
+def build(c: SearchConfig, workdir: str | None = None):
+  """The Search of a config (raises UserError for inconsistent hyperparameters).
+
+  ``workdir`` is where a supernet evaluator keeps its checkpoints (None: in memory only).
+  """
   validate(c)
-  evaluator = make_evaluator(c)
+  evaluator = make_evaluator(c, workdir)
   try:
     strategy = STRATEGIES[c.strategy](evaluator.space, **dict(c.strategy_args))
     if c.prefilter:
@@ -298,21 +317,14 @@ def make_advance(search, chunk: int, root_key: jax.Array):
 
 
 def run(config: SearchConfig, workdir: str | None = None) -> dict:
-  """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results."""
-  if config.strategy == "hyperband":
-    validate(config)
-    space, make_at = _hyperband_evaluators(config)
-  elif config.strategy == "darts":
-    validate(config)
-    try:
-      darts, darts_data = darts_runner.build(config)
-    except ValueError as e:  # DatasetError included
-      raise UserError(str(e)) from None
-  else:
-    search = build(config)
-  logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
+  """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results.
+
+  The workdir is only read before the search is built (a workdir of another
+  search is refused, a finished one reported, before any data is loaded or a
+  supernet trained) and written after.
+  """
+  validate(config)
   workdir = workdir or default_workdir(config)
-  os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -327,14 +339,27 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                        for k, v in config.to_json().items() if previous.get(k) != v)
       raise UserError(f"workdir {workdir} holds a search with other settings ({diff}); "
                       "use another --workdir")
-  else:
-    _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
   if os.path.exists(results_path):
+    if not os.path.exists(config_path):
+      _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
     with open(results_path) as f:
       results = json.load(f)
     logging.info("workdir %s holds a finished search; nothing to do", workdir)
     results["already_finished"] = True
     return results
+  if config.strategy == "hyperband":
+    space, make_at = _hyperband_evaluators(config)
+  elif config.strategy == "darts":
+    try:
+      darts, darts_data = darts_runner.build(config)
+    except ValueError as e:  # DatasetError included
+      raise UserError(str(e)) from None
+  else:
+    search = build(config, workdir)
+  logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
+  os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(config_path):
+    _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
   if config.strategy == "hyperband":
     return _run_hyperband(config, workdir, space, make_at)
   if config.strategy == "darts":
@@ -538,7 +563,7 @@ def collect_results(search, config: SearchConfig, state) -> dict:
   summary["best_arch"] = runs[best_run]["best_arch"]
   if config.evaluator == "nb201":
     summary["table_optimum"] = estimators.nb201.oracle(config.dataset)
-  if config.evaluator == "train":
+  if config.evaluator in ("train", "supernet"):
     summary["retrain_command"] = retrain_command(config, summary["best_arch"])
   return {"config": config.to_json(), "summary": summary, "runs": runs,
           "budget": {"evaluations": config.budget, "steps": search.num_steps,

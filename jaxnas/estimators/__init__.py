@@ -12,3 +12,9 @@ from jaxnas.estimators.zero_cost import (make_scorer, prefilter, zero_cost_evalu
 
 __all__ += ["ZERO_COST_PROXIES", "make_scorer", "prefilter", "zero_cost_evaluator",
             "zero_cost_scores"]
+# One-shot (SPOS): its make_scorer/make_recalibrate stay in jaxnas.estimators.one_shot
+# (zero_cost's make_scorer holds the name here).
+from jaxnas.estimators.one_shot import (SposState, SupernetConfig, make_spos, supernet_evaluator,
+                                        train_supernet)
+
+__all__ += ["SposState", "SupernetConfig", "make_spos", "supernet_evaluator", "train_supernet"]

@@ -1,0 +1,203 @@
+"""Does a SPOS supernet rank NAS-Bench-201 cells like stand-alone training does?
+
+  python experiments/spos_correlation.py
+
+Trains a single-path one-shot supernet (Guo et al. 2020; ``--evaluator=supernet``,
+``jaxnas.estimators.one_shot``) on the Fashion-MNIST proxy split, samples
+``--num_archs`` distinct random cells (fixed ``--seed``), scores them with
+inherited weights (BN recalibrated per cell), trains the same cells stand-alone
+with jaxnas' training evaluator on the same split (``--standalone_epochs``), and
+reports rank agreement: Spearman's rho, Kendall's tau-b, top-k overlap, all
+cells and connected cells only (a disconnected cell sits at chance under both,
+so those ties flatter the correlation), plus both scores' Spearman rho with the
+NAS-Bench-201 12-epoch CIFAR-10 validation accuracy (a reference from long
+training on another dataset) and with the parameter count (the baseline a cheap
+estimator must beat). Under ``--workdir`` the supernet is checkpointed
+(``supernet-<hash of its training settings>``: a rerun resumes or reuses it,
+also with other ``--bn_batches``) and the stand-alone accuracies are cached
+(``standalone-<hash of cells and settings>.json``: a variant of the supernet
+settings does not retrain them). The LAST line printed is a JSON object, also
+written to ``--out`` with per-cell data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+flags.DEFINE_integer("num_archs", 32, "Distinct random NB201 cells scored both ways.")
+flags.DEFINE_integer("seed", 0, "Seed of the cell sample (and of stand-alone training).")
+flags.DEFINE_integer("standalone_seed", None, "Seed of stand-alone training (init, minibatch "
+                     "order) if not --seed: two seeds measure the ground truth's own noise.")
+flags.DEFINE_integer("channels", 8, "C of the supernet and of the stand-alone networks.")
+flags.DEFINE_integer("cells", 1, "Cells per stage N.")
+flags.DEFINE_integer("batch_size", 128, "Minibatch of both trainings and of BN recalibration.")
+flags.DEFINE_float("train_fraction", 0.2, "Fraction of the search train/val split used.")
+flags.DEFINE_float("supernet_epochs", 15.0, "SPOS epochs over the proxy training subset.")
+flags.DEFINE_float("standalone_epochs", 1.5, "Stand-alone training epochs per cell.")
+flags.DEFINE_integer("bn_batches", 4, "BN recalibration batches per scored cell.")
+flags.DEFINE_integer("top_k", 5, "Top-k overlap between the two rankings.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST folder (default: the Debian package's).")
+flags.DEFINE_string("workdir", "runs/spos_correlation", "Supernet checkpoints and the "
+                    "stand-alone cache go under it.")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        "spos_correlation.json"), "Per-cell JSON output.")
+FLAGS = flags.FLAGS
+
+
+def ranks(x) -> np.ndarray:
+  """Ranks 0..n-1 of ``x``; ties share their average rank."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  r = np.empty(len(x), np.float64)
+  r[order] = np.arange(len(x), dtype=np.float64)
+  for v in np.unique(x):
+    tie = x == v
+    if tie.sum() > 1:
+      r[tie] = r[tie].mean()
+  return r
+
+
+def spearman(a, b) -> float:
+  """Spearman's rho: the Pearson correlation of average ranks."""
+  ra, rb = ranks(a), ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+  return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def kendall_tau_b(a, b) -> float:
+  """Kendall's tau-b (ties in either variable corrected), O(n^2)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  da = np.sign(a[:, None] - a[None, :])
+  db = np.sign(b[:, None] - b[None, :])
+  iu = np.triu_indices(len(a), 1)
+  da, db = da[iu], db[iu]
+  denom = np.sqrt(np.count_nonzero(da) * np.count_nonzero(db))
+  return float((da * db).sum() / denom) if denom > 0 else float("nan")
+
+
+def top_k_overlap(a, b, k: int) -> float:
+  """|top-k by a ∩ top-k by b| / k (ties broken by index)."""
+  top = lambda x: set(np.argsort(-np.asarray(x, np.float64), kind="stable")[:k].tolist())
+  return len(top(a) & top(b)) / k
+
+
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def agreement(supernet, standalone, k) -> dict:
+  return {"n": len(supernet), "spearman": round(spearman(supernet, standalone), 4),
+          "kendall_tau_b": round(kendall_tau_b(supernet, standalone), 4),
+          f"top{k}_overlap": round(top_k_overlap(supernet, standalone, k), 4)}
+
+
+def main(argv):
+  del argv
+  import jax
+  from jaxnas.estimators import one_shot
+  from jaxnas.estimators.nb201 import load_table
+  from jaxnas.estimators.training import ProxySpec, train_evaluator
+  from jaxnas.estimators.zero_cost import is_connected
+  from jaxnas.models import cost
+  from jaxnas.spaces import nb201_space
+
+  t0 = time.time()
+  space = nb201_space()
+  config = one_shot.SupernetConfig(
+      dataset="fashion_mnist", data_dir=FLAGS.data_dir, epochs=FLAGS.supernet_epochs,
+      channels=FLAGS.channels, cells=FLAGS.cells, batch_size=FLAGS.batch_size,
+      train_fraction=FLAGS.train_fraction, bn_batches=FLAGS.bn_batches)
+
+  # Distinct cells: draw uniformly until there are enough (deterministic in --seed).
+  cells, seen, i = [], set(), 0
+  while len(cells) < FLAGS.num_archs:
+    arch = np.asarray(space.sample(jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), i)))
+    i += 1
+    if tuple(arch) not in seen:
+      seen.add(tuple(arch))
+      cells.append(arch)
+  cells = np.stack(cells).astype(np.int32)
+
+  trained_by = {k: v for k, v in config._asdict().items() if k not in ("bn_batches", "plan")}
+  supernet_dir = os.path.join(FLAGS.workdir, f"supernet-{_digest(trained_by)}")
+  evaluator = one_shot.supernet_evaluator(config, supernet_dir)
+  t_supernet = time.time() - t0
+  print(f"supernet ready in {t_supernet:.0f} s", flush=True)
+  t1 = time.time()
+  supernet = np.asarray(jax.block_until_ready(evaluator.evaluate(None, cells)))
+  t_score = time.time() - t1
+  print(f"scored {len(cells)} cells with inherited weights in {t_score:.1f} s", flush=True)
+
+  spec = ProxySpec(dataset="fashion_mnist", data_dir=FLAGS.data_dir,
+                   epochs=FLAGS.standalone_epochs, channels=FLAGS.channels, cells=FLAGS.cells,
+                   batch_size=FLAGS.batch_size, train_fraction=FLAGS.train_fraction)
+  train_seed = FLAGS.seed if FLAGS.standalone_seed is None else FLAGS.standalone_seed
+  cache = os.path.join(FLAGS.workdir, "standalone-" + _digest(
+      {"spec": spec._asdict(), "seed": train_seed, "cells": cells.tolist()}) + ".json")
+  t1 = time.time()
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    standalone = np.asarray(cached["accuracy"], np.float32)
+    t_standalone = cached["seconds"]
+    print(f"stand-alone accuracies from {cache} (trained in {t_standalone:.0f} s)", flush=True)
+  else:
+    standalone = np.asarray(train_evaluator(spec).evaluate(jax.random.PRNGKey(train_seed), cells))
+    t_standalone = time.time() - t1
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(cache, "w") as f:
+      json.dump({"accuracy": standalone.tolist(), "seconds": round(t_standalone, 1)}, f)
+    print(f"trained {len(cells)} cells stand-alone in {t_standalone:.0f} s", flush=True)
+
+  table = load_table()["val/cifar10"][np.asarray(space.rank(cells))]
+  # The cheapest baseline every cheap estimator must beat (White et al. 2022): parameter count.
+  ds_image, ds_channels = 28, 1  # Fashion-MNIST
+  params = np.asarray(jax.vmap(lambda a: cost(a, FLAGS.channels, FLAGS.cells, 10, ds_channels,
+                                              ds_image)[0])(cells))
+  connected = np.asarray(is_connected(cells))
+  ok = np.isfinite(standalone) & np.isfinite(supernet)
+  k = FLAGS.top_k
+  summary = {
+      "experiment": "spos_correlation",
+      "config": {name: getattr(FLAGS, name) for name in (
+          "num_archs", "seed", "standalone_seed", "channels", "cells", "batch_size", "train_fraction",
+          "supernet_epochs", "standalone_epochs", "bn_batches", "top_k")},
+      "supernet_dir": supernet_dir,
+      "all_cells": agreement(supernet[ok], standalone[ok], k),
+      "connected_cells": agreement(supernet[ok & connected], standalone[ok & connected], k),
+      "spearman_vs_nb201_cifar10_val12": {
+          "supernet": round(spearman(supernet[ok], table[ok]), 4),
+          "standalone": round(spearman(standalone[ok], table[ok]), 4)},
+      "spearman_vs_params": {
+          "supernet": round(spearman(supernet[ok], params[ok]), 4),
+          "standalone": round(spearman(standalone[ok], params[ok]), 4),
+          "nb201_cifar10_val12": round(spearman(table[ok], params[ok]), 4)},
+      "mean_accuracy": {"supernet": round(float(np.nanmean(supernet)), 3),
+                        "standalone": round(float(np.nanmean(standalone)), 3)},
+      "failed_standalone": int(np.sum(~np.isfinite(standalone))),
+      "seconds": {"supernet_train": round(t_supernet, 1), "supernet_score": round(t_score, 1),
+                  "standalone_train": round(t_standalone, 1),
+                  "total": round(time.time() - t0, 1)},
+      "backend": jax.default_backend(),
+  }
+  per_cell = [{"arch": space.encode(c), "supernet": float(s), "standalone": float(a),
+               "nb201_cifar10_val12": float(v), "params": int(n), "connected": bool(cn)}
+              for c, s, a, v, n, cn in zip(cells, supernet, standalone, table, params, connected)]
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"summary": summary, "cells": per_cell}, f, indent=1)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
