@@ -119,9 +119,34 @@ def test_supernet_with_one_hot_weights_runs_and_derive_picks_the_strongest_edges
   assert arch.normal_ops[6:].tolist() == [1, 5]
 
 
-def test_darts_space_needs_the_darts_strategy():
+def test_darts_space_needs_the_darts_strategy_or_training():
   with pytest.raises(runner.UserError, match="--space=darts"):
     runner.validate(runner.SearchConfig(space="darts", strategy="evolution"))
+  with pytest.raises(runner.UserError, match="--space=darts"):
+    runner.validate(runner.SearchConfig(space="darts", strategy="hyperband", evaluator="train",
+                                        dataset="fashion_mnist"))
+  runner.validate(runner.SearchConfig(space="darts", strategy="evolution", evaluator="train",
+                                      dataset="fashion_mnist"))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
+def test_evolution_with_real_training_in_the_darts_space(tmp_path):
+  """--space=darts --evaluator=train --strategy=evolution: DARTS-space populations trained as
+  one program per generation; results name Genotype cells with their exact cost."""
+  config = runner.SearchConfig(
+      evaluator="train", dataset="fashion_mnist", strategy="evolution", space="darts",
+      budget=4, num_seeds=1, checkpoint_every=1,
+      strategy_args=(("batch_size", 2), ("population_size", 2), ("tournament_size", 2)),
+      evaluator_args=(("batch_size", 16), ("cells", 3), ("channels", 2), ("epochs", 0.2),
+                      ("train_fraction", 0.004)))
+  results = runner.run(config, str(tmp_path / "search"))
+  best = results["summary"]["best_arch"]
+  arch = darts_space().decode(best)
+  assert best.startswith("Genotype(") and 10.0 <= results["summary"]["best_score_mean"] <= 100.0
+  from jaxnas.models.darts_net import darts_cost
+  run = results["runs"][0]
+  assert run["params"] == int(darts_cost(arch, 2, 3, 10, 1, 28)[0])
+  assert "--cells=3" in results["summary"]["retrain_command"]
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
@@ -224,3 +249,66 @@ def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
     k = i - max(0, j - 1)
     got = jax.tree.map(lambda a: a[k], new["batch_stats"][f"src{j}"]["ops"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, st)
+
+
+def _conv_macs(jaxpr) -> int:
+  """Multiply-accumulates of every convolution and matmul in a jaxpr (sub-jaxprs included)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      rhs, dn = eqn.invars[1].aval, eqn.params["dimension_numbers"]
+      per_out = np.prod([rhs.shape[i] for i in dn.rhs_spec[2:]]) * rhs.shape[dn.rhs_spec[1]]
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * int(per_out)
+    elif eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      depth = np.prod([eqn.invars[0].aval.shape[i] for i in contract])
+      total += int(np.prod(eqn.outvars[0].aval.shape)) * int(depth)
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += _conv_macs(inner)
+  return total
+
+
+@pytest.mark.parametrize("layers,image", [(5, 28), (8, 32), (3, 9)])
+def test_darts_cost_is_exact(layers, image, monkeypatch):
+  """darts_cost's parameters equal the specialised network's tree; its FLOPs equal the
+  multiply-accumulates of every conv and matmul in the network's forward jaxpr (depthwise
+  as XLA's grouped conv so that each one is a conv primitive)."""
+  from jaxnas.models import darts_net
+  monkeypatch.setattr(darts_net, "depthwise", darts_net.depthwise_reference)
+  space = darts_space()
+  for seed in range(3):
+    arch = space.sample(jax.random.PRNGKey(seed))
+    net = DartsNetwork(channels=4, layers=layers, num_classes=10,
+                       fixed_arch=fixed_genotype(arch))
+    x = jnp.zeros((1, image, image, 1))
+    v = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, None, False))
+    params, flops = jax.jit(darts_net.darts_cost, static_argnums=range(1, 6))(
+        arch, 4, layers, 10, 1, image)
+    assert int(params) == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(v["params"]))
+    jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x, None, train=False))(v, x).jaxpr
+    assert int(flops) == _conv_macs(jaxpr)
+
+
+def test_darts_space_population_trains_as_one_program():
+  """A DartsArch population trains with the map plan (one program, only each member's ops)
+  exactly as member by member, and scores come back per member."""
+  from jaxnas.models import TrainConfig, make_data, train_population_metrics
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 255, (96, 8, 8, 1), dtype=np.uint8)
+  y = (x.reshape(96, -1).mean(1) > 127).astype(np.int32)
+  data = make_data(x[:64], y[:64], x[64:], y[64:], (0.5,), (0.25,))
+  space = darts_space()
+  archs = jax.vmap(space.sample)(jax.random.split(jax.random.PRNGKey(5), 2))
+  config = TrainConfig(steps=3, batch_size=8, channels=2, cells=3, num_classes=2,
+                       eval_batch_size=32, plan="map", space="darts")
+  key = jax.random.PRNGKey(1)
+  a = train_population_metrics(archs, key, data, config)
+  b = train_population_metrics(archs, key, data, config._replace(plan="sequential"))
+  assert a["val_accuracy"].shape == (2,) and not bool(jnp.any(a["failed"]))
+  np.testing.assert_allclose(np.asarray(a["losses"]), np.asarray(b["losses"]), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(a["val_accuracy"]), np.asarray(b["val_accuracy"]))
+  with pytest.raises(ValueError, match="DartsArch"):
+    train_population_metrics(jnp.zeros((2, 6), jnp.int32), key, data, config)

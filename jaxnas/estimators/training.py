@@ -21,7 +21,6 @@ import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxnas.datasets import load_dataset, train_val_split
@@ -29,7 +28,8 @@ from jaxnas.estimators.base import Evaluator
 from jaxnas.models import (TrainConfig, cost, make_data, resolve_plan,
                            train_population_metrics)
 from jaxnas.models.sharded import population_mesh, train_population_sharded
-from jaxnas.spaces import nb201_space
+from jaxnas.models.darts_net import darts_cost
+from jaxnas.spaces import darts_space, nb201_space
 
 
 class ProxySpec(NamedTuple):
@@ -47,6 +47,7 @@ class ProxySpec(NamedTuple):
   augment: bool | None = None  # None: crop + flip for CIFAR, nothing for (Fashion-)MNIST
   split_seed: int = 0
   plan: str = "auto"
+  space: str = "nb201"  # "darts": DARTS-space networks with ``cells`` cells in all
 
 
 def _validate(spec: ProxySpec) -> None:
@@ -87,39 +88,47 @@ def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> Tra
   augment = spec.augment if spec.augment is not None else spec.dataset.startswith("cifar")
   return TrainConfig(steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                      weight_decay=spec.weight_decay, channels=spec.channels, cells=spec.cells,
-                     num_classes=num_classes, augment=augment, plan=spec.plan)
+                     num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space)
 
 
 def train_evaluator(spec: ProxySpec = ProxySpec()) -> Evaluator:
-  """Scores NAS-Bench-201 cells by short real training (validation accuracy, %).
+  """Scores cells by short real training (validation accuracy, %).
 
-  ``evaluate(key, archs)`` trains the whole batch ``archs`` (``int32[P, 6]``)
-  as one population and returns validation accuracy in percent, NaN for a
-  candidate whose training diverged (the search records it as failed).
-  ``report`` gives the specialised network's exact parameter count and FLOPs
-  (jittable), so results.json carries the cost of every chosen cell.
+  ``evaluate(key, archs)`` trains the whole batch ``archs`` (NAS-Bench-201:
+  ``int32[P, 6]``; ``spec.space="darts"``: a ``DartsArch`` of ``int32[P, 8]``,
+  trained as ``DartsNetwork`` with ``spec.cells`` cells in all) as one
+  population and returns validation accuracy in percent, NaN for a candidate
+  whose training diverged (the search records it as failed). ``report`` gives
+  the specialised network's exact parameter count and FLOPs (jittable), so
+  results.json carries the cost of every chosen cell.
   """
+  if spec.space not in ("nb201", "darts"):
+    raise ValueError(f"unknown space {spec.space!r}; choose one of nb201, darts")
   ds, data = search_split(spec)
   config = proxy_train_config(spec, ds.num_classes, int(data.train_labels.shape[0]))
-  space = nb201_space()
+  space = nb201_space() if spec.space == "nb201" else darts_space()
   image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
+  cost_of = cost if spec.space == "nb201" else darts_cost
 
   # Sharded over all devices (of all processes) when there is more than one;
   # the per-member results are the same as on one device (tests/test_sharding.py).
-  sharded = jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
+  # DARTS-space populations use the local devices only (train_population_metrics).
+  sharded = (jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
+             and spec.space == "nb201")
   mesh = population_mesh() if sharded else None
 
   def evaluate(key, archs):
     if sharded:
       metrics = train_population_sharded(archs, key, data, config, mesh=mesh)
     else:
-      metrics = train_population_metrics(jnp.asarray(archs, jnp.int32), key, data, config)
+      metrics = train_population_metrics(archs, key, data, config)
     return 100.0 * metrics["val_accuracy"]
 
   def report(archs):
-    params, flops = jax.vmap(lambda a: cost(a, spec.channels, spec.cells, ds.num_classes,
-                                            in_channels, image))(archs)
+    params, flops = jax.vmap(lambda a: cost_of(a, spec.channels, spec.cells, ds.num_classes,
+                                               in_channels, image))(archs)
     return {"params": params, "flops": flops}
 
-  return Evaluator(name=f"train/{spec.dataset}", space=space, evaluate=evaluate, report=report,
+  name = f"train/{spec.dataset}" + ("" if spec.space == "nb201" else f"/{spec.space}")
+  return Evaluator(name=name, space=space, evaluate=evaluate, report=report,
                    jittable=False)

@@ -598,3 +598,50 @@ def derive_darts(alpha: dict) -> DartsArch:
   n_ops, n_in = cell(alpha["normal"])
   r_ops, r_in = cell(alpha["reduce"])
   return DartsArch(n_ops, n_in, r_ops, r_in)
+
+
+def darts_cost(arch: DartsArch, channels: int = 16, layers: int = 8, num_classes: int = 10,
+               in_channels: int = 3, image_size: int = 32, stem_multiplier: int = 3):
+  """Exact parameter count and FLOPs of the specialised ``DartsNetwork`` of ``arch``
+  (jittable, vmappable over a batch of ``DartsArch``).
+
+  Same conventions as ``nb201_net.cost``: trainable parameters (conv kernels,
+  BN scale/bias, classifier; not BN statistics); FLOPs are the
+  multiply-accumulates of convolutions (depthwise and pointwise) and the
+  classifier, BN/ReLU/pooling/sums not counted. Returns int32 scalars.
+  """
+  def per_slot(ops, strided, c, h):
+    """Params and MACs of each of the 8 slots' chosen ops, at c channels, output side h."""
+    k2 = jnp.asarray([0, 0, 0, 0, 9, 25, 9, 25], jnp.int32)[ops]
+    stages = jnp.asarray([0, 0, 0, 0, 2, 2, 1, 1], jnp.int32)[ops]
+    p = stages * (k2 * c + c * c + 2 * c)
+    f = stages * h * h * (k2 * c + c * c)
+    fr = (ops == SKIP) & strided  # a strided skip_connect is a FactorizedReduce
+    p = p + jnp.where(fr, c * c + 2 * c, 0)
+    f = f + jnp.where(fr, h * h * c * c, 0)
+    return jnp.sum(p), jnp.sum(f)
+
+  c = stem_multiplier * channels
+  params = 9 * in_channels * c + 2 * c
+  flops = image_size * image_size * 9 * in_channels * c
+  h_p = image_size
+  c_pp = c_p = c
+  c = channels
+  for layer in range(layers):
+    reduction = is_reduction(layer, layers)
+    c = c * 2 if reduction else c
+    # Preprocessing: 1x1 convs (FactorizedReduce or ReLU-Conv-BN) to c channels at h_p.
+    params += (c_pp + c_p) * c + 4 * c
+    flops += h_p * h_p * (c_pp + c_p) * c
+    h = (h_p - 1) // 2 + 1 if reduction else h_p
+    if reduction:
+      ops, inputs = jnp.asarray(arch.reduce_ops), jnp.asarray(arch.reduce_inputs)
+      strided = inputs < 2
+    else:
+      ops, strided = jnp.asarray(arch.normal_ops), jnp.zeros(8, bool)
+    p, f = per_slot(ops.astype(jnp.int32), strided, c, h)
+    params, flops = params + p, flops + f
+    c_pp, c_p, h_p = c_p, 4 * c, h
+  params = params + c_p * num_classes + num_classes
+  flops = flops + c_p * num_classes
+  return jnp.asarray(params, jnp.int32), jnp.asarray(flops, jnp.int32)

@@ -39,8 +39,9 @@ import numpy as np
 import optax
 
 from jaxnas.datasets.loaders import make_preprocess
-from jaxnas.models.darts_net import DartsNetwork
+from jaxnas.models.darts_net import DartsNetwork, fixed_genotype
 from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
+from jaxnas.spaces.darts import DartsArch
 
 PLANS = ("map", "vmap", "sequential", "sequential_static")
 
@@ -234,36 +235,58 @@ def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
   return jax.jit(train)
 
 
-def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
-                             lr_scales=None):
-  """Trains every ``archs[p]`` (``int32[P, 6]``) and returns stacked per-member metrics.
-
-  ``lr_scales`` (``float32[P]``, default ones) multiplies each member's learning rate.
-  """
-  config = resolve_plan(config)
+def _population(archs, config: TrainConfig):
+  """``archs`` as a batched architecture pytree of int32 arrays, and its size ``P``."""
+  if config.space == "darts":
+    archs = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), archs)
+    sizes = {a.shape[0] if a.ndim == 2 and a.shape[1] == 8 else None
+             for a in jax.tree.leaves(archs)}
+    if not isinstance(archs, DartsArch) or len(sizes) != 1 or None in sizes:
+      raise ValueError("archs must be a DartsArch of int32[P, 8] arrays")
+    return archs, sizes.pop()
   archs = jnp.asarray(archs, jnp.int32)
   if archs.ndim != 2 or archs.shape[1] != 6:
     raise ValueError(f"archs must be int32[P, 6], got shape {archs.shape}")
+  return archs, archs.shape[0]
+
+
+def _fixed_arch(arch, config: TrainConfig):
+  """The hashable ``fixed_arch`` of one member (the specialised network's cell)."""
+  if config.space == "darts":
+    return fixed_genotype(arch)
+  return tuple(int(o) for o in np.asarray(arch))
+
+
+def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
+                             lr_scales=None):
+  """Trains every member of ``archs`` and returns stacked per-member metrics.
+
+  ``archs`` is the space's batched architecture pytree: ``int32[P, 6]`` for
+  NAS-Bench-201, a ``DartsArch`` of ``int32[P, 8]`` for ``config.space="darts"``.
+  ``lr_scales`` (``float32[P]``, default ones) multiplies each member's learning rate.
+  """
+  config = resolve_plan(config)
+  archs, size = _population(archs, config)
   data_key, init_key = jax.random.split(key)
-  keys = jax.random.split(init_key, archs.shape[0])
-  scales = jnp.ones(archs.shape[0], jnp.float32) if lr_scales is None else jnp.asarray(
+  keys = jax.random.split(init_key, size)
+  scales = jnp.ones(size, jnp.float32) if lr_scales is None else jnp.asarray(
       lr_scales, jnp.float32)
-  if config.plan == "map" and archs.shape[0] % jax.local_device_count():
+  if config.plan == "map" and size % jax.local_device_count():
     # Shard evenly: pad with copies of the first member, drop their results.
-    p, pad = archs.shape[0], -archs.shape[0] % jax.local_device_count()
-    grow = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)])
+    pad = -size % jax.local_device_count()
+    grow = lambda t: jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]), t)
     out = _compiled(config, "map")(grow(archs), grow(keys), data_key, data, grow(scales))
-    return jax.tree_util.tree_map(lambda a: a[:p], out)
+    return jax.tree_util.tree_map(lambda a: a[:size], out)
   if config.plan in ("vmap", "map"):
     return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
   outs = []
-  for p in range(archs.shape[0]):
+  for p in range(size):
+    arch = jax.tree.map(lambda a: a[p], archs)
     if config.plan == "sequential":
-      outs.append(_compiled(config, "sequential")(archs[p], keys[p], data_key, data, scales[p]))
+      outs.append(_compiled(config, "sequential")(arch, keys[p], data_key, data, scales[p]))
     else:
-      fixed = tuple(int(o) for o in np.asarray(archs[p]))
-      outs.append(_compiled(config, "sequential_static", fixed)(archs[p], keys[p], data_key,
-                                                                 data, scales[p]))
+      outs.append(_compiled(config, "sequential_static", _fixed_arch(arch, config))(
+          arch, keys[p], data_key, data, scales[p]))
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
