@@ -142,7 +142,9 @@ def test_evolution_with_real_training_in_the_darts_space(tmp_path):
   results = runner.run(config, str(tmp_path / "search"))
   best = results["summary"]["best_arch"]
   arch = darts_space().decode(best)
-  assert best.startswith("Genotype(") and 10.0 <= results["summary"]["best_score_mean"] <= 100.0
+  # A few SGD steps: scores are valid accuracies, not yet far from chance.
+  assert best.startswith("Genotype(") and 0.0 < results["summary"]["best_score_mean"] <= 100.0
+  assert len(results["runs"][0]["trajectory"]) == 4
   from jaxnas.models.darts_net import darts_cost
   run = results["runs"][0]
   assert run["params"] == int(darts_cost(arch, 2, 3, 10, 1, 28)[0])
