@@ -12,6 +12,7 @@ never deleted) and the previous one is tried.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from typing import Any
@@ -93,3 +94,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def truncate_log(path: str, upto: int, field: str = "step") -> None:
+  """Drops the JSON lines of ``path`` whose ``field`` is past ``upto`` (written after the
+  checkpoint a resume starts from, before a kill), and a torn last line; atomic."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)[field] <= upto:
+          keep.append(line)
+      except (json.JSONDecodeError, KeyError):
+        break  # a torn last line
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)

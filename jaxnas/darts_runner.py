@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas.checkpoint import Checkpointer, CheckpointError, truncate_log
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -93,7 +93,7 @@ def run(config, workdir: str, darts, data, write_json) -> dict:
     epoch, state, meta = restored
     elapsed = float(meta.get("elapsed_s", 0.0))
     logging.info("resuming from checkpoint at epoch %d of %d", epoch, darts.config.epochs)
-    _truncate(metrics_path, epoch)
+    truncate_log(metrics_path, epoch)
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
   space = darts.supernet.space
@@ -192,9 +192,3 @@ def _read_history(path):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate(path, epoch):
-  lines = [h for h in _read_history(path) if h["epoch"] <= epoch]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(h) + "\n" for h in lines)

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxnas.checkpoint import truncate_log
+
 STATE_FILE = "hyperband_state.json"
 
 
@@ -90,7 +92,7 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> tuple[
     with open(state_path) as f:
       state = json.load(f)
     logging.info("resuming from hyperband state at rung %d", state["rung_counter"])
-    _truncate(metrics_path, state["rung_counter"])
+    truncate_log(metrics_path, state["rung_counter"])
   else:
     state = _initial_state(config)
     if os.path.exists(metrics_path):
@@ -192,15 +194,6 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
           "budget": {"evaluations": config.budget, "evaluations_used": state["evaluations"],
                      "epochs_used": state["epochs_used"], "max_epochs": max_epochs,
                      "max_hours": config.max_hours, "stopped_early": stopped}}
-
-
-def _truncate(path, step):
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
 
 
 def _write_atomic(path, obj):

@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from jaxnas import darts_runner, estimators, multifidelity, pareto
-from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas.checkpoint import Checkpointer, CheckpointError, truncate_log
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
 from jaxnas.estimators.training import ProxySpec, train_evaluator
@@ -243,24 +243,6 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops log lines past ``step`` (written before a kill, after the last checkpoint)."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= step:
-          keep.append(line)
-      except (json.JSONDecodeError, KeyError):
-        break  # a torn last line
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
-
-
 def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
   """Per-step lines (mean/std/min/max over seeds) from stacked chunk metrics [seeds, steps]."""
   lines = []
@@ -380,7 +362,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     step, state, meta = restored
     elapsed = float(meta.get("elapsed_s", 0.0))
     logging.info("resuming from checkpoint at step %d of %d", step, num_steps)
-    _truncate_metrics(metrics_path, step)
+    truncate_log(metrics_path, step)
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
 

@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxnas.checkpoint import Checkpointer
+from jaxnas.checkpoint import Checkpointer, truncate_log
 from jaxnas.datasets import make_preprocess
 from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.training import ProxySpec, search_split
@@ -372,23 +372,6 @@ def _programs(config: SupernetConfig, num_classes: int, image_shape: tuple, num_
           jax.jit(make_scorer(config, num_classes), compiler_options=options))
 
 
-def _truncate_log(path: str, epoch: int) -> None:
-  """Drops log lines past ``epoch`` (written before a kill, after the last checkpoint)."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["epoch"] <= epoch:
-          keep.append(line)
-      except (json.JSONDecodeError, KeyError):
-        break  # a torn last line
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-
-
 def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
                    workdir: str | None = None, compiler_options: dict | None = None) -> SposState:
   """Trains the SPOS supernet epoch by epoch; returns its final state.
@@ -430,7 +413,7 @@ def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
       epoch, state, meta = restored
       elapsed = float(meta.get("elapsed_s", 0.0))
       logging.info("supernet: resuming from epoch %d of %d", epoch, spos.num_epochs)
-      _truncate_log(log_path, epoch)
+      truncate_log(log_path, epoch, "epoch")
     elif os.path.exists(log_path):
       os.remove(log_path)
   while epoch < spos.num_epochs:
