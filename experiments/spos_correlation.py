@@ -33,6 +33,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jaxnas.multifidelity import spearman  # noqa: E402  (average ranks for ties)
+
 flags.DEFINE_integer("num_archs", 32, "Distinct random NB201 cells scored both ways.")
 flags.DEFINE_integer("seed", 0, "Seed of the cell sample (and of stand-alone training).")
 flags.DEFINE_integer("standalone_seed", None, "Seed of stand-alone training (init, minibatch "
@@ -51,27 +53,6 @@ flags.DEFINE_string("workdir", "runs/spos_correlation", "Supernet checkpoints an
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         "spos_correlation.json"), "Per-cell JSON output.")
 FLAGS = flags.FLAGS
-
-
-def ranks(x) -> np.ndarray:
-  """Ranks 0..n-1 of ``x``; ties share their average rank."""
-  x = np.asarray(x, np.float64)
-  order = np.argsort(x, kind="stable")
-  r = np.empty(len(x), np.float64)
-  r[order] = np.arange(len(x), dtype=np.float64)
-  for v in np.unique(x):
-    tie = x == v
-    if tie.sum() > 1:
-      r[tie] = r[tie].mean()
-  return r
-
-
-def spearman(a, b) -> float:
-  """Spearman's rho: the Pearson correlation of average ranks."""
-  ra, rb = ranks(a), ranks(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-  return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
 def kendall_tau_b(a, b) -> float:
