@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxnas.datasets import DatasetError, load_fashion_mnist, train_val_split  # noqa: E402
-from jaxnas.models import train as train_lib  # noqa: E402
+from jaxnas.models import nb201_net, train as train_lib  # noqa: E402
 from jaxnas.spaces import nb201_space  # noqa: E402
 
 
@@ -93,6 +93,8 @@ def main():
   p.add_argument("--plan", default="auto", help="auto, " + ", ".join(train_lib.PLANS))
   p.add_argument("--op_impl", default="auto", help="auto, switch, onehot, kernel")
   p.add_argument("--map_batch", type=int, default=1)
+  p.add_argument("--conv_impl", default="auto",
+                 help="auto (per backend), " + ", ".join(nb201_net.CONV_IMPLS))
   p.add_argument("--val_examples", type=int, default=1000)
   p.add_argument("--val_fraction", type=float, default=1 / 12)
   p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
@@ -104,6 +106,8 @@ def main():
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
   args = p.parse_args()
   cpu_devices = setup_cpu_devices(args.cpu_devices)
+  if args.conv_impl != "auto":
+    nb201_net.CONV_IMPL = args.conv_impl
 
   source, arrays = load_data(args)
   data = train_lib.make_data(*arrays)
@@ -150,6 +154,7 @@ def main():
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
       "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
+      "conv_impl": nb201_net.conv_impl(),
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,

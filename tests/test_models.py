@@ -57,9 +57,10 @@ def test_arch_as_data_equals_specialised(op_impl):
                                   new_s["batch_stats"], atol=1e-5, rtol=1e-5)
 
 
-def test_conv_vjp_matches_autodiff():
-  # Covers each kernel-gradient form: im2col (k*k*cin <= 64), per-tap matmuls
-  # (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too.
+@pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
+def test_conv_vjp_matches_autodiff(impl):
+  # Covers each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap
+  # matmuls (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too.
   for n, cin, h, k, stride in [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2),
                                (2, 8, 8, 3, 1), (8, 8, 8, 3, 1), (8, 8, 7, 3, 2), (8, 8, 6, 1, 2)]:
     # numpy draws: jax.random.normal would compile a sampler per shape (~1 s each).
@@ -69,11 +70,33 @@ def test_conv_vjp_matches_autodiff():
     p = k // 2
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: net_lib.conv2d(x, w, stride)
+    ours = lambda x, w: net_lib.conv2d(x, w, stride, impl=impl)
     g = rng.standard_normal(jax.eval_shape(ref, x, w).shape, np.float32)
     expected, got = (_compile(functools.partial(_value_and_vjp, conv), x, w, g)(x, w, g)
                      for conv in (ref, ours))
     chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
+def test_conv_impls_agree_under_vmap(impl):
+  # A population's per-member kernels: vmap over (x, w) as the vmap plan does.
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, 4, 7, 7, 6), np.float32)
+  w = rng.standard_normal((3, 3, 3, 6, 5), np.float32)
+  for stride in (1, 2):
+    f = lambda impl: jax.vmap(functools.partial(_value_and_vjp, lambda x, w: net_lib.conv2d(
+        x, w, stride, impl=impl)))
+    y = jax.eval_shape(jax.vmap(lambda x, w: net_lib.conv2d(x, w, stride, impl="xla")), x, w)
+    g = rng.standard_normal(y.shape, np.float32)
+    chex.assert_trees_all_close(jax.jit(f(impl))(x, w, g), jax.jit(f("xla"))(x, w, g),
+                                atol=1e-4, rtol=1e-5)
+
+
+def test_conv_impl_choice():
+  assert net_lib.conv_impl("cpu") == "taps"
+  assert net_lib.conv_impl("gpu") in net_lib.CONV_IMPLS
+  with pytest.raises(ValueError, match="unknown conv impl"):
+    net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
 
 
 def _value_and_vjp(f, x, w, g):

@@ -57,13 +57,13 @@ def _conv(x, kernel, stride, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
                                       dimension_numbers=_DN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_canonical(x, kernel, stride, pad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_canonical(x, kernel, stride, pad, im2col=False):
   return _conv(x, kernel, stride, ((pad, pad), (pad, pad)))
 
 
-def _conv_canonical_fwd(x, kernel, stride, pad):
-  return _conv_canonical(x, kernel, stride, pad), (x, kernel)
+def _conv_canonical_fwd(x, kernel, stride, pad, im2col=False):
+  return _conv_canonical(x, kernel, stride, pad, im2col), (x, kernel)
 
 
 def _tap(xp, i, j, ho, wo, stride):
@@ -87,7 +87,7 @@ def _kernel_grad_taps(xp, g, k, stride):
   return jnp.stack(taps).reshape(k, k, g.shape[-1], xp.shape[-1]).transpose(0, 1, 3, 2)
 
 
-def _kernel_grad(x, g, k, stride, pad, chunk=4):
+def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   """Kernel gradient of the NHWC conv: a sum over batch chunks of per-tap matmuls.
 
   Measured in a scan body on CPU (experiments/NOTES_population.md): 1.5-3x
@@ -95,11 +95,12 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4):
   inputs with batch-as-features output gradients (3x for stride 2, which that
   conv computes on a 4x4 window), and a 1x1 conv is a single matmul (6x). Chunks of ``chunk`` images keep each tap's
   operands in cache; tiny kernels (the stem: ``k*k*Cin <= 64``) take one
-  im2col matmul.
+  im2col matmul. ``im2col=True`` always takes that one matmul (accelerators:
+  the chunk scan is hundreds of tiny serial kernels there).
   """
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
-  if k > 1 and k * k * x.shape[-1] <= 64:
+  if k > 1 and (im2col or k * k * x.shape[-1] <= 64):
     cols = jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)],
                            -1)
     dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
@@ -113,7 +114,7 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4):
   return jax.lax.scan(body, zero, (xc, gc))[0]
 
 
-def _conv_canonical_bwd(stride, pad, res, g):
+def _conv_canonical_bwd(stride, pad, im2col, res, g):
   # Both gradients written without autodiff's transposed convolutions: those
   # use permuted dimension labels that XLA:CPU only rewrites into its fast
   # (Eigen/YNNPACK) form in the entry computation; inside a conditional or a
@@ -127,19 +128,67 @@ def _conv_canonical_bwd(stride, pad, res, g):
   lo = k - 1 - pad
   pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo), (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
   dx = _conv(g, flipped, 1, pads, lhs_dilation=(stride, stride))
-  return dx, _kernel_grad(x, g, k, stride, pad)
+  return dx, _kernel_grad(x, g, k, stride, pad, im2col=im2col)
 
 
 _conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
-def conv2d(x, kernel, stride: int = 1, padding: int | None = None):
+def _conv_gemm(x, kernel, stride, pad):
+  """The conv as one matmul of its im2col patches (the ``k*k`` shifted windows side by side).
+
+  Autodiff of it is two more matmuls plus pads and adds, so under ``vmap``
+  (per-member kernels) everything is a batched GEMM instead of a grouped
+  convolution, whose backward pass cuDNN runs slowly (jax issue 13800).
+  """
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (x.shape[1] + 2 * pad - k) // stride + 1
+  wo = (x.shape[2] + 2 * pad - k) // stride + 1
+  cols = jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)], -1)
+  return cols @ kernel.reshape(-1, kernel.shape[-1])
+
+
+CONV_IMPLS = ("taps", "im2col", "gemm", "xla")
+# Experiments may set this to one of CONV_IMPLS before tracing; None picks per backend.
+CONV_IMPL: str | None = None
+
+
+def conv_impl(backend: str | None = None) -> str:
+  """How ``conv2d`` computes, chosen at trace time (like ``darts_net.depthwise``).
+
+  * ``"taps"``: XLA's conv forward, a hand-written VJP in canonical layouts with
+    the kernel gradient as per-tap matmuls over cache-sized batch chunks
+    (``_conv_canonical_bwd``; XLA:CPU, experiments/NOTES_population.md).
+  * ``"im2col"``: the same VJP, the kernel gradient as one im2col matmul.
+  * ``"gemm"``: forward and both gradients as matmuls (``_conv_gemm``).
+  * ``"xla"``: XLA's conv and autodiff's transposed convolutions.
+  """
+  impl = CONV_IMPL
+  if impl is None:
+    impl = "taps" if (backend or jax.default_backend()) == "cpu" else "im2col"
+  return _check_conv_impl(impl)
+
+
+def _check_conv_impl(impl: str) -> str:
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; choose one of {', '.join(CONV_IMPLS)}")
+  return impl
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int | None = None, impl: str | None = None):
   """NHWC conv with symmetric PyTorch-style padding (``SAME`` pads stride-2 convs asymmetrically).
 
-  Has a hand-written VJP in canonical conv layouts, see ``_conv_canonical_bwd``.
+  ``impl`` is one of ``CONV_IMPLS`` (default ``conv_impl()``); all compute the
+  same function and gradients.
   """
   p = kernel.shape[0] // 2 if padding is None else padding
-  return _conv_canonical(x, kernel, stride, p)
+  impl = conv_impl() if impl is None else _check_conv_impl(impl)
+  if impl == "gemm":
+    return _conv_gemm(x, kernel, stride, p)
+  if impl == "xla":
+    return _conv(x, kernel, stride, ((p, p), (p, p)))
+  return _conv_canonical(x, kernel, stride, p, impl == "im2col")
 
 
 def _pool_counts(h: int, w: int, stride: int = 1) -> np.ndarray:
