@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+T0 = time.perf_counter()
 from absl import app, flags
 
 flags.DEFINE_enum("space", "darts", ["darts", "nb201"], "Supernet space.")
@@ -76,6 +77,11 @@ class _PeakRss:
     return self.peak - self.base
 
 
+def _progress(msg: str):
+  """Partial results on stderr, so a run cut off by a timeout still says how far it got."""
+  print(f"[bench_darts +{time.perf_counter() - T0:.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def run_one(remat: bool) -> dict:
   import jax
   import jax.numpy as jnp
@@ -100,10 +106,12 @@ def run_one(remat: bool) -> dict:
   state = compile_once(darts.init, key, data)(key, data)  # as the CLI does it
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
+  _progress(f"init {init_s:.1f} s")
   step = jax.jit(darts.step, donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
+  _progress(f"compile {compile_s:.1f} s")
   mem = compiled.memory_analysis()
   state, m = compiled(state, data)  # warm-up
   jax.block_until_ready(m)

@@ -120,6 +120,8 @@ def main():
   metrics = train_lib.train_population_metrics(archs, key, data, config)
   acc = np.asarray(jax.block_until_ready(metrics["val_accuracy"]))
   end_to_end = time.perf_counter() - T_START
+  print(f"end_to_end_s {end_to_end:.3f} (steady state and compile_s follow)", file=sys.stderr,
+        flush=True)
 
   # Steady state: the same call again, every program already compiled.
   steady = float("nan")
