@@ -151,10 +151,11 @@ def main(argv):
   results = []
   for r in FLAGS.remat.split(","):
     args = [a for a in sys.argv[1:] if not a.startswith("--remat")]
+    # The child's stderr (progress lines, errors) passes straight through.
     proc = subprocess.run([sys.executable, __file__, *args, f"--remat={r}", "--child"],
-                          capture_output=True, text=True)
+                          stdout=subprocess.PIPE, text=True)
     if proc.returncode:
-      sys.exit(f"remat={r} failed:\n{proc.stderr[-3000:]}")
+      sys.exit(f"remat={r} failed (exit {proc.returncode})")
     line = proc.stdout.strip().splitlines()[-1]
     print(line, flush=True)
     results.append(json.loads(line))

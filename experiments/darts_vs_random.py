@@ -41,7 +41,9 @@ FLAGS = flags.FLAGS
 def _retrain(arch: str, seed: int) -> dict:
   c = retrain.RetrainConfig(arch=arch, epochs=FLAGS.retrain_epochs, channels=FLAGS.channels,
                             cells=FLAGS.cells, seed=seed)
-  tag = f"{hashlib.sha1(arch.encode()).hexdigest()[:10]}-s{seed}"
+  tag = hashlib.sha1(arch.encode()).hexdigest()[:10] + f"-s{seed}"
+  if (FLAGS.retrain_epochs, FLAGS.channels, FLAGS.cells) != (0.5, 8, 1):  # the first runs' tags
+    tag += f"-e{FLAGS.retrain_epochs:g}-c{FLAGS.channels}-n{FLAGS.cells}"
   return retrain.retrain(c, os.path.join(FLAGS.workdir, "retrain", tag))
 
 

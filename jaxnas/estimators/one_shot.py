@@ -59,7 +59,7 @@ from absl import logging
 from jaxnas.checkpoint import Checkpointer, truncate_log
 from jaxnas.datasets import make_preprocess
 from jaxnas.estimators.base import Evaluator
-from jaxnas.estimators.training import ProxySpec, search_split
+from jaxnas.estimators.training import ProxySpec, search_split, validate_spec
 from jaxnas.models import TrainConfig, TrainData, cost, make_optimizer, resolve_plan
 from jaxnas.models.nb201_net import CONV1, CONV3, NB201Network
 from jaxnas.spaces import nb201_space
@@ -100,16 +100,8 @@ class SupernetConfig(NamedTuple):
 
 def validate_config(config: SupernetConfig) -> SupernetConfig:
   """Checks a config at the edge (ValueError with one clear line); returns it."""
+  validate_spec(config)
   checks = [
-      (config.epochs > 0, f"epochs must be > 0, got {config.epochs}"),
-      (config.channels >= 1, f"channels must be >= 1, got {config.channels}"),
-      (config.cells >= 1, f"cells must be >= 1, got {config.cells}"),
-      (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
-      (0 < config.train_fraction <= 1,
-       f"train_fraction must be in (0, 1], got {config.train_fraction}"),
-      (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
-      (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
-      (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
       (config.bn_batches >= 0, f"bn_batches must be >= 0, got {config.bn_batches}"),
       (config.plan in SUPERNET_PLANS, f"plan {config.plan!r} does not apply to the supernet "
                                       f"evaluator; choose one of {', '.join(SUPERNET_PLANS)}"),

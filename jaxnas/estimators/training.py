@@ -50,7 +50,9 @@ class ProxySpec(NamedTuple):
   space: str = "nb201"  # "darts": DARTS-space networks with ``cells`` cells in all
 
 
-def _validate(spec: ProxySpec) -> None:
+def validate_spec(spec) -> None:
+  """Checks the proxy fields of ``spec`` (a ``ProxySpec`` or any config with those fields,
+  e.g. ``one_shot.SupernetConfig``) at the edge: ValueError with one clear line."""
   checks = [(spec.epochs > 0, f"epochs must be > 0, got {spec.epochs}"),
             (spec.channels >= 1, f"channels must be >= 1, got {spec.channels}"),
             (spec.cells >= 1, f"cells must be >= 1, got {spec.cells}"),
@@ -59,7 +61,8 @@ def _validate(spec: ProxySpec) -> None:
                                            f"{spec.train_fraction}"),
             (0 < spec.val_fraction < 1, f"val_fraction must be in (0, 1), got "
                                         f"{spec.val_fraction}"),
-            (spec.learning_rate > 0, f"learning_rate must be > 0, got {spec.learning_rate}")]
+            (spec.learning_rate > 0, f"learning_rate must be > 0, got {spec.learning_rate}"),
+            (spec.weight_decay >= 0, f"weight_decay must be >= 0, got {spec.weight_decay}")]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
@@ -67,7 +70,7 @@ def _validate(spec: ProxySpec) -> None:
 
 def search_split(spec: ProxySpec):
   """``(dataset, TrainData)``: the proxy's fixed train/validation data, on device."""
-  _validate(spec)
+  validate_spec(spec)
   ds = load_dataset(spec.dataset, spec.data_dir)
   tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, spec.val_fraction,
                                    spec.split_seed)
