@@ -63,7 +63,10 @@ def main(argv):
                                      ("epochs", FLAGS.search_epochs),
                                      ("train_fraction", FLAGS.search_fraction)))))
     runner.validate(config)
-    results = runner.run(config, os.path.join(FLAGS.workdir, f"search-{variant}-o{order}"))
+    name = f"search-{variant}-o{order}"
+    if (FLAGS.search_epochs, FLAGS.search_fraction) != (2.0, 0.2):  # the first runs' names
+      name += f"-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
+    results = runner.run(config, os.path.join(FLAGS.workdir, name))
     accs = [_retrain(r["best_arch"], 0)["test_accuracy"] for r in results["runs"]]
     rows[f"{variant} (order {order})"] = {
         "test_accuracy": accs, "cells": [r["best_arch"] for r in results["runs"]],

@@ -52,7 +52,7 @@ HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = ("nb201", "darts")
 # Strategies that train DARTS-space populations (--space=darts --evaluator=train).
-DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce")
+DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
@@ -357,7 +357,9 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     restored = ckpt.restore_latest(state)
   except CheckpointError as e:
     raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
-  step, elapsed = 0, 0.0
+  # Time spent building the evaluator (the SPOS supernet's training) counts
+  # against --max_hours; a resumed search's checkpoint already includes it.
+  step, elapsed = 0, float(search.evaluator.setup_s)
   if restored is not None:
     step, state, meta = restored
     elapsed = float(meta.get("elapsed_s", 0.0))
@@ -410,7 +412,8 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                            max_device_seconds=config.max_hours * 3600.0 * jax.device_count(),
                            stopped_early=stopped)
   _write_json_atomic(os.path.join(workdir, "timing.json"),
-                     {"wall_s": round(elapsed, 3), "devices": jax.device_count(),
+                     {"wall_s": round(elapsed, 3), "setup_s": round(search.evaluator.setup_s, 3),
+                      "devices": jax.device_count(),
                       "device_s": round(elapsed * jax.device_count(), 3),
                       "backend": jax.default_backend()})
   _write_json_atomic(results_path, results)

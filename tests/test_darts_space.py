@@ -125,8 +125,9 @@ def test_darts_space_needs_the_darts_strategy_or_training():
   with pytest.raises(runner.UserError, match="--space=darts"):
     runner.validate(runner.SearchConfig(space="darts", strategy="hyperband", evaluator="train",
                                         dataset="fashion_mnist"))
-  runner.validate(runner.SearchConfig(space="darts", strategy="evolution", evaluator="train",
-                                      dataset="fashion_mnist"))
+  for strategy in runner.DARTS_SPACE_STRATEGIES:
+    runner.validate(runner.SearchConfig(space="darts", strategy=strategy, evaluator="train",
+                                        dataset="fashion_mnist"))
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")

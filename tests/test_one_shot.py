@@ -269,6 +269,9 @@ def test_cli_supernet_search_writes_results_and_a_rerun_is_finished(cli_search):
   assert "--mode=retrain" in results["summary"]["retrain_command"]
   assert "supernet (inherited-weight) validation accuracy" in proc.stdout
   assert sorted(os.listdir(w / "supernet")) == ["1", "2"]
+  # The supernet's training counts against --max_hours: it is part of the search's wall time.
+  timing = json.loads((w / "timing.json").read_text())
+  assert 0.0 < timing["setup_s"] < timing["wall_s"]
   again = _cli(root, "--workdir=w")
   assert "already finished" in again.stdout
   assert "supernet epoch" not in again.stderr  # nothing trained, not even loaded

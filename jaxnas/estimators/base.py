@@ -19,6 +19,8 @@ class Evaluator(NamedTuple):
     architectures but never searched on (e.g. the test accuracy).
   jittable: whether ``evaluate`` can run inside jit/scan (the tabular
     benchmark can; real training is its own compiled program per call).
+  setup_s: wall seconds spent building it that count against a search's time
+    budget (training the SPOS supernet, over every run of its workdir).
   """
 
   name: str
@@ -26,3 +28,4 @@ class Evaluator(NamedTuple):
   evaluate: Callable[[jax.Array, Any], jax.Array]
   report: Callable[[Any], dict]
   jittable: bool
+  setup_s: float = 0.0

@@ -376,6 +376,12 @@ def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
   (``workdir/supernet_config.json``; ``bn_batches`` and ``plan`` only affect
   scoring and may differ).
   """
+  return _train_supernet(config, data, num_classes, workdir, compiler_options)[0]
+
+
+def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
+                    workdir: str | None, compiler_options: dict | None):
+  """``train_supernet`` plus its training wall time (seconds, over every run of ``workdir``)."""
   num_train = int(data.train_labels.shape[0])
   spos, init, run_epoch, _ = _programs(config, num_classes, tuple(data.train_images.shape[1:]),
                                        num_train, tuple(sorted((compiler_options or {}).items())))
@@ -428,7 +434,7 @@ def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
       ckpt.save(epoch, state, {"elapsed_s": elapsed})
   if ckpt is not None:
     ckpt.close()
-  return state
+  return state, elapsed
 
 
 def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str | None = None,
@@ -447,7 +453,7 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
   validate_config(config)
   ds, data = search_split(proxy_spec(config))
   calib = calibration_batches(config, data)
-  state = train_supernet(config, data, ds.num_classes, workdir, compiler_options)
+  state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options)
   options = tuple(sorted((compiler_options or {}).items()))
   *_, score = _programs(config, ds.num_classes, tuple(data.train_images.shape[1:]),
                         int(data.train_labels.shape[0]), options)
@@ -464,4 +470,4 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
     return {"params": params, "flops": flops}
 
   return Evaluator(name=f"supernet/{config.dataset}", space=nb201_space(), evaluate=evaluate,
-                   report=report, jittable=False)
+                   report=report, jittable=False, setup_s=train_s)
