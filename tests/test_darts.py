@@ -1,17 +1,12 @@
-"""DARTS/GDAS/DARTS-: exact second-order gradients, determinism, seeds, resume."""
+"""DARTS/GDAS/DARTS-: exact second-order gradients, determinism, seeds, remat (resume and
+data parallelism through the runner: test_darts_runner.py)."""
 
 from __future__ import annotations
-
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from jaxnas import runner
-from jaxnas.datasets import FASHION_MNIST_DIR
 from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
 # Compiling the supernet's programs dominates these tests (tens of seconds each at XLA's
@@ -119,70 +114,6 @@ def test_same_seed_same_alphas_and_vmap_over_seeds_equals_single_runs():
       np.testing.assert_allclose(np.asarray(s.alpha), np.asarray(a.alpha[1]), rtol=1e-5,
                                  atol=1e-6)
       assert np.asarray(m["arch"]).tolist() == np.asarray(ma["arch"][1]).tolist()
-
-
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
-def test_darts_search_resumes_bit_identically(tmp_path):
-  config = runner.SearchConfig(
-      evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
-      checkpoint_every=1, strategy_args=(("darts_variant", "gdas"),),
-      evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 3.0),
-                      ("train_fraction", 0.002)))
-  results = runner.run(config, str(tmp_path / "full"))
-  assert len(results["runs"]) == 2
-  for r in results["runs"]:
-    assert len(r["trajectory"]) == 3 and r["best_arch"].count("~") == 6
-    assert np.allclose(np.sum(r["alphas"], 1), 1.0, atol=1e-4)
-  cut = tmp_path / "cut"
-  shutil.copytree(tmp_path / "full", cut)
-  for name in ("results.json", "timing.json"):
-    os.remove(cut / name)
-  shutil.rmtree(cut / "checkpoints" / "2")
-  runner.run(config, str(cut))
-  for name in ("results.json", "metrics.jsonl"):
-    assert (cut / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
-
-
-DATA_PARALLEL_CHILD = """
-import json, sys, jax, numpy as np
-from jaxnas import runner
-from jaxnas.strategies.darts import DartsConfig
-assert jax.device_count() == int(sys.argv[2]), jax.devices()
-config = runner.SearchConfig(
-    evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
-    checkpoint_every=1, strategy_args=(("darts_order", 2),),
-    evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 2.0),
-                    ("train_fraction", 0.002)))
-results = runner.run(config, sys.argv[1])
-print(json.dumps([[r["best_arch"], r["alphas"]] for r in results["runs"]]))
-"""
-
-
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
-def test_data_parallel_search_on_8_devices_derives_the_single_device_cell(tmp_path):
-  """The same second-order DARTS search on 1 and on 8 host devices (minibatches split over
-  them, alpha replicated, gradients all-reduced) derives the same cells with the same
-  alphas up to float summation order."""
-  import json
-  import subprocess
-  import sys
-
-  out = {}
-  for n in (1, 8):
-    flags = (f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_CHILD, str(tmp_path / str(n)),
-                           str(n)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-  with open(tmp_path / "8" / "timing.json") as f:
-    assert json.load(f)["devices"] == 8
-  for (arch1, alpha1), (arch8, alpha8) in zip(out[1], out[8]):
-    assert arch1 == arch8
-    # The all-reduces sum in another order than one device does; over 2 epochs of
-    # second-order steps that moves softmax(alpha) (~0.2 each) by up to ~3e-5 (measured).
-    np.testing.assert_allclose(alpha1, alpha8, rtol=0, atol=2e-4)
 
 
 def test_nb201_supernet_with_remat_equals_the_stored_one():
