@@ -41,9 +41,8 @@ FLAGS = flags.FLAGS
 def _retrain(arch: str, seed: int) -> dict:
   c = retrain.RetrainConfig(arch=arch, epochs=FLAGS.retrain_epochs, channels=FLAGS.channels,
                             cells=FLAGS.cells, seed=seed)
-  tag = hashlib.sha1(arch.encode()).hexdigest()[:10] + f"-s{seed}"
-  if (FLAGS.retrain_epochs, FLAGS.channels, FLAGS.cells) != (0.5, 8, 1):  # the first runs' tags
-    tag += f"-e{FLAGS.retrain_epochs:g}-c{FLAGS.channels}-n{FLAGS.cells}"
+  tag = (hashlib.sha1(arch.encode()).hexdigest()[:10] +
+         f"-s{seed}-e{FLAGS.retrain_epochs:g}-c{FLAGS.channels}-n{FLAGS.cells}")
   return retrain.retrain(c, os.path.join(FLAGS.workdir, "retrain", tag))
 
 
@@ -63,9 +62,8 @@ def main(argv):
                                      ("epochs", FLAGS.search_epochs),
                                      ("train_fraction", FLAGS.search_fraction)))))
     runner.validate(config)
-    name = f"search-{variant}-o{order}"
-    if (FLAGS.search_epochs, FLAGS.search_fraction) != (2.0, 0.2):  # the first runs' names
-      name += f"-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
+    name = (f"search-{variant}-o{order}-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
+            f"-c{FLAGS.channels}-n{FLAGS.cells}")
     results = runner.run(config, os.path.join(FLAGS.workdir, name))
     accs = [_retrain(r["best_arch"], 0)["test_accuracy"] for r in results["runs"]]
     rows[f"{variant} (order {order})"] = {
