@@ -73,6 +73,11 @@ def _tap(xp, i, j, ho, wo, stride):
                         xp.shape[3]), (1, stride, stride, 1))
 
 
+def _im2col(xp, k, ho, wo, stride):
+  """The ``k*k`` taps of the padded input side by side: ``[N, ho, wo, k*k*C]``, tap-major."""
+  return jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)], -1)
+
+
 def _kernel_grad_taps(xp, g, k, stride):
   """``dK[i, j] = tap(i, j)^T g`` (contracting batch and pixels), as one small matmul per tap.
 
@@ -101,8 +106,7 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
   if k > 1 and (im2col or k * k * x.shape[-1] <= 64):
-    cols = jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)],
-                           -1)
+    cols = _im2col(xp, k, ho, wo, stride)
     dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dk.reshape(g.shape[-1], k, k, x.shape[-1]).transpose(1, 2, 3, 0)
   if k == 1 or n % chunk or n == chunk:
@@ -145,8 +149,7 @@ def _conv_gemm(x, kernel, stride, pad):
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho = (x.shape[1] + 2 * pad - k) // stride + 1
   wo = (x.shape[2] + 2 * pad - k) // stride + 1
-  cols = jnp.concatenate([_tap(xp, i, j, ho, wo, stride) for i in range(k) for j in range(k)], -1)
-  return cols @ kernel.reshape(-1, kernel.shape[-1])
+  return _im2col(xp, k, ho, wo, stride) @ kernel.reshape(-1, kernel.shape[-1])
 
 
 CONV_IMPLS = ("taps", "im2col", "gemm", "xla")
