@@ -34,6 +34,7 @@ flags.DEFINE_float("retrain_epochs", 0.5, "Epochs of each retrain (full training
 flags.DEFINE_integer("channels", 8, "C of the supernet and of the retrained networks.")
 flags.DEFINE_integer("cells", 1, "Cells per stage N.")
 flags.DEFINE_string("variants", "darts:1,darts:2,gdas:1", "variant:order list.")
+flags.DEFINE_integer("warmup_epochs", 0, "Search epochs with alpha frozen (--darts_warmup_epochs).")
 flags.DEFINE_string("workdir", "runs/darts_vs_random", "Where searches and retrains go.")
 FLAGS = flags.FLAGS
 
@@ -57,13 +58,16 @@ def main(argv):
     config = runner.SearchConfig(
         evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=FLAGS.seeds,
         checkpoint_every=1,
-        strategy_args=tuple(sorted((("darts_variant", variant), ("darts_order", int(order))))),
+        strategy_args=tuple(sorted((("darts_variant", variant), ("darts_order", int(order))) +
+                                   ((("darts_warmup_epochs", FLAGS.warmup_epochs),)
+                                    if FLAGS.warmup_epochs else ()))),
         evaluator_args=tuple(sorted((("channels", FLAGS.channels), ("cells", FLAGS.cells),
                                      ("epochs", FLAGS.search_epochs),
                                      ("train_fraction", FLAGS.search_fraction)))))
     runner.validate(config)
     name = (f"search-{variant}-o{order}-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
-            f"-c{FLAGS.channels}-n{FLAGS.cells}")
+            f"-c{FLAGS.channels}-n{FLAGS.cells}" +
+            (f"-w{FLAGS.warmup_epochs}" if FLAGS.warmup_epochs else ""))
     results = runner.run(config, os.path.join(FLAGS.workdir, name))
     accs = [_retrain(r["best_arch"], 0)["test_accuracy"] for r in results["runs"]]
     rows[f"{variant} (order {order})"] = {
@@ -89,7 +93,8 @@ def main(argv):
                     "flags": {k: FLAGS[k].value for k in ("seeds", "random_cells",
                                                           "search_epochs", "search_fraction",
                                                           "retrain_epochs", "channels",
-                                                          "cells", "variants")}}))
+                                                          "cells", "variants",
+                                                          "warmup_epochs")}}))
 
 
 if __name__ == "__main__":

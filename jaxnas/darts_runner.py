@@ -31,7 +31,7 @@ from jaxnas.strategies.darts import DartsConfig, DartsData, data_mesh, make_dart
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
-              "alpha_learning_rate": "alpha_lr"}
+              "alpha_learning_rate": "alpha_lr", "darts_warmup_epochs": "warmup_epochs"}
 # Cells of the DARTS-space supernet unless --cells says otherwise (DARTS itself: 8;
 # 5 = normal, reduce, normal, reduce, normal keeps a CPU search to minutes).
 DARTS_SPACE_CELLS = 5

@@ -62,7 +62,10 @@ flags.DEFINE_integer("darts_order", None, "darts: 1 (first order, default) or 2 
                      "Hessian-vector product).")
 flags.DEFINE_bool("remat", None, "darts: recompute mixed edges in the backward pass (late_remat) to save memory.")
 flags.DEFINE_float("alpha_learning_rate", None, "darts: Adam learning rate of alpha (3e-4).")
+flags.DEFINE_integer("darts_warmup_epochs", None, "darts: first epochs train only the weights, "
+                     "alpha frozen (PC-DARTS warm-up; default 0).")
 _STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order",
+                   "darts_warmup_epochs": "darts_warmup_epochs",
                    "remat": "remat", "alpha_learning_rate": "alpha_learning_rate",
                    "eta": "eta", "rungs": "rungs", "hyperband_brackets": "hyperband_brackets",
                    "population": "batch_size", "population_size": "population_size",

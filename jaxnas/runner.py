@@ -22,6 +22,7 @@ import dataclasses
 import importlib.metadata
 import inspect
 import json
+import math
 import os
 import platform
 import shlex
@@ -156,7 +157,11 @@ def validate(c: SearchConfig) -> None:
   for k, v in c.strategy_args:
     if k not in accepted or k == "space":
       raise UserError(f"--{k} does not apply to --strategy={c.strategy}")
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+    if k == "darts_warmup_epochs":
+      epochs = math.ceil(dict(c.evaluator_args).get("epochs", ProxySpec().epochs))
+      if not 0 <= v < epochs:
+        raise UserError(f"--darts_warmup_epochs must be in [0, {epochs}) (--epochs), got {v}")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
       raise UserError(f"--{k} must be > 0, got {v}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
@@ -139,3 +140,23 @@ def test_nb201_supernet_with_remat_equals_the_stored_one():
   for a, b in ((g0, g1), (s0, s1)):
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), a, b)
   assert float(jnp.abs(g0[1]).max()) > 0
+
+
+def test_warmup_epochs_freeze_alpha_then_let_it_learn():
+  data = _data()
+  darts = _tiny(epochs=2, warmup_epochs=1)
+  key = jax.random.PRNGKey(0)
+  s0 = darts.init(key, data)
+  run = _compile(darts.run_epoch, s0, data)
+  s1, _ = run(s0, data)
+  # Warm-up epoch: the weights moved, alpha and its optimizer did not.
+  np.testing.assert_array_equal(np.asarray(s1.alpha), np.asarray(s0.alpha))
+  for a, b in zip(jax.tree.leaves(s1.alpha_opt), jax.tree.leaves(s0.alpha_opt)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+           for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params))]
+  assert any(moved)
+  s2, _ = run(s1, data)
+  assert not np.array_equal(np.asarray(s2.alpha), np.asarray(s1.alpha))
+  with pytest.raises(ValueError, match="warmup_epochs"):
+    _tiny(epochs=2, warmup_epochs=2)

@@ -110,6 +110,7 @@ class DartsConfig(NamedTuple):
   alpha_weight_decay: float = 1e-3
   tau_max: float = 10.0
   tau_min: float = 0.1
+  warmup_epochs: int = 0
   remat: bool = False
 
 
@@ -159,6 +160,8 @@ def check_config(c: DartsConfig) -> None:
   for name in ("epochs", "steps_per_epoch", "batch_size", "channels", "cells"):
     if getattr(c, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+  if not 0 <= c.warmup_epochs < c.epochs:
+    raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}), got {c.warmup_epochs}")
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -289,6 +292,14 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       g_alpha = jax.tree.map(lambda d, h: d - xi * h, g_direct, hvp)
     a_updates, alpha_opt = a_tx.update(g_alpha, state.alpha_opt, alpha)
     alpha = optax.apply_updates(alpha, a_updates)
+    if c.warmup_epochs:
+      # Warm-up (PC-DARTS): the weights train under the initial, near-uniform alpha
+      # first, so that untrained convolutions do not lose every edge to the
+      # parameter-free ops. The alpha pass still runs (one traced step), unused.
+      frozen = state.step < c.warmup_epochs * c.steps_per_epoch
+      keep = lambda new, old: jnp.where(frozen, old, new)
+      alpha = jax.tree.map(keep, alpha, state.alpha)
+      alpha_opt = jax.tree.map(keep, alpha_opt, state.alpha_opt)
 
     weights = edge_weights(alpha, k_g, state.step)
     (l_train, (stats, train_acc)), g_w = jax.value_and_grad(loss_fn, has_aux=True)(
