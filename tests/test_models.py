@@ -57,6 +57,42 @@ def test_arch_as_data_equals_specialised(op_impl):
                                   new_s["batch_stats"], atol=1e-5, rtol=1e-5)
 
 
+def test_switch_edge_gradients_equal_specialised():
+  # The training-mode switch edge has a custom VJP (one residual set, a backward switch):
+  # its parameter gradients must be autodiff's of the specialised network, and zero for
+  # the ops a cell does not use.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 2))
+  net = _net()
+  v = net.init(jax.random.PRNGKey(1), x, jnp.zeros(6, jnp.int32))
+
+  def loss(p, a, net, stats):
+    y, _ = net.apply({"params": p, "batch_stats": stats}, x, a, train=True,
+                     mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y))
+
+  grad = _compile(jax.grad(loss), v["params"], jnp.zeros(6, jnp.int32), net,
+                  v["batch_stats"], static_argnums=2)
+  for arch in ARCHS + [(3, 3, 3, 3, 3, 3)]:
+    g = grad(v["params"], jnp.asarray(arch, jnp.int32), v["batch_stats"])
+    spec, vs = net_lib.specialise(net, arch), net_lib.specialise_variables(v, arch)
+    expected = jax.grad(loss)(vs["params"], None, spec, vs["batch_stats"])
+    got = net_lib.specialise_variables({"params": g, "batch_stats": v["batch_stats"]},
+                                       arch)["params"]
+    # Float32 BN gradients (|g| up to ~5) computed by two differently fused programs.
+    chex.assert_trees_all_close(got, expected, atol=2e-4, rtol=1e-4)
+    total = lambda t: sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(t))
+    np.testing.assert_allclose(total(g), total(expected), rtol=1e-4)
+
+
+def test_balanced_order():
+  work = [5.0, 1.0, 1.0, 4.0, 0.0, 3.0]
+  order = train_lib.balanced_order(work, 2)
+  assert sorted(order.tolist()) == list(range(6))
+  loads = [sum(work[i] for i in order[:3]), sum(work[i] for i in order[3:])]
+  assert loads == [7.0, 7.0]
+  np.testing.assert_array_equal(train_lib.balanced_order(np.zeros(4), 2), np.arange(4))
+
+
 @pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
 def test_conv_vjp_matches_autodiff(impl):
   # Covers each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap

@@ -98,8 +98,11 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   Measured in a scan body on CPU (experiments/NOTES_population.md): 1.5-3x
   faster for NB201's 3x3 convs than the conv that correlates channels-as-batch
   inputs with batch-as-features output gradients (3x for stride 2, which that
-  conv computes on a 4x4 window), and a 1x1 conv is a single matmul (6x). Chunks of ``chunk`` images keep each tap's
-  operands in cache; tiny kernels (the stem: ``k*k*Cin <= 64``) take one
+  conv computes on a 4x4 window), 6x for a 1x1 conv. Chunks of ``chunk`` images
+  keep each tap's operands in cache, also for a 1x1 conv: unchunked, XLA:CPU
+  fuses the producer of ``g`` (BN's backward) into the transpose that feeds
+  the matmul, which then re-reads every input in transposed order (a 1x1 edge's
+  backward ~3x slower). Tiny kernels (the stem: ``k*k*Cin <= 64``) take one
   im2col matmul. ``im2col=True`` always takes that one matmul (accelerators:
   the chunk scan is hundreds of tiny serial kernels there).
   """
@@ -109,7 +112,7 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
     cols = _im2col(xp, k, ho, wo, stride)
     dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dk.reshape(g.shape[-1], k, k, x.shape[-1]).transpose(1, 2, 3, 0)
-  if k == 1 or n % chunk or n == chunk:
+  if n % chunk or n == chunk:
     return _kernel_grad_taps(xp, g, k, stride)
   xc = xp.reshape((n // chunk, chunk) + xp.shape[1:])
   gc = g.reshape((n // chunk, chunk) + g.shape[1:])
@@ -221,14 +224,41 @@ def avg_pool_3x3(x, stride: int = 1):
   return s * jnp.asarray(inv[None, :, :, None], x.dtype)
 
 
+BN_EPSILON = 1e-5
+
+
 class BatchNorm(nn.Module):
   """``nn.BatchNorm`` with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
   momentum: float = 0.9
 
-  @nn.compact
+  def setup(self):
+    self.bn = nn.BatchNorm(momentum=self.momentum, epsilon=BN_EPSILON)
+
   def __call__(self, x, train: bool):
-    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
-                        name="bn")(x)
+    return self.bn(x, use_running_average=not train)
+
+  def affine(self):
+    """``(scale, bias)`` of the normalisation."""
+    return self.bn.get_variable("params", "scale"), self.bn.get_variable("params", "bias")
+
+  def update_stats(self, mean, var, use):
+    """Running statistics updated with a batch's ``mean``/``var`` as ``nn.BatchNorm`` does,
+    where the scalar ``use`` is true (kept otherwise)."""
+    if self.is_initializing() or not self.is_mutable_collection("batch_stats"):
+      return
+    m = self.momentum
+    for name, batch in (("mean", mean), ("var", var)):
+      old = self.bn.get_variable("batch_stats", name)
+      self.bn.put_variable("batch_stats", name, jnp.where(use, m * old + (1 - m) * batch, old))
+
+
+def batch_norm(z, scale, bias):
+  """Training-mode BN of NHWC ``z`` with batch statistics, as ``nn.BatchNorm`` computes it;
+  returns ``(y, (mean, var))``."""
+  mean = jnp.mean(z, (0, 1, 2))
+  var = jnp.maximum(0.0, jnp.mean(jax.lax.square(z), (0, 1, 2)) - jax.lax.square(mean))
+  mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
+  return (z - mean) * mul + bias, (mean, var)
 
 
 class ReLUConvBN(nn.Module):
@@ -251,6 +281,88 @@ class ReLUConvBN(nn.Module):
 def _centre(kernel_1x1):
   """A 1x1 kernel as the centre tap of a 3x3 kernel: the same conv with padding 1."""
   return jnp.pad(kernel_1x1, ((1, 1), (1, 1), (0, 0), (0, 0)))
+
+
+def _relu_conv(x, kernel):
+  return conv2d(nn.relu(x), kernel)
+
+
+def _edge_branches(x, k1, s1, b1, k3, s3, b3):
+  """The five ops of a cell edge in training mode, each returning ``(y, z, mean, var)``:
+  ``z`` the conv's output before BN (zeros for the other ops), ``mean``/``var`` its
+  batch statistics."""
+  zc = jnp.zeros(x.shape[-1:], x.dtype)
+
+  def conv(k, s, b):
+    z = _relu_conv(x, k)
+    y, (mean, var) = batch_norm(z, s, b)
+    return y, z, mean, var
+
+  return [
+      lambda: (jnp.zeros_like(x), jnp.zeros_like(x), zc, zc),
+      lambda: (x, jnp.zeros_like(x), zc, zc),
+      lambda: conv(k1, s1, b1),
+      lambda: conv(k3, s3, b3),
+      lambda: (avg_pool_3x3(x), jnp.zeros_like(x), zc, zc),
+  ]
+
+
+@jax.custom_vjp
+def switch_edge(op, x, k1, s1, b1, k3, s3, b3):
+  """A cell edge in training mode, the op chosen by ``lax.switch``: ``(y, mean, var)``.
+
+  ``k1, s1, b1`` / ``k3, s3, b3`` are the kernel and BN scale/bias of the 1x1 /
+  3x3 ReLU-Conv-BN; ``mean``/``var`` are the chosen conv's batch statistics
+  (zeros for the other ops; they get no gradient).
+
+  Why a custom VJP: differentiating ``lax.switch`` makes every branch return
+  the union of all branches' residuals, the branches not taken filling theirs
+  with zeros, which on CPU cost ~15% of a training step in broadcasts and
+  copies (experiments/NOTES_population.md). Here the forward keeps one
+  residual set (the edge's input, the parameters and the conv output before
+  BN), and the backward is a second switch whose branches differentiate their
+  own op (BN statistics recomputed from that conv output).
+  """
+  y, _, mean, var = jax.lax.switch(op, _edge_branches(x, k1, s1, b1, k3, s3, b3))
+  return y, mean, var
+
+
+def _switch_edge_fwd(op, x, k1, s1, b1, k3, s3, b3):
+  y, z, mean, var = jax.lax.switch(op, _edge_branches(x, k1, s1, b1, k3, s3, b3))
+  return (y, mean, var), (op, x, k1, s1, b1, k3, s3, b3, z)
+
+
+def _switch_edge_bwd(res, ct):
+  op, x, k1, s1, b1, k3, s3, b3, z = res
+  g = ct[0]
+  zk1, zk3, zc = jnp.zeros_like(k1), jnp.zeros_like(k3), jnp.zeros_like(s1)
+
+  def conv(k, s, b):
+    _, bn_vjp = jax.vjp(lambda z, s, b: batch_norm(z, s, b)[0], z, s, b)
+    gz, gs, gb = bn_vjp(g)
+    gx, gk = jax.vjp(_relu_conv, x, k)[1](gz)
+    return gx, gk, gs, gb
+
+  def conv1():
+    gx, gk, gs, gb = conv(k1, s1, b1)
+    return gx, gk, gs, gb, zk3, zc, zc
+
+  def conv3():
+    gx, gk, gs, gb = conv(k3, s3, b3)
+    return gx, zk1, zc, zc, gk, gs, gb
+
+  rest = (zk1, zc, zc, zk3, zc, zc)
+  grads = jax.lax.switch(op, [
+      lambda: (jnp.zeros_like(x),) + rest,
+      lambda: (g,) + rest,
+      conv1,
+      conv3,
+      lambda: (jax.vjp(avg_pool_3x3, x)[1](g)[0],) + rest,
+  ])
+  return (None,) + grads
+
+
+switch_edge.defvjp(_switch_edge_fwd, _switch_edge_bwd)
 
 
 class Edge(nn.Module):
@@ -286,6 +398,14 @@ class Edge(nn.Module):
       # Create every op's variables, so all branches see one variable structure.
       for branch in branches:
         branch(self, x)
+    if self.op_impl == "switch" and train:
+      c1, c3 = self.nor_conv_1x1, self.nor_conv_3x3
+      y, mean, var = switch_edge(op, x, c1.kernel, *c1.norm.affine(), c3.kernel,
+                                 *c3.norm.affine())
+      mean, var = jax.lax.stop_gradient((mean, var))
+      c1.norm.update_stats(mean, var, op == CONV1)
+      c3.norm.update_stats(mean, var, op == CONV3)
+      return y
     if self.op_impl == "switch":
       return nn.switch(op, branches, self, x)
     if self.op_impl == "onehot":

@@ -257,6 +257,33 @@ def _fixed_arch(arch, config: TrainConfig):
   return tuple(int(o) for o in np.asarray(arch))
 
 
+# Relative training time of one cell edge per op (none, skip, 1x1, 3x3, pool) under the
+# CPU "map" plan: CPU time per step of a population of one all-<op> cell, minus the
+# all-none cell's, per edge (experiments/NOTES_population.md, "Load balance").
+OP_TIME = (0.0, 0.1, 1.0, 1.8, 0.6)
+
+
+def _op_time(archs, config: TrainConfig) -> np.ndarray:
+  """``float[P]``: estimated relative training time of each member's ops (0 if unknown)."""
+  if config.space == "darts":
+    return np.zeros(jax.tree.leaves(archs)[0].shape[0])
+  return np.asarray(OP_TIME)[np.asarray(archs)].sum(1)
+
+
+def balanced_order(work, devices: int) -> np.ndarray:
+  """A permutation of the members (``len(work)``, a multiple of ``devices``) whose
+  ``devices`` consecutive equal blocks have about equal total work: heaviest first, each
+  to the least loaded device with room (greedy LPT). Ties keep the input order."""
+  work = np.asarray(work, np.float64)
+  per = len(work) // devices
+  load, blocks = np.zeros(devices), [[] for _ in range(devices)]
+  for i in np.argsort(-work, kind="stable"):
+    d = min((d for d in range(devices) if len(blocks[d]) < per), key=lambda d: (load[d], d))
+    blocks[d].append(i)
+    load[d] += work[i]
+  return np.asarray([i for b in blocks for i in sorted(b)], np.int64)
+
+
 def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
                              lr_scales=None):
   """Trains every member of ``archs`` and returns stacked per-member metrics.
@@ -271,12 +298,18 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
   keys = jax.random.split(init_key, size)
   scales = jnp.ones(size, jnp.float32) if lr_scales is None else jnp.asarray(
       lr_scales, jnp.float32)
-  if config.plan == "map" and size % jax.local_device_count():
-    # Shard evenly: pad with copies of the first member, drop their results.
-    pad = -size % jax.local_device_count()
-    grow = lambda t: jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]), t)
-    out = _compiled(config, "map")(grow(archs), grow(keys), data_key, data, grow(scales))
-    return jax.tree_util.tree_map(lambda a: a[:size], out)
+  devices = jax.local_device_count()
+  if config.plan == "map" and devices > 1:
+    # Shard evenly: pad with copies of the first member (results dropped), and give each
+    # device a block of about equal work (members are independent, so where one trains
+    # changes nothing in its result).
+    pad = -size % devices
+    idx = np.concatenate([np.arange(size), np.zeros(pad, np.int64)])
+    order = idx[balanced_order(_op_time(archs, config)[idx], devices)]
+    take = lambda t: jax.tree.map(lambda a: a[order], t)
+    out = _compiled(config, "map")(take(archs), take(keys), data_key, data, take(scales))
+    back = np.asarray([np.flatnonzero(order == m)[0] for m in range(size)])
+    return jax.tree_util.tree_map(lambda a: a[back], out)
   if config.plan in ("vmap", "map"):
     return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
   outs = []
