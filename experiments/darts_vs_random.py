@@ -35,6 +35,8 @@ flags.DEFINE_integer("channels", 8, "C of the supernet and of the retrained netw
 flags.DEFINE_integer("cells", 1, "Cells per stage N.")
 flags.DEFINE_string("variants", "darts:1,darts:2,gdas:1", "variant:order list.")
 flags.DEFINE_integer("warmup_epochs", 0, "Search epochs with alpha frozen (--darts_warmup_epochs).")
+flags.DEFINE_float("alpha_learning_rate", 0.0, "Adam learning rate of alpha "
+                   "(--alpha_learning_rate; 0: the strategy's default, 3e-4).")
 flags.DEFINE_string("workdir", "runs/darts_vs_random", "Where searches and retrains go.")
 FLAGS = flags.FLAGS
 
@@ -60,14 +62,17 @@ def main(argv):
         checkpoint_every=1,
         strategy_args=tuple(sorted((("darts_variant", variant), ("darts_order", int(order))) +
                                    ((("darts_warmup_epochs", FLAGS.warmup_epochs),)
-                                    if FLAGS.warmup_epochs else ()))),
+                                    if FLAGS.warmup_epochs else ()) +
+                                   ((("alpha_learning_rate", FLAGS.alpha_learning_rate),)
+                                    if FLAGS.alpha_learning_rate else ()))),
         evaluator_args=tuple(sorted((("channels", FLAGS.channels), ("cells", FLAGS.cells),
                                      ("epochs", FLAGS.search_epochs),
                                      ("train_fraction", FLAGS.search_fraction)))))
     runner.validate(config)
     name = (f"search-{variant}-o{order}-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
             f"-c{FLAGS.channels}-n{FLAGS.cells}" +
-            (f"-w{FLAGS.warmup_epochs}" if FLAGS.warmup_epochs else ""))
+            (f"-w{FLAGS.warmup_epochs}" if FLAGS.warmup_epochs else "") +
+            (f"-a{FLAGS.alpha_learning_rate:g}" if FLAGS.alpha_learning_rate else ""))
     results = runner.run(config, os.path.join(FLAGS.workdir, name))
     accs = [_retrain(r["best_arch"], 0)["test_accuracy"] for r in results["runs"]]
     rows[f"{variant} (order {order})"] = {
@@ -94,7 +99,8 @@ def main(argv):
                                                           "search_epochs", "search_fraction",
                                                           "retrain_epochs", "channels",
                                                           "cells", "variants",
-                                                          "warmup_epochs")}}))
+                                                          "warmup_epochs",
+                                                          "alpha_learning_rate")}}))
 
 
 if __name__ == "__main__":

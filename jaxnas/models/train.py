@@ -284,6 +284,17 @@ def balanced_order(work, devices: int) -> np.ndarray:
   return np.asarray([i for b in blocks for i in sorted(b)], np.int64)
 
 
+def device_layout(archs, config: TrainConfig, devices: int):
+  """``(order, back)``: ``order`` (``int[P + pad]``) lists the members as ``devices`` equal
+  consecutive blocks of about equal work, padded with copies of member 0 to a multiple of
+  ``devices``; ``back`` (``int[P]``) finds each member's result in that order."""
+  size = jax.tree.leaves(archs)[0].shape[0]
+  idx = np.concatenate([np.arange(size), np.zeros(-size % devices, np.int64)])
+  order = idx[balanced_order(_op_time(archs, config)[idx], devices)]
+  back = np.asarray([np.flatnonzero(order == m)[0] for m in range(size)])
+  return order, back
+
+
 def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
                              lr_scales=None):
   """Trains every member of ``archs`` and returns stacked per-member metrics.
@@ -303,12 +314,9 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
     # Shard evenly: pad with copies of the first member (results dropped), and give each
     # device a block of about equal work (members are independent, so where one trains
     # changes nothing in its result).
-    pad = -size % devices
-    idx = np.concatenate([np.arange(size), np.zeros(pad, np.int64)])
-    order = idx[balanced_order(_op_time(archs, config)[idx], devices)]
+    order, back = device_layout(archs, config, devices)
     take = lambda t: jax.tree.map(lambda a: a[order], t)
     out = _compiled(config, "map")(take(archs), take(keys), data_key, data, take(scales))
-    back = np.asarray([np.flatnonzero(order == m)[0] for m in range(size)])
     return jax.tree_util.tree_map(lambda a: a[back], out)
   if config.plan in ("vmap", "map"):
     return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
