@@ -259,7 +259,7 @@ def _fixed_arch(arch, config: TrainConfig):
 
 # Relative training time of one cell edge per op (none, skip, 1x1, 3x3, pool) under the
 # CPU "map" plan: CPU time per step of a population of one all-<op> cell, minus the
-# all-none cell's, per edge (experiments/NOTES_population.md, "Load balance").
+# all-none cell's, per edge (experiments/NOTES_population.md, round 3, item 12).
 OP_TIME = (0.0, 0.1, 1.0, 1.8, 0.6)
 
 
