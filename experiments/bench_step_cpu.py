@@ -9,7 +9,9 @@ benchmark population (random Fashion-MNIST-shaped data, batch 128, C=16, N=1)
 for ``--steps`` steps, once to compile, then ``--repeats`` times; it prints
 the best wall and process-CPU milliseconds per candidate-step and the CPU
 utilisation (threads busy). Process CPU time is what another job on the same
-cores distorts least. One single-threaded XLA device per ``--devices``.
+cores distorts least. ``--devices`` XLA CPU devices with Eigen's intra-op
+threads off (as bench_population.py runs them); XLA:CPU still runs independent
+ops of a program concurrently, so one device shows a utilisation of ~1.5.
 """
 
 from __future__ import annotations
