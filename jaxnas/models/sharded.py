@@ -8,8 +8,8 @@ data and the minibatch key are replicated, per-member init keys are split
 exactly as ``train_population_metrics`` splits them, so member ``p`` computes
 the same function on the same inputs as in a single-device run. A population
 that does not divide the device count is padded with copies of member 0 whose
-results are dropped; under ``map`` the members are first ordered so that every
-device's block holds about equal work (``train.device_layout``).
+results are dropped; the members are first ordered so that every device's block
+holds about equal work (``train.device_layout``).
 
 Multi-host (Cloud TPU pods): after ``jax.distributed.initialize()`` the mesh
 spans ``jax.devices()`` of all processes; every process loads the same data and
@@ -75,14 +75,9 @@ def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = 
   data_key, init_key = jax.random.split(key)
   keys = np.asarray(jax.random.split(init_key, size))
   scales = np.ones(size, np.float32) if lr_scales is None else np.asarray(lr_scales, np.float32)
-  # Padded with copies of member 0 to fill every device; under "map" (members one after
-  # another) each device's block gets about equal work.
-  devices = mesh.devices.size
-  if config.plan == "map":
-    order, back = device_layout(archs, config, devices)
-  else:
-    order = np.concatenate([np.arange(size), np.zeros(-size % devices, np.int64)])
-    back = np.arange(size)
+  # Padded with copies of member 0 to fill every device, each device's block of about
+  # equal work (what "map" runs one after another; harmless under "vmap").
+  order, back = device_layout(archs, config, mesh.devices.size)
   archs, keys, scales = (a[order] for a in (archs, keys, scales))
   out = _sharded(config, mesh)(_global(archs, mesh, P(AXIS)), _global(keys, mesh, P(AXIS)),
                                data_key, data, _global(scales, mesh, P(AXIS)))

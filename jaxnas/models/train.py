@@ -291,7 +291,7 @@ def device_layout(archs, config: TrainConfig, devices: int):
   size = jax.tree.leaves(archs)[0].shape[0]
   idx = np.concatenate([np.arange(size), np.zeros(-size % devices, np.int64)])
   order = idx[balanced_order(_op_time(archs, config)[idx], devices)]
-  back = np.asarray([np.flatnonzero(order == m)[0] for m in range(size)])
+  back = np.unique(order, return_index=True)[1]  # first position of each member
   return order, back
 
 
