@@ -491,18 +491,30 @@ class NB201Network(nn.Module):
       raise ValueError("NB201Network needs an arch array unless fixed_arch is set")
     if self.fixed_arch is not None:
       arch = None
-    m = self.bn_momentum
-    k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.channels))
-    x = BatchNorm(m, name="stem_bn")(conv2d(images, k), train)
-    for stage in range(3):
-      c = self.channels * 2 ** stage
-      if stage:
-        x = ResidualReduction(c, m, name=f"reduce{stage}")(x, train)
-      for n in range(self.cells):
-        x = Cell(c, self.op_impl, self.fixed_arch, m, name=f"cell{stage}_{n}")(x, arch, train)
-    x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return skeleton(self, images, train, lambda x, c, name: Cell(
+        c, self.op_impl, self.fixed_arch, self.bn_momentum, name=name)(x, arch, train))
+
+
+def skeleton(net: nn.Module, images, train: bool, cell):
+  """NAS-Bench-201's macro skeleton, built inside ``net``'s compact ``__call__``.
+
+  ``net`` has the fields ``channels``, ``cells``, ``num_classes`` and
+  ``bn_momentum``; ``cell(x, features, name)`` applies one cell (the
+  arch-as-data ``Cell`` here, the supernet's mixed cell in ``supernet.py``), so
+  every network of the space shares the stem, reductions, head and parameter
+  names.
+  """
+  m = net.bn_momentum
+  k = net.param("stem", conv_init, (3, 3, images.shape[-1], net.channels))
+  x = BatchNorm(m, name="stem_bn")(conv2d(images, k), train)
+  for stage in range(3):
+    c = net.channels * 2 ** stage
+    if stage:
+      x = ResidualReduction(c, m, name=f"reduce{stage}")(x, train)
+    for n in range(net.cells):
+      x = cell(x, c, f"cell{stage}_{n}")
+  x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
+  return nn.Dense(net.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
 
 
 def specialise(net: NB201Network, arch: Sequence[int]) -> NB201Network:

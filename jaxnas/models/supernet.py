@@ -22,8 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnas.models.nb201_net import (BatchNorm, ReLUConvBN, ResidualReduction, avg_pool_3x3,
-                                     conv2d, conv_init)
+from jaxnas.models.nb201_net import ReLUConvBN, avg_pool_3x3, skeleton
 from jaxnas.models.remat import PureEdges
 from jaxnas.spaces.nb201 import EDGES, NUM_NODES, OPS
 
@@ -71,17 +70,8 @@ class NB201SuperNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, weights, train: bool = False):
-    m = self.bn_momentum
-    k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.channels))
-    x = BatchNorm(m, name="stem_bn")(conv2d(images, k), train)
-    for stage in range(3):
-      c = self.channels * 2 ** stage
-      if stage:
-        x = ResidualReduction(c, m, name=f"reduce{stage}")(x, train)
-      for n in range(self.cells):
-        x = SuperCell(c, m, self.remat, name=f"cell{stage}_{n}")(x, weights, train)
-    x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
-    return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+    return skeleton(self, images, train, lambda x, c, name: SuperCell(
+        c, self.bn_momentum, self.remat, name=name)(x, weights, train))
 
 
 NUM_OPS = len(OPS)
