@@ -71,6 +71,7 @@ def main(argv):
     runner.validate(config)
     name = (f"search-{variant}-o{order}-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
             f"-c{FLAGS.channels}-n{FLAGS.cells}" +
+            (f"-s{FLAGS.seeds}" if FLAGS.seeds != 3 else "") +  # 3: the runs before seeds were named
             (f"-w{FLAGS.warmup_epochs}" if FLAGS.warmup_epochs else "") +
             (f"-a{FLAGS.alpha_learning_rate:g}" if FLAGS.alpha_learning_rate else ""))
     results = runner.run(config, os.path.join(FLAGS.workdir, name))
