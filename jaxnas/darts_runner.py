@@ -15,19 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas.checkpoint import Checkpointer, CheckpointError, truncate_log
+from jaxnas import host_loop
+from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxnas.strategies.darts import DartsConfig, DartsData, data_mesh, make_darts
+from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
@@ -55,11 +55,9 @@ def build(config) -> tuple:
   # With several local devices the bilevel steps are data-parallel over them.
   mesh = data_mesh() if jax.local_device_count() > 1 else None
   darts = make_darts(dc, mesh)
-  ddata = DartsData(data.train_images, data.train_labels, data.val_images, data.val_labels,
-                    data.mean, data.std)
   if mesh is not None:
-    ddata = jax.device_put(ddata, NamedSharding(mesh, P()))
-  return darts, ddata
+    data = jax.device_put(data, NamedSharding(mesh, P()))
+  return darts, data
 
 
 # Programs that run once (the supernet's init) are compiled for compile speed, not run speed,
@@ -74,7 +72,7 @@ def compile_once(f, *args):
   return lowered.compile(compiler_options=ONCE if jax.default_backend() == "cpu" else None)
 
 
-def run(config, workdir: str, darts, data, write_json) -> dict:
+def run(config, workdir: str, darts, data) -> dict:
   n = config.num_seeds
   keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
   init = jax.vmap(darts.init, in_axes=(0, None))
@@ -85,53 +83,41 @@ def run(config, workdir: str, darts, data, write_json) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:
-    restored = ckpt.restore_latest(state)
+    epoch, state, elapsed = host_loop.resume(ckpt, state, metrics_path)
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
-  epoch, elapsed = 0, 0.0
-  if restored is not None:
-    epoch, state, meta = restored
-    elapsed = float(meta.get("elapsed_s", 0.0))
-    logging.info("resuming from checkpoint at epoch %d of %d", epoch, darts.config.epochs)
-    truncate_log(metrics_path, epoch)
-  elif os.path.exists(metrics_path):
-    os.remove(metrics_path)
   space = darts.supernet.space
   run_epoch = jax.jit(jax.vmap(darts.run_epoch, in_axes=(0, None)))
-  limit_s, last_s, stopped = config.max_hours * 3600.0, 0.0, None
   history = _read_history(metrics_path)
-  while epoch < darts.config.epochs:
-    if limit_s and epoch and elapsed + last_s > limit_s:
-      stopped = {"reason": "max_hours", "max_hours": config.max_hours, "at_step": epoch}
-      break
-    t0 = time.time()
-    state, m = run_epoch(state, data)
-    m = jax.device_get(m)
-    epoch += 1
-    last_s = time.time() - t0
-    elapsed += last_s
-    alphas = _softmax(state.alpha)
+  epochs = darts.config.epochs
+
+  def advance(epoch):
+    new_state, m = run_epoch(state, data)
+    return epoch + 1, (new_state, jax.device_get(m))
+
+  def commit(epoch, out, seconds, elapsed):
+    nonlocal state
+    state, m = out
     line = {"step": epoch, "epoch": epoch,
             **{k: round(float(np.mean(m[k])), 6) for k in ("train_loss", "train_acc",
                                                               "val_loss", "val_acc")},
             "skip_count": round(float(np.mean(m["skip_count"])), 4),
             "archs": [space.encode(a) for a in _unstack(m["arch"], n)],
-            "alphas": _round(alphas, 5),
+            "alphas": _round(_softmax(state.alpha), 5),
             "val_acc_per_seed": [round(float(v), 6) for v in m["val_acc"]]}
     history.append(line)
-    if jax.process_index() == 0:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    host_loop.append_jsonl(metrics_path, [line])
     logging.info("epoch %d/%d  train loss %.3f  val acc %.3f  skips %.2f  cell %s (%.1fs)",
-                 epoch, darts.config.epochs, line["train_loss"], line["val_acc"],
-                 line["skip_count"], line["archs"][0], last_s)
-    if epoch < darts.config.epochs:
+                 epoch, epochs, line["train_loss"], line["val_acc"], line["skip_count"],
+                 line["archs"][0], seconds)
+    if epoch < epochs:
       ckpt.save(epoch, state, {"elapsed_s": elapsed})
+
+  _, elapsed, stopped = host_loop.drive(epoch, elapsed, advance, commit,
+                                        done=lambda epoch: epoch >= epochs,
+                                        max_hours=config.max_hours)
   ckpt.close()
-  write_json(os.path.join(workdir, "timing.json"),
-             {"wall_s": round(elapsed, 3), "devices": jax.device_count(),
-              "device_s": round(elapsed * jax.device_count(), 3),
-              "backend": jax.default_backend()})
+  host_loop.write_json_atomic(os.path.join(workdir, "timing.json"), host_loop.timing(elapsed))
   return _results(config, darts, state, history, stopped)
 
 

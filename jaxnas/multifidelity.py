@@ -32,13 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxnas import host_loop
 from jaxnas.checkpoint import truncate_log
 
 STATE_FILE = "hyperband_state.json"
@@ -81,8 +81,9 @@ def _initial_state(config) -> dict:
           "correlations": []}
 
 
-def run(config, workdir: str, make_evaluator_at, space, options: dict) -> tuple[dict, dict]:
-  """Runs (or resumes) Hyperband; returns ``(results without config, timing)``."""
+def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
+  """Runs (or resumes) Hyperband in ``workdir``; returns results (without config) and writes
+  timing.json."""
   eta, rungs = int(options.get("eta", 3)), int(options.get("rungs", 3))
   max_epochs = float(options["max_epochs"])
   schedule = brackets(max_epochs, eta, rungs, options.get("hyperband_brackets"))
@@ -98,27 +99,21 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> tuple[
     if os.path.exists(metrics_path):
       os.remove(metrics_path)
   evaluators = {}
-  elapsed = float(state.get("elapsed_s", 0.0))
-  stopped = None
-  limit_s = config.max_hours * 3600.0
-  last_s = 0.0
-  while True:
+
+  def done(rung_counter):
+    n = schedule[state["bracket"] % len(schedule)][state["rung"]][0]
+    return state["evaluations"] + n > config.budget
+
+  def advance(rung_counter):
+    """One rung of the current bracket: n cells per seed trained ``epochs`` epochs, in one call."""
     bracket = schedule[state["bracket"] % len(schedule)]
     n, epochs = bracket[state["rung"]]
-    if state["evaluations"] + n > config.budget:
-      break
-    if limit_s and state["rung_counter"] and elapsed + last_s > limit_s:
-      stopped = {"reason": "max_hours", "max_hours": config.max_hours,
-                 "at_step": state["rung_counter"]}
-      break
-    t0 = time.time()
-    key = jax.random.PRNGKey(config.seed)
-    rung_key = jax.random.fold_in(key, state["rung_counter"])
+    rung_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), rung_counter)
     archs = []
     for i, seed_state in enumerate(state["seeds"]):
       if state["rung"] == 0:  # a new bracket: n novel cells per seed
         seen = {h[0] for h in seed_state["history"]}
-        rng = np.random.default_rng([config.seed + i, state["rung_counter"]])
+        rng = np.random.default_rng([config.seed + i, rung_counter])
         pool = np.setdiff1d(np.arange(space.size), np.fromiter(seen, int, len(seen)))
         seed_state["candidates"] = sorted(rng.choice(pool, n, replace=False).tolist())
       archs.append(seed_state["candidates"][:n])
@@ -129,14 +124,14 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> tuple[
     flat = jax.vmap(space.from_vector)(vectors)
     scores = np.asarray(evaluators[epochs].evaluate(rung_key, flat), np.float64)
     scores = np.where(np.isfinite(scores), scores, 0.0).reshape(ranks.shape)
-    line = {"step": state["rung_counter"] + 1, "bracket": state["bracket"],
+    line = {"step": rung_counter + 1, "bracket": state["bracket"],
             "rung": state["rung"], "epochs": epochs, "cells": n}
     rhos = []
     for i, seed_state in enumerate(state["seeds"]):
       previous = {h[0]: h[2] for h in seed_state["history"]
-                  if state["rung"] and h[3] == state["rung_counter"] - 1}
+                  if state["rung"] and h[3] == rung_counter - 1}
       for r, s in zip(ranks[i].tolist(), scores[i].tolist()):
-        seed_state["history"].append([r, epochs, s, state["rung_counter"]])
+        seed_state["history"].append([r, epochs, s, rung_counter])
       if previous:
         rhos.append(spearman([previous[r] for r in ranks[i]], scores[i]))
       keep = max(1, n // eta)
@@ -151,22 +146,26 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> tuple[
     state["epochs_used"] += n * epochs  # per seed, like evaluations
     line.update(evaluations=state["evaluations"], best=float(scores.max(1).mean()),
                 batch_mean=float(scores.mean()))
-    state["rung_counter"] += 1
+    state["rung_counter"] = rung_counter + 1
     state["rung"] += 1
     if state["rung"] == len(bracket):
       state["bracket"], state["rung"] = state["bracket"] + 1, 0
-    last_s = time.time() - t0
-    elapsed += last_s
+    return state["rung_counter"], line
+
+  def commit(rung_counter, line, seconds, elapsed):
     state["elapsed_s"] = elapsed
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(line) + "\n")
+    host_loop.append_jsonl(metrics_path, [line])
     logging.info("rung %d (bracket %d, %d cells x %g epochs)  evaluations %d/%d  best %.2f%s "
-                 "(%.1fs)", line["step"], line["bracket"], n, epochs, state["evaluations"],
-                 config.budget, line["best"],
+                 "(%.1fs)", line["step"], line["bracket"], line["cells"], line["epochs"],
+                 state["evaluations"], config.budget, line["best"],
                  f"  fidelity rho {line['fidelity_correlation']:.2f}"
-                 if "fidelity_correlation" in line else "", last_s)
-    _write_atomic(state_path, state)
-  return _results(config, space, state, max_epochs, stopped), {"wall_s": round(elapsed, 3)}
+                 if "fidelity_correlation" in line else "", seconds)
+    host_loop.write_json_atomic(state_path, state)
+
+  _, elapsed, stopped = host_loop.drive(state["rung_counter"], float(state.get("elapsed_s", 0.0)),
+                                        advance, commit, done, config.max_hours)
+  host_loop.write_json_atomic(os.path.join(workdir, "timing.json"), host_loop.timing(elapsed))
+  return _results(config, space, state, max_epochs, stopped)
 
 
 def _results(config, space, state, max_epochs, stopped) -> dict:
@@ -194,12 +193,3 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
           "budget": {"evaluations": config.budget, "evaluations_used": state["evaluations"],
                      "epochs_used": state["epochs_used"], "max_epochs": max_epochs,
                      "max_hours": config.max_hours, "stopped_early": stopped}}
-
-
-def _write_atomic(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

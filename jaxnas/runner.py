@@ -28,17 +28,17 @@ import platform
 import shlex
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import darts_runner, estimators, multifidelity, pareto
-from jaxnas.checkpoint import Checkpointer, CheckpointError, truncate_log
+from jaxnas import darts_runner, estimators, host_loop, multifidelity, pareto
+from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
+from jaxnas.host_loop import write_json_atomic
 from jaxnas.estimators.training import ProxySpec, train_evaluator
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
@@ -232,22 +232,6 @@ def environment() -> dict:
           "versions": versions, "command": " ".join(sys.argv)}
 
 
-def _primary() -> bool:
-  """Only process 0 writes the workdir's JSON files (checkpoints are collective)."""
-  return jax.process_index() == 0
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  if not _primary():
-    return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
   """Per-step lines (mean/std/min/max over seeds) from stacked chunk metrics [seeds, steps]."""
   lines = []
@@ -328,7 +312,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                       "use another --workdir")
   if os.path.exists(results_path):
     if not os.path.exists(config_path):
-      _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
+      write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
     with open(results_path) as f:
       results = json.load(f)
     logging.info("workdir %s holds a finished search; nothing to do", workdir)
@@ -346,7 +330,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
   os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(config_path):
-    _write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
+    write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
   if config.strategy == "hyperband":
     return _run_hyperband(config, workdir, space, make_at)
   if config.strategy == "darts":
@@ -359,48 +343,34 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   state = jax.jit(jax.vmap(search.init))(keys)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    restored = ckpt.restore_latest(state)
+    step, state, elapsed = host_loop.resume(ckpt, state, metrics_path)
   except CheckpointError as e:
     raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   # Time spent building the evaluator (the SPOS supernet's training) counts
   # against --max_hours; a resumed search's checkpoint already includes it.
-  step, elapsed = 0, float(search.evaluator.setup_s)
-  if restored is not None:
-    step, state, meta = restored
-    elapsed = float(meta.get("elapsed_s", 0.0))
-    logging.info("resuming from checkpoint at step %d of %d", step, num_steps)
-    truncate_log(metrics_path, step)
-  elif os.path.exists(metrics_path):
-    os.remove(metrics_path)
-
-  limit_s = config.max_hours * 3600.0
-  stopped = None
+  if step == 0:
+    elapsed = float(search.evaluator.setup_s)
   advance = make_advance(search, chunk, jax.random.PRNGKey(config.seed))
-  last_chunk_s = 0.0
-  while step < num_steps:
-    # The limit is checked between chunks (generations): one in progress is
-    # never cut, and one that would likely overrun the limit is not started.
-    if limit_s and step > 0 and elapsed + last_chunk_s > limit_s:
-      stopped = {"reason": "max_hours", "max_hours": config.max_hours, "at_step": step}
-      logging.warning("stopping at step %d/%d: --max_hours=%g reached (%.0f s used)", step,
-                      num_steps, config.max_hours, elapsed)
-      break
-    t0 = time.time()
-    state, metrics = advance(state, step)
-    metrics = jax.device_get(metrics)
-    step = int(state.step[0])
-    last_chunk_s = time.time() - t0
-    elapsed += last_chunk_s
+
+  def run_chunk(step):
+    new_state, metrics = advance(state, step)
+    return int(new_state.step[0]), (new_state, jax.device_get(metrics))
+
+  def commit(step, out, seconds, elapsed):
+    nonlocal state
+    state, metrics = out
     lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
-    if _primary():
-      with open(metrics_path, "a") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
+    host_loop.append_jsonl(metrics_path, lines)
     last = lines[-1]
     logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
                  step, num_steps, last["evaluations"], config.budget, last["best"],
-                 last["best_std"], last["diversity"], last_chunk_s)
+                 last["best_std"], last["diversity"], seconds)
     if config.checkpoint_every and step < num_steps:
       ckpt.save(step, state, {"elapsed_s": elapsed})
+
+  step, elapsed, stopped = host_loop.drive(step, elapsed, run_chunk, commit,
+                                           done=lambda step: step >= num_steps,
+                                           max_hours=config.max_hours)
   ckpt.close()
 
   results = collect_results(search, config, state)
@@ -409,19 +379,16 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
     results["pareto_front"] = {"objectives": front["objectives"],
                                "size_per_run": [len(r) for r in front["per_run"]],
                                "pooled_size": len(front["pooled"]), "file": "pareto.json"}
-    _write_json_atomic(os.path.join(workdir, "pareto.json"), front)
+    write_json_atomic(os.path.join(workdir, "pareto.json"), front)
   # Limits and whether they cut the search are results; the measured times are
   # not (they differ between an interrupted and an uninterrupted run, which must
   # write identical results.json), so they go to timing.json.
   results["budget"].update(max_hours=config.max_hours,
                            max_device_seconds=config.max_hours * 3600.0 * jax.device_count(),
                            stopped_early=stopped)
-  _write_json_atomic(os.path.join(workdir, "timing.json"),
-                     {"wall_s": round(elapsed, 3), "setup_s": round(search.evaluator.setup_s, 3),
-                      "devices": jax.device_count(),
-                      "device_s": round(elapsed * jax.device_count(), 3),
-                      "backend": jax.default_backend()})
-  _write_json_atomic(results_path, results)
+  write_json_atomic(os.path.join(workdir, "timing.json"),
+                    host_loop.timing(elapsed, setup_s=round(search.evaluator.setup_s, 3)))
+  write_json_atomic(results_path, results)
   logging.info("search finished in %.2fs", time.time() - t_start)
   results = dict(results)
   results["already_finished"] = False
@@ -448,12 +415,12 @@ def _hyperband_evaluators(config: SearchConfig):
 
 def _run_darts(config: SearchConfig, workdir: str, darts, data) -> dict:
   try:
-    results = darts_runner.run(config, workdir, darts, data, _write_json_atomic)
+    results = darts_runner.run(config, workdir, darts, data)
   except ValueError as e:
     raise UserError(str(e)) from None
   results = {"config": config.to_json(), **results}
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
-  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
   results = dict(results)
   results["already_finished"] = False
   return results
@@ -463,15 +430,12 @@ def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:
   args = dict(config.strategy_args)
   args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
   try:
-    results, timing = multifidelity.run(config, workdir, make_at, space, args)
+    results = multifidelity.run(config, workdir, make_at, space, args)
   except ValueError as e:
     raise UserError(str(e)) from None
   results = {"config": config.to_json(), **results}
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
-  timing.update(devices=jax.device_count(), device_s=round(timing["wall_s"] * jax.device_count(),
-                                                           3), backend=jax.default_backend())
-  _write_json_atomic(os.path.join(workdir, "timing.json"), timing)
-  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
   results = dict(results)
   results["already_finished"] = False
   return results

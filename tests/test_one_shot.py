@@ -288,7 +288,7 @@ def test_cli_supernet_search_resumes_to_identical_results(cli_search):
       if step.isdigit() and int(step) > keep:
         shutil.rmtree(cut / sub / step)
   proc = _cli(root, "--workdir=cut")
-  assert "supernet: resuming from epoch 1" in proc.stderr
+  assert "supernet: resuming from checkpoint at epoch 1" in proc.stderr
   assert "resuming from checkpoint at step 1" in proc.stderr
   assert (cut / "results.json").read_bytes() == (w / "results.json").read_bytes()
   assert (cut / "metrics.jsonl").read_bytes() == (w / "metrics.jsonl").read_bytes()

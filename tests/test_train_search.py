@@ -135,7 +135,7 @@ def test_hyperband_rungs_are_population_calls_and_resume_exactly(tmp_path, monke
   assert [(x["cells"], x["epochs"]) for x in lines] == [(2, 0.5), (1, 1.0)]
 
   # Killed right after the first rung's state was written.
-  real_write = runner.multifidelity._write_atomic
+  real_write = runner.multifidelity.host_loop.write_json_atomic
   calls = []
 
   def write_then_die(path, obj):
@@ -143,10 +143,10 @@ def test_hyperband_rungs_are_population_calls_and_resume_exactly(tmp_path, monke
     calls.append(path)
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(runner.multifidelity, "_write_atomic", write_then_die)
+  monkeypatch.setattr(runner.multifidelity.host_loop, "write_json_atomic", write_then_die)
   with pytest.raises(KeyboardInterrupt):
     runner.run(config, str(tmp_path / "cut"))
-  monkeypatch.setattr(runner.multifidelity, "_write_atomic", real_write)
+  monkeypatch.setattr(runner.multifidelity.host_loop, "write_json_atomic", real_write)
   assert len(calls) == 1 and not os.path.exists(tmp_path / "cut" / "results.json")
   runner.run(config, str(tmp_path / "cut"))
   assert _read(tmp_path / "cut" / "results.json") == _read(tmp_path / "full" / "results.json")

@@ -46,7 +46,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -56,7 +55,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxnas.checkpoint import Checkpointer, truncate_log
+from jaxnas import host_loop
+from jaxnas.checkpoint import Checkpointer
 from jaxnas.datasets import make_preprocess
 from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.training import ProxySpec, search_split, validate_spec
@@ -401,37 +401,32 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
         raise ValueError(f"{workdir} holds a supernet with other settings ({config_path}); "
                          "use another workdir")
     else:
-      with open(config_path + ".tmp", "w") as f:
-        json.dump(described, f, indent=1)
-      os.replace(config_path + ".tmp", config_path)
+      host_loop.write_json_atomic(config_path, described)
     ckpt = Checkpointer(os.path.join(workdir, "supernet"))
     log_path = os.path.join(workdir, "supernet_metrics.jsonl")
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-      epoch, state, meta = restored
-      elapsed = float(meta.get("elapsed_s", 0.0))
-      logging.info("supernet: resuming from epoch %d of %d", epoch, spos.num_epochs)
-      truncate_log(log_path, epoch, "epoch")
-    elif os.path.exists(log_path):
-      os.remove(log_path)
-  while epoch < spos.num_epochs:
-    t0 = time.time()
-    state, metrics = run_epoch(state, data)
-    metrics = jax.device_get(metrics)
-    epoch += 1
-    elapsed += time.time() - t0
+    epoch, state, elapsed = host_loop.resume(ckpt, state, log_path, "epoch", "supernet: ")
+
+  def advance(epoch):
+    new_state, metrics = run_epoch(state, data)
+    return epoch + 1, (new_state, jax.device_get(metrics))
+
+  def commit(epoch, out, seconds, elapsed):
+    nonlocal state
+    state, metrics = out
     live = np.asarray(metrics["live"])
     line = {"epoch": epoch, "step": int(state.step),
             "loss": round(float(np.mean(metrics["loss"][live])), 6),
             "train_accuracy": round(100.0 * float(np.mean(metrics["accuracy"][live])), 4),
             "skipped_steps": int(np.sum(live & ~np.asarray(metrics["ok"]))),
-            "seconds": round(time.time() - t0, 3)}
+            "seconds": round(seconds, 3)}
     logging.info("supernet epoch %d/%d  loss %.4f  sampled-path train accuracy %.2f %%  (%.1fs)",
-                 epoch, spos.num_epochs, line["loss"], line["train_accuracy"], time.time() - t0)
+                 epoch, spos.num_epochs, line["loss"], line["train_accuracy"], seconds)
     if ckpt is not None:
-      with open(log_path, "a") as f:
-        f.write(json.dumps(line) + "\n")
+      host_loop.append_jsonl(log_path, [line])
       ckpt.save(epoch, state, {"elapsed_s": elapsed})
+
+  _, elapsed, _ = host_loop.drive(epoch, elapsed, advance, commit,
+                                  done=lambda epoch: epoch >= spos.num_epochs)
   if ckpt is not None:
     ckpt.close()
   return state, elapsed

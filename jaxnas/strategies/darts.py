@@ -54,6 +54,7 @@ from jaxnas.datasets import make_preprocess
 from jaxnas.models.darts_net import DartsNetwork, derive_darts
 from jaxnas.models.darts_net import NUM_EDGES as DARTS_EDGES
 from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
+from jaxnas.models.train import TrainData
 from jaxnas.spaces import darts as darts_lib
 from jaxnas.spaces import darts_space, nb201_space
 from jaxnas.spaces.base import Space
@@ -125,14 +126,9 @@ class DartsState:
   step: jax.Array         # int32, bilevel steps done
 
 
-class DartsData(NamedTuple):
-  """Search-train and search-validation splits on device (uint8 NHWC, int32 labels)."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  val_images: jax.Array
-  val_labels: jax.Array
-  mean: jax.Array
-  std: jax.Array
+# The search-train and search-validation splits on device: the layout of every
+# population trainer's data (uint8 NHWC images, int32 labels, channel mean/std).
+DartsData = TrainData
 
 
 class Darts(NamedTuple):

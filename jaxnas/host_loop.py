@@ -1,0 +1,102 @@
+"""The host loop of every long run: chunks of compiled work between checkpoints.
+
+A search (chunks of generations), a DARTS search (epochs), Hyperband (rungs)
+and the SPOS supernet's training (epochs) all run the same way: restore the
+newest checkpoint and cut the metrics log back to it, then repeatedly run one
+compiled chunk, time it, append its metrics lines, save a checkpoint. The
+wall-time limit (``--max_hours``) is applied here, once for all of them:
+checked between chunks, so a chunk in progress is never cut, and a chunk that
+would likely overrun the limit (the last one took longer than what is left) is
+not started. Elapsed time is carried in the checkpoint, so resumes count too.
+
+Only process 0 writes files (checkpoints themselves are collective).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from jaxnas.checkpoint import Checkpointer, truncate_log
+
+
+def primary() -> bool:
+  """Whether this process writes the workdir's JSON files (process 0)."""
+  return jax.process_index() == 0
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
+  if not primary():
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: str, lines: list[dict]) -> None:
+  if primary():
+    with open(path, "a") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def resume(ckpt: Checkpointer, template: Any, log_path: str, field: str = "step",
+           what: str = "") -> tuple[int, Any, float]:
+  """``(step, state, elapsed_s)`` from ``ckpt``'s newest verified checkpoint, or
+  ``(0, template, 0.0)`` without one.
+
+  The JSON-lines log at ``log_path`` is cut back to that step (lines written
+  after the checkpoint, before a kill, would be written again), or removed when
+  starting afresh; ``what`` prefixes the log message. Raises ``checkpoint.CheckpointError`` when no checkpoint
+  is readable (the unreadable ones are moved aside).
+  """
+  restored = ckpt.restore_latest(template)
+  if restored is None:
+    if os.path.exists(log_path) and primary():
+      os.remove(log_path)
+    return 0, template, 0.0
+  step, state, meta = restored
+  logging.info("%sresuming from checkpoint at %s %d", what, field, step)
+  if primary():
+    truncate_log(log_path, step, field)
+  return step, state, float(meta.get("elapsed_s", 0.0))
+
+
+def drive(step: int, elapsed: float, advance: Callable[[int], tuple[int, Any]],
+          commit: Callable[[int, Any, float, float], None], done: Callable[[int], bool],
+          max_hours: float = 0.0) -> tuple[int, float, dict | None]:
+  """Runs chunks until ``done(step)`` or the wall-time limit; returns ``(step, elapsed, stopped)``.
+
+  ``advance(step) -> (step, out)`` runs one chunk (the timed part);
+  ``commit(step, out, seconds, elapsed)`` then logs and checkpoints it.
+  ``stopped`` is ``None``, or what results.json records when ``max_hours``
+  (0: no limit) ended the run early.
+  """
+  limit_s, last_s = max_hours * 3600.0, 0.0
+  while not done(step):
+    if limit_s and step > 0 and elapsed + last_s > limit_s:
+      logging.warning("stopping at step %d: --max_hours=%g reached (%.0f s used)", step,
+                      max_hours, elapsed)
+      return step, elapsed, {"reason": "max_hours", "max_hours": max_hours, "at_step": step}
+    t0 = time.time()
+    step, out = advance(step)
+    last_s = time.time() - t0
+    elapsed += last_s
+    commit(step, out, last_s, elapsed)
+  return step, elapsed, None
+
+
+def timing(elapsed: float, **extra) -> dict:
+  """The workdir's timing.json: wall and device seconds (kept out of results.json, which
+  an interrupted and an uninterrupted run must write identically)."""
+  n = jax.device_count()
+  return {"wall_s": round(elapsed, 3), **extra, "devices": n, "device_s": round(elapsed * n, 3),
+          "backend": jax.default_backend()}
