@@ -17,11 +17,11 @@ Because the search is driven by the proxy, the classic risk is that the best
 cell at a low fidelity is not the best at the target. Each promotion therefore
 logs the Spearman rank correlation between the promoted cells' scores at the
 lower and the higher fidelity (``fidelity_correlation`` in metrics.jsonl and
-results.json).
+results.json; null where it is undefined, e.g. fewer than 3 promoted cells).
 
 Budget accounting: each training of a cell at any fidelity is one evaluation;
 ``epochs_used`` records the cost in epochs. The host state (bracket, rung,
-per-seed candidates and history, all small integers and floats) is saved as
+per-seed candidates and history as decision vectors and floats) is saved as
 JSON after each rung (``hyperband_state.json``, atomic), and the rung key is
 ``fold_in(PRNGKey(seed), rung_counter)``, so a killed search resumes at the
 next rung and ends with the same results.json.
@@ -75,6 +75,37 @@ def brackets(max_epochs: float, eta: int, rungs: int, num_brackets: int | None =
   return out[:num_brackets] if num_brackets else out
 
 
+# Spaces up to this size draw new cells from the explicit pool of unseen ones.
+ENUMERABLE = 1_000_000
+
+
+def novel_cells(space, seen: list, n: int, rng: np.random.Generator) -> list[list[int]]:
+  """``n`` distinct decision vectors, uniformly at random among those not in ``seen``.
+
+  Small spaces (NAS-Bench-201: 15,625 cells) draw from the pool of unseen mixed-radix
+  ranks; large ones (the DARTS space) draw vectors and reject repeats. Ordered by rank
+  (lexicographically), so the order does not depend on how they were drawn.
+  """
+  cards = space.cardinalities
+  if space.size - len(seen) < n:
+    raise ValueError(f"the {space.name} space has {space.size - len(seen)} unseen cells left, "
+                     f"fewer than the {n} a bracket needs; lower --budget")
+  if space.size <= ENUMERABLE:
+    taken = (np.ravel_multi_index(np.asarray(seen, np.int64).T, cards) if seen
+             else np.zeros(0, np.int64))
+    pool = np.setdiff1d(np.arange(space.size), taken)
+    ranks = np.sort(rng.choice(pool, n, replace=False))
+    return np.stack(np.unravel_index(ranks, cards), -1).tolist()
+  known = {tuple(v) for v in seen}
+  out = []
+  while len(out) < n:
+    v = tuple(int(rng.integers(k)) for k in cards)
+    if v not in known:
+      known.add(v)
+      out.append(list(v))
+  return sorted(out)
+
+
 def _initial_state(config) -> dict:
   return {"bracket": 0, "rung": 0, "rung_counter": 0, "evaluations": 0, "epochs_used": 0.0,
           "seeds": [{"candidates": [], "history": []} for _ in range(config.num_seeds)],
@@ -112,33 +143,33 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
     archs = []
     for i, seed_state in enumerate(state["seeds"]):
       if state["rung"] == 0:  # a new bracket: n novel cells per seed
-        seen = {h[0] for h in seed_state["history"]}
         rng = np.random.default_rng([config.seed + i, rung_counter])
-        pool = np.setdiff1d(np.arange(space.size), np.fromiter(seen, int, len(seen)))
-        seed_state["candidates"] = sorted(rng.choice(pool, n, replace=False).tolist())
+        seed_state["candidates"] = novel_cells(space, [h[0] for h in seed_state["history"]],
+                                               n, rng)
       archs.append(seed_state["candidates"][:n])
-    ranks = np.asarray(archs, np.int64)  # [seeds, n]
+    vectors = np.asarray(archs, np.int32)  # [seeds, n, decisions]
     if epochs not in evaluators:
       evaluators[epochs] = make_evaluator_at(epochs)
-    vectors = jax.vmap(space.unrank)(jnp.asarray(ranks.reshape(-1), jnp.int32))
-    flat = jax.vmap(space.from_vector)(vectors)
+    flat = jax.vmap(space.from_vector)(jnp.asarray(vectors.reshape(-1, space.num_decisions)))
     scores = np.asarray(evaluators[epochs].evaluate(rung_key, flat), np.float64)
-    scores = np.where(np.isfinite(scores), scores, 0.0).reshape(ranks.shape)
+    scores = np.where(np.isfinite(scores), scores, 0.0).reshape(vectors.shape[:2])
     line = {"step": rung_counter + 1, "bracket": state["bracket"],
             "rung": state["rung"], "epochs": epochs, "cells": n}
     rhos = []
     for i, seed_state in enumerate(state["seeds"]):
-      previous = {h[0]: h[2] for h in seed_state["history"]
+      previous = {tuple(h[0]): h[2] for h in seed_state["history"]
                   if state["rung"] and h[3] == rung_counter - 1}
-      for r, s in zip(ranks[i].tolist(), scores[i].tolist()):
-        seed_state["history"].append([r, epochs, s, rung_counter])
+      cells = vectors[i].tolist()
+      for v, s in zip(cells, scores[i].tolist()):
+        seed_state["history"].append([v, epochs, s, rung_counter])
       if previous:
-        rhos.append(spearman([previous[r] for r in ranks[i]], scores[i]))
+        rhos.append(spearman([previous[tuple(v)] for v in cells], scores[i]))
       keep = max(1, n // eta)
       order = np.argsort(-scores[i], kind="stable")[:keep]
-      seed_state["candidates"] = [int(ranks[i][j]) for j in order]
+      seed_state["candidates"] = [cells[j] for j in order]
     if rhos:
-      rho = float(np.nanmean(rhos)) if not np.all(np.isnan(rhos)) else float("nan")
+      # null (not NaN, which is not JSON) where undefined: fewer than 3 cells, or ties only.
+      rho = None if np.all(np.isnan(rhos)) else float(np.nanmean(rhos))
       state["correlations"].append({"bracket": state["bracket"], "from_epochs": epochs / eta,
                                     "to_epochs": epochs, "cells": n, "spearman": rho})
       line["fidelity_correlation"] = rho
@@ -159,7 +190,7 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
                  "(%.1fs)", line["step"], line["bracket"], line["cells"], line["epochs"],
                  state["evaluations"], config.budget, line["best"],
                  f"  fidelity rho {line['fidelity_correlation']:.2f}"
-                 if "fidelity_correlation" in line else "", seconds)
+                 if line.get("fidelity_correlation") is not None else "", seconds)
     host_loop.write_json_atomic(state_path, state)
 
   _, elapsed, stopped = host_loop.drive(state["rung_counter"], float(state.get("elapsed_s", 0.0)),
@@ -176,7 +207,7 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
       raise ValueError(f"--budget={config.budget} is smaller than the first rung")
     top = max(h[1] for h in hist)  # the incumbent is chosen at the highest fidelity reached
     best = max((h for h in hist if h[1] == top), key=lambda h: h[2])
-    arch = space.from_vector(space.unrank(jnp.int32(best[0])))
+    arch = space.from_vector(jnp.asarray(best[0], jnp.int32))
     runs.append({"seed": config.seed + i, "best_arch": space.encode(arch),
                  "best_score": round(best[2], 6), "best_epochs": best[1],
                  "trajectory": [round(x, 6) for x in np.maximum.accumulate(

@@ -53,7 +53,7 @@ HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = ("nb201", "darts")
 # Strategies that train DARTS-space populations (--space=darts --evaluator=train).
-DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor")
+DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor", "hyperband")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
@@ -398,7 +398,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
 def _hyperband_evaluators(config: SearchConfig):
   """The space and ``epochs -> Evaluator`` of a Hyperband search (data checked once, now)."""
   args = dict(config.evaluator_args)
-  spec = ProxySpec(dataset=config.dataset, **args)
+  spec = ProxySpec(dataset=config.dataset, space=config.space, **args)
   try:
     first = train_evaluator(spec)
   except ValueError as e:

@@ -1,0 +1,82 @@
+"""Hyperband's host logic in both spaces, with a cheap deterministic evaluator (no training:
+the real-training Hyperband search is in test_train_search.py)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnas import multifidelity, runner
+from jaxnas.spaces import darts_space, nb201_space
+
+
+@pytest.mark.parametrize("space", [nb201_space(), darts_space()], ids=lambda s: s.name)
+def test_novel_cells_are_distinct_valid_unseen_and_sorted(space):
+  rng = np.random.default_rng(0)
+  seen = multifidelity.novel_cells(space, [], 20, rng)
+  new = multifidelity.novel_cells(space, seen, 30, rng)
+  cells = seen + new
+  assert len({tuple(v) for v in cells}) == 50
+  for v in cells:
+    space.validate_vector(np.asarray(v))
+  assert new == sorted(new)
+
+
+def test_novel_cells_exhaust_a_small_space_and_then_refuse():
+  space = nb201_space()
+  everything = multifidelity.novel_cells(space, [], space.size, np.random.default_rng(1))
+  ranks = np.asarray(jax.vmap(space.rank)(np.asarray(everything, np.int32)))
+  np.testing.assert_array_equal(ranks, np.arange(space.size))  # all of them, in rank order
+  with pytest.raises(ValueError, match="unseen cells left"):
+    multifidelity.novel_cells(space, everything[1:], 2, np.random.default_rng(1))
+
+
+class _Scorer:
+  """Deterministic 'accuracy': a fixed random weighting of the decisions, scaled by epochs."""
+
+  def __init__(self, space, epochs):
+    self.space, self.epochs = space, epochs
+    self.w = np.random.default_rng(7).normal(size=space.num_decisions)
+
+  def evaluate(self, key, archs):
+    del key
+    vectors = np.asarray(jax.vmap(self.space.to_vector)(archs))
+    return vectors @ self.w * self.epochs
+
+
+def test_hyperband_promotes_the_best_cells_in_the_darts_space(tmp_path):
+  space = darts_space()
+  config = runner.SearchConfig(evaluator="train", dataset="fashion_mnist", strategy="hyperband",
+                               space="darts", budget=9, num_seeds=2)
+  evaluators = []
+
+  def at(epochs):
+    evaluators.append(_Scorer(space, epochs))
+    return evaluators[-1]
+
+  options = {"eta": 3, "rungs": 2, "hyperband_brackets": 1, "max_epochs": 3.0}
+  results = multifidelity.run(config, str(tmp_path), at, space, options)
+  assert [e.epochs for e in evaluators] == [1.0, 3.0]  # one evaluator per fidelity
+  state = json.load(open(os.path.join(tmp_path, multifidelity.STATE_FILE)))
+  w = evaluators[0].w
+  for run, seed_state in zip(results["runs"], state["seeds"]):
+    hist = seed_state["history"]  # [vector, epochs, score, rung counter]
+    # Two brackets of (3 cells x 1 epoch, the best 1 x 3 epochs); the second has new cells.
+    assert [(h[1], h[3]) for h in hist] == [(1.0, 0)] * 3 + [(3.0, 1)] + [(1.0, 2)] * 3 + [
+        (3.0, 3)]
+    assert len({tuple(h[0]) for h in hist if h[1] == 1.0}) == 6
+    for low, high in ((hist[0:3], hist[3]), (hist[4:7], hist[7])):
+      assert high[0] == max(low, key=lambda h: h[2])[0]
+      assert high[2] == pytest.approx(np.dot(high[0], w) * 3.0)
+    high = [hist[3], hist[7]]
+    top = max(high, key=lambda h: h[2])
+    assert run["best_score"] == pytest.approx(np.dot(top[0], w) * 3.0)
+    assert run["best_arch"] == space.encode(space.from_vector(np.asarray(top[0], np.int32)))
+    assert run["best_arch"].startswith("Genotype(")
+  assert results["budget"]["evaluations_used"] == 8
+  # One promoted cell per bracket: no rank correlation, recorded as JSON null (not NaN).
+  assert [c["spearman"] for c in results["fidelity_correlation"]] == [None, None]
+  for line in open(os.path.join(tmp_path, "metrics.jsonl")):
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
