@@ -2,6 +2,8 @@
 
   python experiments/bench_darts.py --space=darts --channels=16 --cells=8 --batch=64 --image=32
 
+(``--fused``: the first-order step with the supernet traced once.)
+
 times one bilevel step (alpha on a validation batch, then the weights on a
 training batch; ``--order=2`` adds the unrolled step and the exact
 Hessian-vector product) of the DARTS supernet, for ``--remat=0,1``. Each
@@ -43,6 +45,8 @@ flags.DEFINE_integer("image", 32, "Image side.")
 flags.DEFINE_integer("in_channels", 3, "Image channels.")
 flags.DEFINE_integer("order", 1, "DARTS order (1 or 2).")
 flags.DEFINE_string("variant", "darts", "darts | gdas | darts-.")
+flags.DEFINE_bool("fused", False, "First order: the fused step (supernet traced once, "
+                  "DartsConfig.fused).")
 flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 flags.DEFINE_string("remat", "0,1", "Comma-separated remat settings; each runs in its own process.")
 flags.DEFINE_bool("child", False, "Internal: run one setting in this process.")
@@ -99,7 +103,8 @@ def run_one(remat: bool) -> dict:
       np.full(FLAGS.in_channels, 0.5, np.float32), np.full(FLAGS.in_channels, 0.25, np.float32))))
   config = DartsConfig(variant=FLAGS.variant, space=FLAGS.space, order=FLAGS.order,
                        epochs=1, steps_per_epoch=FLAGS.steps + 1, batch_size=FLAGS.batch,
-                       channels=FLAGS.channels, cells=FLAGS.cells, remat=remat)
+                       channels=FLAGS.channels, cells=FLAGS.cells, remat=remat,
+                       fused=FLAGS.fused)
   darts = make_darts(config)
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
@@ -125,7 +130,7 @@ def run_one(remat: bool) -> dict:
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   out = {"space": FLAGS.space, "channels": FLAGS.channels, "cells": FLAGS.cells,
          "batch": FLAGS.batch, "image": FLAGS.image, "order": FLAGS.order,
-         "variant": FLAGS.variant, "remat": remat, "backend": jax.default_backend(),
+         "variant": FLAGS.variant, "remat": remat, "fused": FLAGS.fused, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "supernet_params": n_params,
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
          "step_s_all": [round(t, 4) for t in times],

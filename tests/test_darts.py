@@ -160,3 +160,23 @@ def test_warmup_epochs_freeze_alpha_then_let_it_learn():
   assert not np.array_equal(np.asarray(s2.alpha), np.asarray(s1.alpha))
   with pytest.raises(ValueError, match="warmup_epochs"):
     _tiny(epochs=2, warmup_epochs=2)
+
+
+def test_fused_first_order_step_equals_the_two_pass_step():
+  """The fused step (one traced supernet, a two-iteration scan) computes the two-pass step,
+  warm-up (alpha frozen in epoch 1) included."""
+  data = _data()
+  finals = []
+  for fused in (False, True):
+    darts = _tiny(epochs=2, steps_per_epoch=2, fused=fused, warmup_epochs=1)
+    state = darts.init(jax.random.PRNGKey(3), data)
+    run_epoch = _compile(darts.run_epoch, state, data)
+    for _ in range(2):
+      state, metrics = run_epoch(state, data)
+    finals.append((state, metrics))
+  (a, ma), (b, mb) = finals
+  assert int(a.step) == int(b.step) == 4
+  for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(a.alpha - _tiny().init(jax.random.PRNGKey(3), data).alpha))) > 0
