@@ -37,7 +37,8 @@ flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one pro
 flags.DEFINE_integer("seed", 0, "Run i uses seed + i (so it can be rerun alone).")
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<evaluator>-<dataset>-...).")
 flags.DEFINE_integer("checkpoint_every", None, "Search steps between checkpoints (0: none; "
-                     "default 10 for nb201, 1 (every generation) for train and supernet).")
+                     "default 10 for nb201, 1 (every generation) for train and supernet); "
+                     "retrain: training steps between checkpoints (default one epoch).")
 flags.DEFINE_float("max_hours", 0.0, "Wall-time limit of the search in hours, resumes included "
                    "(0: none). Checked between generations; results.json records it.")
 flags.DEFINE_list("objectives", ["accuracy"], "accuracy, optionally with params and/or flops "

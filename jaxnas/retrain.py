@@ -7,7 +7,15 @@ exist), trained on the whole training set with the NAS-Bench-201 recipe and a
 cosine schedule over ``epochs``, then scored once on the test set, which no
 search ever sees.
 
+Training runs in chunks of ``checkpoint_every`` steps (default one epoch)
+through ``host_loop``: a checkpoint of the whole training state and a
+metrics.jsonl line after each, so a killed retrain rerun with the same command
+resumes and ends with the same results.
+
 Workdir layout:
+  config.json   the retrain's settings
+  checkpoints/  the training state between chunks (orbax; unfinished retrains)
+  metrics.jsonl one line per chunk: step, epoch, mean loss, seconds
   arch.json     the architecture (string and op list) and the network's size
   params/       trained params and BN statistics (orbax; restore with
                 ``load_variables``, apply with ``network_of(arch_json)``)
@@ -21,16 +29,18 @@ import hashlib
 import json
 import math
 import os
-import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxnas.datasets import DATASETS, DatasetError, load_dataset
-from jaxnas.models import TrainConfig, cost, fixed_genotype, make_data, make_train
-from jaxnas.models.train import make_network
+from jaxnas import host_loop
+from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas.models import TrainConfig, cost, fixed_genotype, make_data
+from jaxnas.models.train import make_network, make_train_parts
 from jaxnas.spaces import darts_space, nb201_space
 from jaxnas.spaces.nb201 import OPS
 
@@ -51,6 +61,14 @@ class RetrainConfig:
   learning_rate: float = 0.1
   weight_decay: float = 5e-4
   seed: int = 0
+  # Training steps between checkpoints (0: one epoch). Where a run is cut does not change
+  # its results, so a workdir is resumed under any value.
+  checkpoint_every: int = 0
+
+
+def _identity(config: dict) -> dict:
+  """What a retrain's results depend on (its config without ``checkpoint_every``)."""
+  return {k: v for k, v in config.items() if k != "checkpoint_every"}
 
 
 def default_workdir(c: RetrainConfig) -> str:
@@ -73,6 +91,8 @@ def _check(c: RetrainConfig):
   for name in ("epochs", "channels", "cells", "batch_size", "learning_rate"):
     if getattr(c, name) <= 0:
       raise RetrainError(f"--{name} must be > 0, got {getattr(c, name)}")
+  if c.checkpoint_every < 0:
+    raise RetrainError(f"--checkpoint_every must be >= 0, got {c.checkpoint_every}")
   return space, arch
 
 
@@ -84,15 +104,21 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   if os.path.exists(results_path):
     with open(results_path) as f:
       previous = json.load(f)
-    if previous.get("config") != dataclasses.asdict(c):
+    if _identity(previous.get("config", {})) != _identity(dataclasses.asdict(c)):
       raise RetrainError(f"workdir {workdir} holds another retrain; use another --workdir")
     previous["already_finished"] = True
     return previous
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):  # an unfinished retrain: resumed if it is this one
+    with open(config_path) as f:
+      if _identity(json.load(f)) != _identity(dataclasses.asdict(c)):
+        raise RetrainError(f"workdir {workdir} holds another retrain; use another --workdir")
   try:
     ds = load_dataset(c.dataset, c.data_dir)
   except DatasetError as e:
     raise RetrainError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
+  host_loop.write_json_atomic(config_path, dataclasses.asdict(c))
 
   n_train = len(ds.train_labels)
   config = TrainConfig(steps=max(1, math.ceil(c.epochs * n_train / c.batch_size)),
@@ -104,13 +130,7 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   data = make_data(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, ds.mean,
                    ds.std)
   fixed = _fixed(space, arch)
-  train = jax.jit(make_train(config, fixed_arch=fixed, return_variables=True))
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
-  logging.info("retraining %s on %s: %d steps of batch %d (%g epochs)", c.arch, c.dataset,
-               config.steps, c.batch_size, c.epochs)
-  t0 = time.time()
-  out = jax.block_until_ready(train(arch, init_key, data_key, data))
-  seconds = time.time() - t0
+  out, seconds = _train(c, config, fixed, arch, data, workdir, len(ds.train_labels))
   if bool(out["failed"]):
     raise RetrainError(f"training of {c.arch} diverged (non-finite loss); try a lower "
                        "--train_learning_rate")
@@ -138,6 +158,53 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   _write_json(results_path, results)  # last: its presence means the retrain finished
   results["already_finished"] = False
   return results
+
+
+def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: str,
+           n_train: int) -> tuple[dict, float]:
+  """Trains in chunks of ``c.checkpoint_every`` steps (default one epoch) through the host
+  loop: a checkpoint and a metrics.jsonl line per chunk, resumed after a kill. Returns the
+  evaluation (test set in the validation slot) and the training seconds (resumes included)."""
+  parts = make_train_parts(config, fixed_arch=fixed)
+  init, run = jax.jit(parts.init), jax.jit(parts.run, static_argnums=5)
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
+  steps = config.steps
+  chunk = min(steps, c.checkpoint_every or math.ceil(n_train / c.batch_size))
+  carry = init(arch, init_key, data)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  try:
+    step, carry, elapsed = host_loop.resume(ckpt, carry, log_path)
+  except CheckpointError as e:
+    raise RetrainError(f"{e}; the unreadable steps were moved aside, rerun to start "
+                       "afresh") from None
+  logging.info("retraining %s on %s: %d steps of batch %d (%g epochs)%s", c.arch, c.dataset,
+               steps, c.batch_size, c.epochs, f", from step {step}" if step else "")
+
+  def advance(step):
+    n = min(chunk, steps - step)  # at most two programs: the chunk and the remainder
+    new, losses = run(carry, arch, data_key, data, jnp.int32(step), n)
+    return step + n, (new, np.asarray(jax.device_get(losses)))
+
+  last_loss = None  # the final checkpoint is a chunk before the end, so a chunk always runs
+
+  def commit(step, out, seconds, elapsed):
+    nonlocal carry, last_loss
+    carry, losses = out
+    last_loss = float(losses[-1])
+    line = {"step": step, "epoch": round(step * c.batch_size / n_train, 3),
+            "loss": round(float(np.mean(losses)), 6), "seconds": round(seconds, 2)}
+    host_loop.append_jsonl(log_path, [line])
+    logging.info("retrain step %d/%d (epoch %.2f)  mean loss %.4f  (%.1fs)", step, steps,
+                 line["epoch"], line["loss"], seconds)
+    if step < steps:
+      ckpt.save(step, carry, {"elapsed_s": elapsed})
+
+  _, elapsed, _ = host_loop.drive(step, elapsed, advance, commit, done=lambda s: s >= steps)
+  ckpt.close()
+  out = jax.block_until_ready(jax.jit(parts.evaluate)(carry, arch, data))
+  out["final_loss"] = last_loss
+  return out, elapsed
 
 
 def _write_json(path, obj):
@@ -193,6 +260,7 @@ def run_from_flags(flags) -> dict:
     raise RetrainError(f"unknown dataset {dataset!r} for retrain; choose one of "
                        f"{', '.join(DATASETS)}")
   kw = {k: getattr(flags, f) for k, f in (("data_dir", "data_dir"), ("epochs", "epochs"),
+                                          ("checkpoint_every", "checkpoint_every"),
                                           ("channels", "channels"), ("cells", "cells"),
                                           ("batch_size", "batch_size"),
                                           ("learning_rate", "train_learning_rate"))

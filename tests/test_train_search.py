@@ -7,6 +7,7 @@ module (the runner and the trainer cache compiled programs per config).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -102,6 +103,38 @@ def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
   assert retrain.retrain(c, str(tmp_path / "r"))["already_finished"]
 
 
+def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, monkeypatch):
+  arch = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|skip_connect~0|none~1|avg_pool_3x3~2|"
+  # 47 steps: one chunk (less than an epoch) uninterrupted, chunks of 16 when cut.
+  base = retrain.RetrainConfig(arch=arch, epochs=0.05, channels=4, cells=1, batch_size=64)
+  full = retrain.retrain(base, str(tmp_path / "full"))
+  cut = dataclasses.replace(base, checkpoint_every=16)
+  real_save, saved = retrain.Checkpointer.save, []
+
+  def save_then_die(self, step, state, extra=None):
+    real_save(self, step, state, extra)
+    saved.append(step)
+    if len(saved) == 2:
+      self.wait()
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(retrain.Checkpointer, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    retrain.retrain(cut, str(tmp_path / "cut"))
+  monkeypatch.undo()
+  assert saved == [16, 32] and not (tmp_path / "cut" / "results.json").exists()
+  resumed = retrain.retrain(cut, str(tmp_path / "cut"))
+  lines = [json.loads(x) for x in _read(tmp_path / "cut" / "metrics.jsonl").splitlines()]
+  assert [x["step"] for x in lines] == [16, 32, 47]
+  for k in ("test_accuracy", "final_loss", "params", "steps"):
+    assert resumed[k] == full[k], k
+  a, b = (retrain.load_variables(str(tmp_path / d)) for d in ("full", "cut"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(retrain.RetrainError, match="holds another retrain"):
+    retrain.retrain(dataclasses.replace(cut, seed=1), str(tmp_path / "cut"))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--evaluator=train", "--dataset=cifar10"], "needs a data_dir"),
     (["--evaluator=train", "--dataset=svhn"], "unknown dataset 'svhn'"),
@@ -111,6 +144,8 @@ def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
     (["--max_hours=-1"], "--max_hours must be >= 0"),
     (["--mode=retrain"], "needs --arch"),
     (["--mode=retrain", "--arch=|conv~0|"], "conv"),
+    (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+      "--checkpoint_every=-1"], "--checkpoint_every must be >= 0"),
     (["--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "only to --mode=retrain"),
 ])
 def test_bad_training_input_is_one_line_error(tmp_path, flags, message):

@@ -31,7 +31,7 @@ rate from 0.1, cross-entropy, BatchNorm in training mode.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,28 +135,36 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = False):
-  """``train(arch, init_key, data_key, data, lr_scale=1.0) -> metrics`` for one candidate.
+class TrainParts(NamedTuple):
+  """One candidate's training in resumable pieces (``make_train`` composes them).
 
-  ``metrics`` holds ``val_accuracy`` (fraction, NaN if failed), ``failed``
-  (bool), ``final_loss`` and ``losses`` (float32[steps]). ``lr_scale``
-  multiplies this member's learning rate. With ``fixed_arch`` the specialised
-  network is trained and ``arch`` is ignored. With ``return_variables`` the
-  metrics also hold the trained ``variables`` (params and BN statistics), for
-  retraining and export.
+  ``init(arch, init_key, data) -> carry``; ``run(carry, arch, data_key, data,
+  first, length, lr_scale=1.0) -> (carry, losses)`` takes steps ``first ..
+  first + length - 1`` (``length`` static; step ``t``'s minibatch and
+  augmentation come from ``fold_in(data_key, t)``, so any cut into chunks
+  trains exactly as one scan); ``evaluate(carry, arch, data) -> metrics``.
+  ``carry`` is ``(params, batch_stats, opt_state, failed)``.
   """
+  init: Callable
+  run: Callable
+  evaluate: Callable
+
+
+def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
+  """``make_train``'s pieces, for a host loop that checkpoints between chunks (retrain)."""
   net = make_network(config, fixed_arch)
   tx = make_optimizer(config)
-  steps, bs, ebs = config.steps, config.batch_size, config.eval_batch_size
+  bs, ebs = config.batch_size, config.eval_batch_size
 
-  def train(arch, init_key, data_key, data: TrainData, lr_scale=1.0):
-    preprocess = make_preprocess(data.mean, data.std, augment=config.augment)
-    eval_preprocess = make_preprocess(data.mean, data.std, augment=False)
-    n_train = data.train_labels.shape[0]
+  def init(arch, init_key, data: TrainData):
     dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
     variables = net.init(init_key, dummy, arch, train=False)
     params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
+    return (params, stats, tx.init(params), jnp.asarray(False))
+
+  def run(carry, arch, data_key, data: TrainData, first, length: int, lr_scale=1.0):
+    preprocess = make_preprocess(data.mean, data.std, augment=config.augment)
+    n_train = data.train_labels.shape[0]
 
     def loss_fn(p, s, x, y):
       logits, new = net.apply({"params": p, "batch_stats": s}, x, arch, train=True,
@@ -182,10 +190,12 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
       carry = (keep(new_params, params), keep(new_stats, stats), keep(new_opt, opt_state), failed)
       return carry, loss
 
-    carry = (params, stats, opt_state, jnp.asarray(False))
-    (params, stats, _, failed), losses = jax.lax.scan(step, carry, jnp.arange(steps))
+    return jax.lax.scan(step, carry, first + jnp.arange(length))
 
-    # Validation with running BN statistics, in fixed-size batches (last one masked).
+  def evaluate(carry, arch, data: TrainData):
+    """Validation accuracy with running BN statistics, in fixed-size batches (last one masked)."""
+    params, stats, _, failed = carry
+    eval_preprocess = make_preprocess(data.mean, data.std, augment=False)
     n_val = data.val_labels.shape[0]
     nb = -(-n_val // ebs)
     pad = nb * ebs - n_val
@@ -202,11 +212,31 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
     correct = jnp.sum(jax.lax.map(eval_batch, (vx, vy)))
     acc = correct / n_val
     failed = failed | ~_all_finite(params)
-    metrics = {"val_accuracy": jnp.where(failed, jnp.nan, acc), "failed": failed,
-               "final_loss": losses[-1], "losses": losses}
-    if return_variables:
-      metrics["variables"] = {"params": params, "batch_stats": stats}
-    return metrics
+    return {"val_accuracy": jnp.where(failed, jnp.nan, acc), "failed": failed,
+            "variables": {"params": params, "batch_stats": stats}}
+
+  return TrainParts(init, run, evaluate)
+
+
+def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = False):
+  """``train(arch, init_key, data_key, data, lr_scale=1.0) -> metrics`` for one candidate.
+
+  ``metrics`` holds ``val_accuracy`` (fraction, NaN if failed), ``failed``
+  (bool), ``final_loss`` and ``losses`` (float32[steps]). ``lr_scale``
+  multiplies this member's learning rate. With ``fixed_arch`` the specialised
+  network is trained and ``arch`` is ignored. With ``return_variables`` the
+  metrics also hold the trained ``variables`` (params and BN statistics), for
+  retraining and export.
+  """
+  parts = make_train_parts(config, fixed_arch)
+
+  def train(arch, init_key, data_key, data: TrainData, lr_scale=1.0):
+    carry = parts.init(arch, init_key, data)
+    carry, losses = parts.run(carry, arch, data_key, data, 0, config.steps, lr_scale)
+    metrics = parts.evaluate(carry, arch, data)
+    if not return_variables:
+      del metrics["variables"]
+    return {**metrics, "final_loss": losses[-1], "losses": losses}
 
   return train
 
