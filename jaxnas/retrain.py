@@ -146,7 +146,7 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
                "network": space.name, "channels": c.channels, "cells": c.cells,
                "num_classes": ds.num_classes, "in_channels": int(in_channels),
                "image_size": int(image), "params": int(params), "flops": int(flops)}
-  _write_json(os.path.join(workdir, "arch.json"), arch_json)
+  host_loop.write_json_atomic(os.path.join(workdir, "arch.json"), arch_json)
   params_dir = os.path.join(workdir, "params")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, jax.device_get(out["variables"]), force=True)
@@ -155,7 +155,8 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
              "params": int(params), "flops": int(flops), "steps": config.steps,
              "final_loss": float(out["final_loss"]), "train_seconds": round(seconds, 2),
              "workdir": workdir}
-  _write_json(results_path, results)  # last: its presence means the retrain finished
+  # Last: its presence means the retrain finished.
+  host_loop.write_json_atomic(results_path, results)
   results["already_finished"] = False
   return results
 
@@ -205,13 +206,6 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
   out = jax.block_until_ready(jax.jit(parts.evaluate)(carry, arch, data))
   out["final_loss"] = last_loss
   return out, elapsed
-
-
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def _fixed(space, arch):
