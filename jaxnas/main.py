@@ -75,6 +75,9 @@ _STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order
 # How --evaluator=train trains each candidate (the proxy), and --mode=retrain its final run.
 flags.DEFINE_string("data_dir", None, "Dataset folder (default for fashion_mnist: "
                     "/usr/share/datasets/fashion-mnist; CIFAR needs it).")
+flags.DEFINE_bool("augment", None, "train, supernet, retrain: random crop (padding 4) + "
+                  "horizontal flip of training images (default: on for CIFAR, off for "
+                  "(Fashion-)MNIST).")
 flags.DEFINE_float("epochs", None, "train: passes over the proxy training subset per candidate "
                    "(default 1); supernet: SPOS training epochs over it (default 5); retrain: "
                    "epochs over the full training set (default 10).")
@@ -106,7 +109,7 @@ flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
 _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
                 "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
                 "train_learning_rate": "learning_rate", "plan": "plan",
-                "bn_batches": "bn_batches"}
+                "bn_batches": "bn_batches", "augment": "augment"}
 
 
 def _fail(message: str) -> None:

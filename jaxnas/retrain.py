@@ -61,14 +61,18 @@ class RetrainConfig:
   learning_rate: float = 0.1
   weight_decay: float = 5e-4
   seed: int = 0
+  augment: bool | None = None  # random crop + flip; None: on for CIFAR, off for (Fashion-)MNIST
   # Training steps between checkpoints (0: one epoch). Where a run is cut does not change
   # its results, so a workdir is resumed under any value.
   checkpoint_every: int = 0
 
 
 def _identity(config: dict) -> dict:
-  """What a retrain's results depend on (its config without ``checkpoint_every``)."""
-  return {k: v for k, v in config.items() if k != "checkpoint_every"}
+  """What a retrain's results depend on: its config without ``checkpoint_every``, fields
+  missing from older records at their defaults."""
+  defaults = {f.name: f.default for f in dataclasses.fields(RetrainConfig)
+              if f.default is not dataclasses.MISSING}
+  return {k: v for k, v in {**defaults, **config}.items() if k != "checkpoint_every"}
 
 
 def default_workdir(c: RetrainConfig) -> str:
@@ -121,10 +125,11 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   host_loop.write_json_atomic(config_path, dataclasses.asdict(c))
 
   n_train = len(ds.train_labels)
+  augment = c.dataset.startswith("cifar") if c.augment is None else c.augment
   config = TrainConfig(steps=max(1, math.ceil(c.epochs * n_train / c.batch_size)),
                        batch_size=c.batch_size, learning_rate=c.learning_rate,
                        weight_decay=c.weight_decay, channels=c.channels, cells=c.cells,
-                       num_classes=ds.num_classes, augment=c.dataset.startswith("cifar"),
+                       num_classes=ds.num_classes, augment=augment,
                        plan="sequential_static", op_impl="switch", space=space.name)
   # The test set takes the validation slot: it is scored once, never selected on.
   data = make_data(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, ds.mean,
@@ -255,6 +260,7 @@ def run_from_flags(flags) -> dict:
                        f"{', '.join(DATASETS)}")
   kw = {k: getattr(flags, f) for k, f in (("data_dir", "data_dir"), ("epochs", "epochs"),
                                           ("checkpoint_every", "checkpoint_every"),
+                                          ("augment", "augment"),
                                           ("channels", "channels"), ("cells", "cells"),
                                           ("batch_size", "batch_size"),
                                           ("learning_rate", "train_learning_rate"))
