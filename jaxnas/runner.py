@@ -124,6 +124,9 @@ def validate(c: SearchConfig) -> None:
   for k, v in c.evaluator_args:
     if k not in allowed or k in ("dataset", "space"):
       raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
+    if k == "augment" and c.strategy == "darts":
+      raise UserError("--augment does not apply to --strategy=darts (its bilevel steps use "
+                      "the images as they are)")
     if k == "proxy" and v not in zero_cost.PROXIES:
       raise UserError(f"unknown proxy {v!r}; choose one of {', '.join(zero_cost.PROXIES)}")
   if c.prefilter and c.prefilter not in zero_cost.PROXIES:

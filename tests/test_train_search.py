@@ -142,6 +142,7 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
     (["--evaluator=train", "--train_fraction=1.5"], "train_fraction must be in (0, 1]"),
     (["--evaluator=train", "--data_dir=/nonexistent"], "/nonexistent"),
     (["--max_hours=-1"], "--max_hours must be >= 0"),
+    (["--strategy=darts", "--augment"], "--augment does not apply to --strategy=darts"),
     (["--mode=retrain"], "needs --arch"),
     (["--mode=retrain", "--arch=|conv~0|"], "conv"),
     (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
