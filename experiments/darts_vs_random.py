@@ -9,13 +9,22 @@ retrains every derived cell with ``--mode=retrain`` settings (full training
 set, test set scored once), retrains ``--random_cells`` uniformly random cells
 identically, and prints per-method mean ± std test accuracy and skip counts;
 the last line is a JSON object. Writes its runs under ``--workdir``.
+
+``--selection=perturbation`` reads each search's cell by DARTS-PT instead of
+alpha's argmax (``--darts_selection``). The selection does not change the
+search, so when the magnitude search of the same settings is already in the
+workdir, its checkpoints seed the new search's workdir (the search resumes at
+its last saved epoch, reruns that epoch bit-identically and then selects)
+instead of being recomputed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -37,6 +46,11 @@ flags.DEFINE_string("variants", "darts:1,darts:2,gdas:1", "variant:order list.")
 flags.DEFINE_integer("warmup_epochs", 0, "Search epochs with alpha frozen (--darts_warmup_epochs).")
 flags.DEFINE_float("alpha_learning_rate", 0.0, "Adam learning rate of alpha "
                    "(--alpha_learning_rate; 0: the strategy's default, 3e-4).")
+flags.DEFINE_enum("selection", "magnitude", ["magnitude", "perturbation"],
+                  "How the cell is read from each search (--darts_selection).")
+flags.DEFINE_integer("tune_steps", -1, "perturbation: weight steps between edge decisions "
+                     "(--darts_tune_steps; -1: one search epoch).")
+flags.DEFINE_integer("selection_batches", 8, "perturbation: validation minibatches per removal.")
 flags.DEFINE_string("workdir", "runs/darts_vs_random", "Where searches and retrains go.")
 FLAGS = flags.FLAGS
 
@@ -68,18 +82,33 @@ def main(argv):
         evaluator_args=tuple(sorted((("channels", FLAGS.channels), ("cells", FLAGS.cells),
                                      ("epochs", FLAGS.search_epochs),
                                      ("train_fraction", FLAGS.search_fraction)))))
-    runner.validate(config)
     name = (f"search-{variant}-o{order}-e{FLAGS.search_epochs:g}-f{FLAGS.search_fraction:g}"
             f"-c{FLAGS.channels}-n{FLAGS.cells}" +
             (f"-s{FLAGS.seeds}" if FLAGS.seeds != 3 else "") +  # 3: the runs before seeds were named
             (f"-w{FLAGS.warmup_epochs}" if FLAGS.warmup_epochs else "") +
             (f"-a{FLAGS.alpha_learning_rate:g}" if FLAGS.alpha_learning_rate else ""))
+    if FLAGS.selection == "perturbation":
+      selection = (("darts_selection", "perturbation"),
+                   ("darts_selection_batches", FLAGS.selection_batches))
+      if FLAGS.tune_steps >= 0:
+        selection += (("darts_tune_steps", FLAGS.tune_steps),)
+      config = dataclasses.replace(config, strategy_args=tuple(sorted(config.strategy_args +
+                                                                      selection)))
+      magnitude = os.path.join(FLAGS.workdir, name, "checkpoints")
+      name += f"-pt{FLAGS.tune_steps if FLAGS.tune_steps >= 0 else ''}b{FLAGS.selection_batches}"
+      seeded = os.path.join(FLAGS.workdir, name, "checkpoints")
+      if os.path.isdir(magnitude) and not os.path.exists(seeded):
+        shutil.copytree(magnitude, seeded)
+        shutil.copy(os.path.join(os.path.dirname(magnitude), "metrics.jsonl"),
+                    os.path.dirname(seeded))
+    runner.validate(config)
     results = runner.run(config, os.path.join(FLAGS.workdir, name))
     accs = [_retrain(r["best_arch"], 0)["test_accuracy"] for r in results["runs"]]
-    rows[f"{variant} (order {order})"] = {
+    label = f"{variant} (order {order})" + (", PT" if FLAGS.selection == "perturbation" else "")
+    rows[label] = {
         "test_accuracy": accs, "cells": [r["best_arch"] for r in results["runs"]],
         "skip_count": [r["skip_count"] for r in results["runs"]]}
-    print(f"{variant} order {order}: {np.mean(accs):.2f} ± {np.std(accs):.2f} %", flush=True)
+    print(f"{label}: {np.mean(accs):.2f} ± {np.std(accs):.2f} %", flush=True)
   space = nb201_space()
   keys = jax.random.split(jax.random.PRNGKey(12345), FLAGS.random_cells)
   cells = [space.encode(space.sample(k)) for k in keys]
@@ -101,7 +130,9 @@ def main(argv):
                                                           "retrain_epochs", "channels",
                                                           "cells", "variants",
                                                           "warmup_epochs",
-                                                          "alpha_learning_rate")}}))
+                                                          "alpha_learning_rate",
+                                                          "selection", "tune_steps",
+                                                          "selection_batches")}}))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,9 @@ from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
-              "alpha_learning_rate": "alpha_lr", "darts_warmup_epochs": "warmup_epochs"}
+              "alpha_learning_rate": "alpha_lr", "darts_warmup_epochs": "warmup_epochs",
+              "darts_selection": "selection", "darts_selection_batches": "selection_batches",
+              "darts_tune_steps": "tune_steps"}
 # Cells of the DARTS-space supernet unless --cells says otherwise (DARTS itself: 8;
 # 5 = normal, reduce, normal, reduce, normal keeps a CPU search to minutes).
 DARTS_SPACE_CELLS = 5
@@ -117,8 +120,20 @@ def run(config, workdir: str, darts, data) -> dict:
                                         done=lambda epoch: epoch >= epochs,
                                         max_hours=config.max_hours)
   ckpt.close()
-  host_loop.write_json_atomic(os.path.join(workdir, "timing.json"), host_loop.timing(elapsed))
-  return _results(config, darts, state, history, stopped)
+  selected, selection_s = None, None
+  if darts.config.selection == "perturbation":
+    # Part of the search's result, run after its last epoch (whatever stopped it); not
+    # checkpointed: a rerun resumes from the last saved epoch and selects again, identically.
+    t0 = time.time()
+    selected = jax.device_get(jax.jit(jax.vmap(darts.select, in_axes=(0, None)))(state, data))
+    selection_s = round(time.time() - t0, 3)
+    logging.info("perturbation selection: %s (%.1fs)",
+                 [space.encode(a) for a in _unstack(selected[0], n)], selection_s)
+  timing = host_loop.timing(elapsed)
+  if selection_s is not None:
+    timing["selection_s"] = selection_s
+  host_loop.write_json_atomic(os.path.join(workdir, "timing.json"), timing)
+  return _results(config, darts, state, history, stopped, selected)
 
 
 def _softmax(alpha):
@@ -134,11 +149,12 @@ def _unstack(tree, n):
   return [jax.tree.map(lambda a: np.asarray(a)[i], tree) for i in range(n)]
 
 
-def _results(config, darts, state, history, stopped) -> dict:
+def _results(config, darts, state, history, stopped, selected=None) -> dict:
   supernet = darts.supernet
   space = supernet.space
   n = config.num_seeds
-  finals = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
+  magnitude = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
+  finals = magnitude if selected is None else _unstack(selected[0], n)
   alphas = _unstack(_softmax(state.alpha), n)
   table = load_table() if space.name == "nb201" else None
   runs = []
@@ -149,6 +165,14 @@ def _results(config, darts, state, history, stopped) -> dict:
            "trajectory": [round(h["val_acc_per_seed"][i] * 100.0, 6) for h in history],
            "skip_count": int(supernet.skip_count(arch)),
            "alphas": _round(alphas[i], 6)}
+    if selected is not None:
+      info = _unstack(selected[1], n)[i]
+      run["selection"] = {
+          "method": "perturbation",
+          "magnitude_arch": space.encode(magnitude[i].astype(np.int32)),
+          "order": [int(e) for e in info["order"]],
+          "removal_acc": np.round(np.asarray(info["removal_acc"], np.float64), 6).tolist(),
+          "base_acc": np.round(np.asarray(info["base_acc"], np.float64), 6).tolist()}
     if table is not None:
       # The derived cell is a NAS-Bench-201 cell: its 12-epoch CIFAR-10 test
       # accuracy from the table is a free, search-independent reference.

@@ -65,8 +65,19 @@ flags.DEFINE_bool("remat", None, "darts: recompute mixed edges in the backward p
 flags.DEFINE_float("alpha_learning_rate", None, "darts: Adam learning rate of alpha (3e-4).")
 flags.DEFINE_integer("darts_warmup_epochs", None, "darts: first epochs train only the weights, "
                      "alpha frozen (PC-DARTS warm-up; default 0).")
+flags.DEFINE_enum("darts_selection", None, ["magnitude", "perturbation"], "darts: how the "
+                  "cell is read from the search: argmax of alpha (magnitude, default) or DARTS-PT "
+                  "(perturbation: each edge's op whose removal costs the supernet most validation "
+                  "accuracy; NB201 space).")
+flags.DEFINE_integer("darts_selection_batches", None, "darts, perturbation selection: "
+                     "validation minibatches scoring each removal (default 8).")
+flags.DEFINE_integer("darts_tune_steps", None, "darts, perturbation selection: weight steps "
+                     "between edge decisions (default: one search epoch).")
 _STRATEGY_FLAGS = {"darts_variant": "darts_variant", "darts_order": "darts_order",
                    "darts_warmup_epochs": "darts_warmup_epochs",
+                   "darts_selection": "darts_selection",
+                   "darts_selection_batches": "darts_selection_batches",
+                   "darts_tune_steps": "darts_tune_steps",
                    "remat": "remat", "alpha_learning_rate": "alpha_learning_rate",
                    "eta": "eta", "rungs": "rungs", "hyperband_brackets": "hyperband_brackets",
                    "population": "batch_size", "population_size": "population_size",

@@ -164,6 +164,13 @@ def validate(c: SearchConfig) -> None:
       epochs = math.ceil(dict(c.evaluator_args).get("epochs", ProxySpec().epochs))
       if not 0 <= v < epochs:
         raise UserError(f"--darts_warmup_epochs must be in [0, {epochs}) (--epochs), got {v}")
+    elif k == "darts_selection":
+      if v == "perturbation" and c.space != "nb201":
+        raise UserError("--darts_selection=perturbation is implemented for the NB201 space "
+                        "only; use --darts_selection=magnitude with --space=darts")
+    elif k == "darts_tune_steps":
+      if v < 0:
+        raise UserError(f"--darts_tune_steps must be >= 0, got {v}")
     elif isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
       raise UserError(f"--{k} must be > 0, got {v}")
 

@@ -180,3 +180,32 @@ def test_fused_first_order_step_equals_the_two_pass_step():
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
                                rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(a.alpha - _tiny().init(jax.random.PRNGKey(3), data).alpha))) > 0
+
+
+def test_perturbation_selection_decides_each_edge_by_the_costliest_removal():
+  data = _data()
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+
+  def selector(tune_steps):
+    darts = _tiny(selection="perturbation", selection_batches=2, tune_steps=tune_steps)
+    return lambda k: darts.select(darts.run_epoch(darts.init(k, data), data)[0], data)
+
+  arch, info = _compile(jax.vmap(selector(0)), keys)(keys)
+  arch, order, acc, base = (np.asarray(a) for a in (arch, info["order"], info["removal_acc"],
+                                                    info["base_acc"]))
+  for s in range(2):
+    assert sorted(order[s].tolist()) == list(range(6))  # every edge decided once
+    for i, e in enumerate(order[s]):
+      assert arch[s, e] == np.argmin(acc[s, i])  # the removal that hurts most
+  # `none` adds zeros: masking its weight (and not renormalising the others) leaves the
+  # supernet as it is, so its column is the unperturbed accuracy of each decision.
+  np.testing.assert_array_equal(acc[..., 0], base)
+  assert not np.array_equal(order[0], order[1])  # each seed its own edge order
+  # Tuning between decisions changes what later decisions measure, not the first one.
+  _, tuned = _compile(jax.vmap(selector(3)), keys)(keys)
+  np.testing.assert_array_equal(np.asarray(tuned["removal_acc"])[:, 0], acc[:, 0])
+  assert not np.array_equal(np.asarray(tuned["removal_acc"])[:, 1:], acc[:, 1:])
+  # vmap over seeds == one seed alone.
+  single_arch, single = _compile(selector(0), keys[1])(keys[1])
+  np.testing.assert_array_equal(np.asarray(single_arch), arch[1])
+  np.testing.assert_allclose(np.asarray(single["removal_acc"]), acc[1], atol=1e-6)

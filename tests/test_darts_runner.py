@@ -16,9 +16,13 @@ from jaxnas.datasets import FASHION_MNIST_DIR
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
 def test_darts_search_resumes_bit_identically(tmp_path):
+  """GDAS, its cell read by perturbation (selection runs after the last epoch, so a
+  resumed search selects again from bit-identical weights)."""
   config = runner.SearchConfig(
       evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
-      checkpoint_every=1, strategy_args=(("darts_variant", "gdas"),),
+      checkpoint_every=1, strategy_args=(("darts_selection", "perturbation"),
+                                         ("darts_selection_batches", 1),
+                                         ("darts_tune_steps", 2), ("darts_variant", "gdas")),
       evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 3.0),
                       ("train_fraction", 0.002)))
   results = runner.run(config, str(tmp_path / "full"))
@@ -26,6 +30,9 @@ def test_darts_search_resumes_bit_identically(tmp_path):
   for r in results["runs"]:
     assert len(r["trajectory"]) == 3 and r["best_arch"].count("~") == 6
     assert np.allclose(np.sum(r["alphas"], 1), 1.0, atol=1e-4)
+    sel = r["selection"]
+    assert sorted(sel["order"]) == list(range(6)) and len(sel["removal_acc"]) == 6
+    assert sel["magnitude_arch"].count("~") == 6
   cut = tmp_path / "cut"
   shutil.copytree(tmp_path / "full", cut)
   for name in ("results.json", "timing.json"):

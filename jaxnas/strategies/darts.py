@@ -35,8 +35,17 @@ Spaces (``space``): ``"nb201"`` uses ``NB201SuperNet`` with ``alpha``
 "mixed")``, ``cells`` cells in all) with ``alpha`` ``{"normal": float[14, 8],
 "reduce": float[14, 8]}``. Everything below treats ``alpha`` as a pytree.
 
-Discretisation: the argmax op of every edge (NAS-Bench-201); per node the two
-strongest inputs, each with its best non-``none`` op (DARTS space).
+Discretisation (``selection``):
+* ``"magnitude"`` (DARTS): the argmax op of every edge (NAS-Bench-201); per node
+  the two strongest inputs, each with its best non-``none`` op (DARTS space).
+* ``"perturbation"`` (DARTS-PT, Wang et al., ICLR 2021, NAS-Bench-201 space):
+  an op's weight in alpha need not be its contribution to the supernet, so the
+  edges are decided one at a time in a random order, each by the op whose
+  removal from the trained supernet (its weight masked to zero, the others left
+  as they are) costs the most validation accuracy; the edge is then fixed to
+  that op (one-hot) and the weights are tuned for ``tune_steps`` steps (SGD at a
+  tenth of the search's learning rate, alpha frozen) before the next decision.
+  See ``select``.
 """
 
 from __future__ import annotations
@@ -64,6 +73,8 @@ VARIANTS = ("darts", "gdas", "darts-")
 DATA_AXIS = "data"
 SPACES = ("nb201", "darts")
 SKIP = OPS.index("skip_connect")
+SELECTIONS = ("magnitude", "perturbation")
+_SELECT_SALT = 0x5E1EC7  # key stream of the perturbation selection, apart from the search's
 
 
 class SuperNet(NamedTuple):
@@ -117,6 +128,10 @@ class DartsConfig(NamedTuple):
   # in ~2/3 of the program (DARTS space, 3 cells: StableHLO 64K -> 41K lines, compile
   # 147 -> 107 s, same step time; BUILD_NOTES.md). False: the two-pass step.
   fused: bool = True
+  # How the cell is read from the search (module docstring): "magnitude" or "perturbation".
+  selection: str = "magnitude"
+  selection_batches: int = 8   # perturbation: validation minibatches scoring each removal
+  tune_steps: int | None = None  # perturbation: weight steps after each decision (None: an epoch)
 
 
 @struct.dataclass
@@ -145,6 +160,7 @@ class Darts(NamedTuple):
   edge_weights: Callable
   mixed_hvp: Callable
   losses: Callable
+  select: Callable
 
 
 def check_config(c: DartsConfig) -> None:
@@ -162,6 +178,16 @@ def check_config(c: DartsConfig) -> None:
       raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
   if not 0 <= c.warmup_epochs < c.epochs:
     raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}), got {c.warmup_epochs}")
+  if c.selection not in SELECTIONS:
+    raise ValueError(f"unknown DARTS selection {c.selection!r}; choose one of "
+                     f"{', '.join(SELECTIONS)}")
+  if c.selection == "perturbation" and c.space != "nb201":
+    raise ValueError("perturbation selection is implemented for the NB201 space only; "
+                     "use --darts_selection=magnitude with --space=darts")
+  if c.selection_batches < 1:
+    raise ValueError(f"selection_batches must be >= 1, got {c.selection_batches}")
+  if c.tune_steps is not None and c.tune_steps < 0:
+    raise ValueError(f"tune_steps must be >= 0, got {c.tune_steps}")
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -261,18 +287,23 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
                       w_opt=w_tx.init(params), alpha_opt=a_tx.init(alpha), key=key,
                       step=jnp.zeros((), jnp.int32))
 
-  def step(state: DartsState, data: DartsData):
-    """One bilevel step: alpha on a validation batch, then w on a training batch."""
-    preprocess = make_preprocess(data.mean, data.std)
-    k = jax.random.fold_in(state.key, state.step)
-    k_t, k_v, k_g = jax.random.split(k, 3)
-    ti = jax.random.randint(k_t, (c.batch_size,), 0, data.train_labels.shape[0])
-    vi = jax.random.randint(k_v, (c.batch_size,), 0, data.val_labels.shape[0])
-    xt, yt = preprocess(None, data.train_images[ti]), data.train_labels[ti]
-    xv, yv = preprocess(None, data.val_images[vi]), data.val_labels[vi]
+  def minibatch(data: DartsData, key, val: bool):
+    """A random minibatch of the validation (``val``) or training split, split over the mesh."""
+    images, labels = ((data.val_images, data.val_labels) if val else
+                      (data.train_images, data.train_labels))
+    i = jax.random.randint(key, (c.batch_size,), 0, labels.shape[0])
+    x, y = make_preprocess(data.mean, data.std)(None, images[i]), labels[i]
     if mesh is not None:
       split = NamedSharding(mesh, P(DATA_AXIS))
-      xt, yt, xv, yv = (jax.lax.with_sharding_constraint(a, split) for a in (xt, yt, xv, yv))
+      x, y = (jax.lax.with_sharding_constraint(a, split) for a in (x, y))
+    return x, y
+
+  def step(state: DartsState, data: DartsData):
+    """One bilevel step: alpha on a validation batch, then w on a training batch."""
+    k = jax.random.fold_in(state.key, state.step)
+    k_t, k_v, k_g = jax.random.split(k, 3)
+    xt, yt = minibatch(data, k_t, val=False)
+    xv, yv = minibatch(data, k_v, val=True)
     params, stats, alpha = state.params, state.batch_stats, state.alpha
 
     def val_loss(p, a):
@@ -361,4 +392,79 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     metrics["skip_count"] = supernet.skip_count(metrics["arch"])
     return state, metrics
 
-  return Darts(c, supernet, mesh, init, step, run_epoch, edge_weights, mixed_hvp, losses)
+  tune_tx = optax.chain(optax.clip_by_global_norm(c.w_grad_clip),
+                        optax.add_decayed_weights(c.w_weight_decay),
+                        optax.sgd(c.w_lr / 10, momentum=c.w_momentum))
+  tune_steps = c.steps_per_epoch if c.tune_steps is None else c.tune_steps
+
+  def select(state: DartsState, data: DartsData):
+    """The cell of ``state`` by perturbation (DARTS-PT); ``(arch int32[6], info)``.
+
+    Edges are decided in a random order (keyed by the search's key). For the
+    edge at hand, each op is removed in turn (its weight in the projected op
+    weights set to zero: decided edges one-hot, the others softmax(alpha), not
+    renormalised) and the supernet's accuracy measured on the same
+    ``selection_batches`` validation minibatches (BN in batch-statistics mode,
+    as in the search); the op whose removal leaves the lowest accuracy is kept.
+    Between decisions the weights take ``tune_steps`` SGD steps under the new
+    projection (one optimizer state for the whole selection, fresh at its
+    start). ``info``: ``order`` (edges in decision order), ``removal_acc``
+    (``float[6, 5]``, row i the accuracies of decision i) and ``base_acc``
+    (``float[6]``, decision i's accuracy with nothing removed). Pure, jittable and
+    vmappable over seeds; the search's state is not changed.
+    """
+    n_edges, n_ops = supernet.alpha_shapes
+    key = jax.random.fold_in(state.key, _SELECT_SALT)
+    order = jax.random.permutation(jax.random.fold_in(key, 0), n_edges)
+    eval_keys = jax.random.split(jax.random.fold_in(key, 1), c.selection_batches)
+    soft = jax.nn.softmax(state.alpha)
+
+    def projected(chosen):  # chosen[e] = op of a decided edge, -1 while undecided
+      one_hot = jax.nn.one_hot(chosen, n_ops, dtype=soft.dtype)
+      return jnp.where((chosen >= 0)[:, None], one_hot, soft)
+
+    def accuracy(params, stats, weights):
+      def one(k):
+        x, y = minibatch(data, k, val=True)
+        logits, _ = net.apply({"params": params, "batch_stats": stats}, x, weights,
+                              train=True, mutable=["batch_stats"])
+        return jnp.mean(jnp.argmax(logits, -1) == y)
+      return jnp.mean(jax.lax.map(one, eval_keys))
+
+    def tune(carry, i):
+      params, stats, opt, chosen = carry
+      weights = projected(chosen)
+
+      def body(inner, t):
+        params, stats, opt = inner
+        x, y = minibatch(data, jax.random.fold_in(jax.random.fold_in(key, 2 + i), t), val=False)
+        (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, weights,
+                                                                       x, y)
+        updates, opt = tune_tx.update(g, opt, params)
+        return (optax.apply_updates(params, updates), stats, opt), None
+
+      (params, stats, opt), _ = jax.lax.scan(body, (params, stats, opt), jnp.arange(tune_steps))
+      return params, stats, opt, chosen
+
+    def decide(carry, i):
+      params, stats, opt, chosen = carry
+      e = order[i]
+      # Candidate o < n_ops: the projected weights with op o of edge e masked out;
+      # candidate n_ops: nothing removed (the accuracy each removal is measured against).
+      remove = jnp.concatenate([jnp.eye(n_ops), jnp.zeros((1, n_ops))])
+      keep = 1.0 - jax.nn.one_hot(e, n_edges)[None, :, None] * remove[:, None, :]
+      accs = jax.vmap(lambda w: accuracy(params, stats, w))(projected(chosen)[None] * keep)
+      best = jnp.argmin(accs[:n_ops]).astype(jnp.int32)
+      carry = (params, stats, opt, chosen.at[e].set(best))
+      # The index is the same for every seed, so under vmap this stays a conditional:
+      # no tuning after the last decision.
+      carry = jax.lax.cond(i < n_edges - 1, tune, lambda c_, _: c_, carry, i)
+      return carry, (accs[:n_ops], accs[n_ops])
+
+    carry = (state.params, state.batch_stats, tune_tx.init(state.params),
+             jnp.full((n_edges,), -1, jnp.int32))
+    (_, _, _, chosen), (accs, base) = jax.lax.scan(decide, carry, jnp.arange(n_edges))
+    return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
+
+  return Darts(c, supernet, mesh, init, step, run_epoch, edge_weights, mixed_hvp, losses,
+               select)
