@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxnas.datasets import DATASETS, DatasetError, load_dataset
+from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
 from jaxnas import host_loop
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.models import TrainConfig, cost, fixed_genotype, make_data
@@ -125,7 +125,7 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   host_loop.write_json_atomic(config_path, dataclasses.asdict(c))
 
   n_train = len(ds.train_labels)
-  augment = c.dataset.startswith("cifar") if c.augment is None else c.augment
+  augment = default_augment(c.dataset, c.augment)
   config = TrainConfig(steps=max(1, math.ceil(c.epochs * n_train / c.batch_size)),
                        batch_size=c.batch_size, learning_rate=c.learning_rate,
                        weight_decay=c.weight_decay, channels=c.channels, cells=c.cells,

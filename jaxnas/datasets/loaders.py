@@ -304,6 +304,11 @@ def random_crop_flip(key, images, pad: int = 4, flip: bool = True):
   return out
 
 
+def default_augment(dataset: str, augment: bool | None = None) -> bool:
+  """``augment`` if set, else the usual choice: crop + flip for CIFAR, none for (Fashion-)MNIST."""
+  return dataset.startswith("cifar") if augment is None else bool(augment)
+
+
 def make_preprocess(mean, std, augment: bool = False, pad: int = 4, flip: bool = True):
   """``preprocess(key, uint8_batch) -> float32_batch``: normalise, then augment if asked.
 

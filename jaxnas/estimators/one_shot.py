@@ -57,7 +57,7 @@ from absl import logging
 
 from jaxnas import host_loop
 from jaxnas.checkpoint import Checkpointer
-from jaxnas.datasets import make_preprocess
+from jaxnas.datasets import default_augment, make_preprocess
 from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.training import ProxySpec, search_split, validate_spec
 from jaxnas.models import TrainConfig, TrainData, cost, make_optimizer, resolve_plan
@@ -141,7 +141,7 @@ def train_config(config: SupernetConfig, num_classes: int, num_train: int) -> Tr
   """The ``TrainConfig`` of SPOS training: ``steps`` is the whole run (the cosine schedule's span)."""
   steps_per_epoch = max(1, num_train // config.batch_size)
   steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-  augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
+  augment = default_augment(config.dataset, config.augment)
   return TrainConfig(steps=steps, batch_size=config.batch_size,
                      learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                      channels=config.channels, cells=config.cells, num_classes=num_classes,

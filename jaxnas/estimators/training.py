@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxnas.datasets import load_dataset, train_val_split
+from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
 from jaxnas.models import (TrainConfig, cost, make_data, resolve_plan,
                            train_population_metrics)
@@ -88,7 +88,7 @@ def search_split(spec: ProxySpec):
 def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> TrainConfig:
   """``TrainConfig`` of the proxy: ``epochs`` passes over the proxy training subset."""
   steps = max(1, math.ceil(spec.epochs * num_train / spec.batch_size))
-  augment = spec.augment if spec.augment is not None else spec.dataset.startswith("cifar")
+  augment = default_augment(spec.dataset, spec.augment)
   return TrainConfig(steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                      weight_decay=spec.weight_decay, channels=spec.channels, cells=spec.cells,
                      num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space)
