@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -51,6 +55,22 @@ SLOW_FIRST = ("test_train_search.py", "test_darts.py", "test_darts_runner.py",
               "test_search.py", "test_objectives.py", "test_zero_cost.py", "test_sharding.py")
 
 
+def _compilation_cache() -> str:
+  """One persistent compilation cache per test run, shared by the xdist workers and the
+  CLI subprocesses (through the environment): a resumed search, a rerun after SIGKILL or a
+  test that compiles what another already compiled loads the executable instead of
+  compiling it again, as the CLI does (--compilation_cache). Per run, so no entry outlives
+  the run that wrote it and every CI run starts cold."""
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+  path = os.path.join(tempfile.gettempdir(), f"jaxnas-test-xla-cache-{run}")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache()
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
 def pytest_collection_modifyitems(items):
   order = {name: i for i, name in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FIRST)))  # stable
@@ -61,3 +81,9 @@ def tiny():
   """(space, evaluator) of the 3 x 3 space."""
   space = tiny_space()
   return space, tiny_evaluator(space)
+
+
+def pytest_sessionfinish(session):
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, after every worker is done
+    import shutil
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -70,6 +70,31 @@ def test_default_run_and_rerun(tmp_path):
   assert (_read(w / "results.json"), os.stat(w / "results.json").st_mtime_ns) == before
 
 
+def test_compilation_cache_is_filled_then_loaded_with_identical_results(tmp_path):
+  """--compilation_cache: the first run stores its programs, a rerun of the same search into
+  another workdir loads them and writes the same bytes; an unusable directory costs only
+  the cache (a one-line warning), never the run."""
+  flags = ("--budget=30", "--num_seeds=4", "--compilation_cache=cc")
+  first = _run(tmp_path, *flags, "--workdir=a")
+  _assert_ok(first)
+  stored = sorted(os.listdir(tmp_path / "cc"))
+  assert any(name.startswith("jit_") for name in stored), stored
+  second = subprocess.run(_command(*flags, "--workdir=b"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+  _assert_ok(second)
+  hits = {name.split("-")[0] for name in stored}
+  for name in hits:
+    assert f"Persistent compilation cache hit for '{name}'" in second.stderr, name
+  assert sorted(os.listdir(tmp_path / "cc")) == stored
+  assert _read(tmp_path / "a" / "results.json") == _read(tmp_path / "b" / "results.json")
+  (tmp_path / "file").write_text("")
+  blocked = _run(tmp_path, "--budget=30", "--num_seeds=4", "--compilation_cache=file/cc",
+                 "--workdir=c")
+  _assert_ok(blocked)
+  assert "jaxnas: warning: compilation cache off" in blocked.stderr
+  assert _read(tmp_path / "c" / "results.json") == _read(tmp_path / "a" / "results.json")
+
+
 KILL_FLAGS = ("--strategy=predictor", "--num_seeds=8", "--budget=150", "--checkpoint_every=1")
 KILL_STEPS = 15
 
