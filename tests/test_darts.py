@@ -185,12 +185,16 @@ def test_fused_first_order_step_equals_the_two_pass_step():
 def test_perturbation_selection_decides_each_edge_by_the_costliest_removal():
   data = _data()
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+  # One search epoch, compiled once; each selection variant compiles only `select`.
+  search = _tiny()
+  states = _compile(jax.vmap(lambda k: search.run_epoch(search.init(k, data), data)[0]),
+                    keys)(keys)
 
   def selector(tune_steps):
     darts = _tiny(selection="perturbation", selection_batches=2, tune_steps=tune_steps)
-    return lambda k: darts.select(darts.run_epoch(darts.init(k, data), data)[0], data)
+    return lambda state: darts.select(state, data)
 
-  arch, info = _compile(jax.vmap(selector(0)), keys)(keys)
+  arch, info = _compile(jax.vmap(selector(0)), states)(states)
   arch, order, acc, base = (np.asarray(a) for a in (arch, info["order"], info["removal_acc"],
                                                     info["base_acc"]))
   for s in range(2):
@@ -202,10 +206,11 @@ def test_perturbation_selection_decides_each_edge_by_the_costliest_removal():
   np.testing.assert_array_equal(acc[..., 0], base)
   assert not np.array_equal(order[0], order[1])  # each seed its own edge order
   # Tuning between decisions changes what later decisions measure, not the first one.
-  _, tuned = _compile(jax.vmap(selector(3)), keys)(keys)
+  _, tuned = _compile(jax.vmap(selector(3)), states)(states)
   np.testing.assert_array_equal(np.asarray(tuned["removal_acc"])[:, 0], acc[:, 0])
   assert not np.array_equal(np.asarray(tuned["removal_acc"])[:, 1:], acc[:, 1:])
   # vmap over seeds == one seed alone.
-  single_arch, single = _compile(selector(0), keys[1])(keys[1])
+  one = jax.tree.map(lambda x: x[1], states)
+  single_arch, single = _compile(selector(0), one)(one)
   np.testing.assert_array_equal(np.asarray(single_arch), arch[1])
   np.testing.assert_allclose(np.asarray(single["removal_acc"]), acc[1], atol=1e-6)
