@@ -412,16 +412,6 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     (``float[6, 5]``, row i the accuracies of decision i) and ``base_acc``
     (``float[6]``, decision i's accuracy with nothing removed). Pure, jittable and
     vmappable over seeds; the search's state is not changed.
-
-    GDAS trains its supernet on one sampled path at a time, and evaluated as a
-    softmax mixture that supernet loses ~30 points of accuracy (base accuracy
-    0.46-0.47 vs 0.78-0.80 for DARTS' supernets of the same size, BUILD_NOTES.md).
-    So for ``variant="gdas"`` every evaluation and tuning step runs one path drawn
-    from the projected weights by Gumbel-max (a removed op has weight 0 and is
-    never drawn); the evaluations of one decision share their noise (common
-    random numbers), so a removal changes only the edges where it removes the op
-    that was drawn; among equally costly removals the op with the larger alpha is
-    kept.
     """
     n_edges, n_ops = supernet.alpha_shapes
     key = jax.random.fold_in(state.key, _SELECT_SALT)
@@ -433,18 +423,10 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       one_hot = jax.nn.one_hot(chosen, n_ops, dtype=soft.dtype)
       return jnp.where((chosen >= 0)[:, None], one_hot, soft)
 
-    def as_run(weights, k):
-      """The weights the supernet runs: mixture, or for GDAS one path drawn from them."""
-      if c.variant != "gdas":
-        return weights
-      draw = jnp.argmax(jnp.log(weights) + jax.random.gumbel(k, weights.shape), -1)
-      return jax.nn.one_hot(draw, n_ops, dtype=weights.dtype)
-
     def accuracy(params, stats, weights):
       def one(k):
         x, y = minibatch(data, k, val=True)
-        logits, _ = net.apply({"params": params, "batch_stats": stats}, x,
-                              as_run(weights, jax.random.fold_in(k, 1)),
+        logits, _ = net.apply({"params": params, "batch_stats": stats}, x, weights,
                               train=True, mutable=["batch_stats"])
         return jnp.mean(jnp.argmax(logits, -1) == y)
       return jnp.mean(jax.lax.map(one, eval_keys))
@@ -455,10 +437,9 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
 
       def body(inner, t):
         params, stats, opt = inner
-        k = jax.random.fold_in(jax.random.fold_in(key, 2 + i), t)
-        x, y = minibatch(data, k, val=False)
-        (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, stats, as_run(weights, jax.random.fold_in(k, 1)), x, y)
+        x, y = minibatch(data, jax.random.fold_in(jax.random.fold_in(key, 2 + i), t), val=False)
+        (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, weights,
+                                                                       x, y)
         updates, opt = tune_tx.update(g, opt, params)
         return (optax.apply_updates(params, updates), stats, opt), None
 
@@ -473,14 +454,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       remove = jnp.concatenate([jnp.eye(n_ops), jnp.zeros((1, n_ops))])
       keep = 1.0 - jax.nn.one_hot(e, n_edges)[None, :, None] * remove[:, None, :]
       accs = jax.vmap(lambda w: accuracy(params, stats, w))(projected(chosen)[None] * keep)
-      if c.variant == "gdas":
-        # A removed op that no evaluation drew leaves the accuracy exactly at base, so
-        # ties are common: among the costliest removals keep the op alpha ranks highest
-        # (plain argmin would keep `none`, the first op).
-        costliest = accs[:n_ops] == jnp.min(accs[:n_ops])
-        best = jnp.argmax(jnp.where(costliest, soft[e], -1.0)).astype(jnp.int32)
-      else:
-        best = jnp.argmin(accs[:n_ops]).astype(jnp.int32)
+      best = jnp.argmin(accs[:n_ops]).astype(jnp.int32)
       carry = (params, stats, opt, chosen.at[e].set(best))
       # The index is the same for every seed, so under vmap this stays a conditional:
       # no tuning after the last decision.
