@@ -59,12 +59,12 @@ def _compilation_cache() -> str:
   """One persistent compilation cache per test run, shared by the xdist workers and the
   CLI subprocesses (through the environment): a resumed search, a rerun after SIGKILL or a
   test that compiles what another already compiled loads the executable instead of
-  compiling it again, as the CLI does (--compilation_cache). Per run, so no entry outlives
-  the run that wrote it and every CI run starts cold."""
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-  path = os.path.join(tempfile.gettempdir(), f"jaxnas-test-xla-cache-{run}")
-  os.makedirs(path, exist_ok=True)
-  return path
+  compiling it again, as the CLI does (--compilation_cache). The controller (or the only
+  process) makes it before xdist starts the workers, which inherit it, and removes it at
+  the end, so every run starts cold."""
+  if not os.environ.get("JAXNAS_TEST_XLA_CACHE"):
+    os.environ["JAXNAS_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxnas-test-xla-cache-")
+  return os.environ["JAXNAS_TEST_XLA_CACHE"]
 
 
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache()
