@@ -42,7 +42,9 @@ flags.DEFINE_float("search_fraction", 0.2, "Fraction of the training set the sea
 flags.DEFINE_float("retrain_epochs", 0.5, "Epochs of each retrain (full training set).")
 flags.DEFINE_integer("channels", 8, "C of the supernet and of the retrained networks.")
 flags.DEFINE_integer("cells", 1, "Cells per stage N.")
-flags.DEFINE_string("variants", "darts:1,darts:2,gdas:1", "variant:order list.")
+flags.DEFINE_string("variants", "darts:1,darts:2,gdas:1",
+                    "variant:order list; empty: only the random cells (e.g. to retrain them in a "
+                    "second process beside a search, sharing the workdir's retrain cache).")
 flags.DEFINE_integer("warmup_epochs", 0, "Search epochs with alpha frozen (--darts_warmup_epochs).")
 flags.DEFINE_float("alpha_learning_rate", 0.0, "Adam learning rate of alpha "
                    "(--alpha_learning_rate; 0: the strategy's default, 3e-4).")
@@ -69,7 +71,7 @@ def main(argv):
   from jaxnas.spaces import nb201_space
   t0 = time.time()
   rows = {}
-  for spec in FLAGS.variants.split(","):
+  for spec in filter(None, FLAGS.variants.split(",")):
     variant, order = spec.split(":")
     config = runner.SearchConfig(
         evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=FLAGS.seeds,
