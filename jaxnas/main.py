@@ -203,7 +203,6 @@ def main(argv):
   from jaxnas import plotting, runner
   from jaxnas.checkpoint import CheckpointError
 
-  _compilation_cache(FLAGS.compilation_cache)
   if FLAGS.cpu_devices < 0:
     _fail(f"--cpu_devices must be >= 0, got {FLAGS.cpu_devices}")
   if FLAGS.cpu_devices:
@@ -221,6 +220,7 @@ def main(argv):
     except (RuntimeError, ValueError) as e:
       _fail(f"--distributed: jax.distributed.initialize() failed: {str(e).splitlines()[0]}")
   if FLAGS.mode == "retrain":
+    _compilation_cache(FLAGS.compilation_cache)
     return _retrain()
   evaluator = FLAGS.evaluator
   if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
@@ -245,6 +245,8 @@ def main(argv):
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
     runner.validate(config)
+    # After the checks (bad input writes nothing), before anything compiles.
+    _compilation_cache(FLAGS.compilation_cache)
     results = runner.run(config, workdir)
   except (runner.UserError, CheckpointError) as e:
     _fail(str(e))

@@ -150,6 +150,7 @@ BAD_INPUTS = {
     "unknown_flag": ("--budjet=10",),
     "positional_argument": ("--budget=10", "extra"),
     "other_config_in_workdir": ("--budget=6",),  # the workdir holds a budget=5 search
+    "negative_cpu_devices": ("--cpu_devices=-1",),
 }
 # Caught after JAX has started (and logged its devices): only the last stderr line is checked.
 AFTER_JAX_START = {"other_config_in_workdir", "budget_too_large", "tournament_larger_than_population"}
@@ -166,7 +167,8 @@ def bad_runs(tmp_path_factory):
     procs[name] = subprocess.Popen(
         _command("--strategy=random", "--num_seeds=1", *flags, f"--workdir={workdir}")
         if name == "other_config_in_workdir" else _command(*flags, f"--workdir={workdir}"),
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / f"xla-{name}")})
   out = {}
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -188,6 +190,8 @@ def test_bad_input_is_one_line_error(name, bad_runs):
   # A rejected run leaves no results behind (and the taken workdir keeps its own).
   if name != "other_config_in_workdir":
     assert not (root / name / "results.json").exists()
+  if name not in AFTER_JAX_START:  # nor a compilation cache directory
+    assert not (root / f"xla-{name}").exists()
   else:
     taken = json.loads(_read(root / "taken" / "results.json"))
     assert taken["config"]["budget"] == 5
@@ -199,7 +203,8 @@ def test_bad_input_messages_name_the_problem(bad_runs):
             "zero_seeds": "num_seeds", "budget_not_int": "abc",
             "flag_not_for_strategy": "tournament_size", "unknown_flag": "budjet",
             "positional_argument": "extra", "other_config_in_workdir": "budget",
-            "budget_too_large": "20000", "tournament_larger_than_population": "tournament_size"}
+            "budget_too_large": "20000", "tournament_larger_than_population": "tournament_size",
+            "negative_cpu_devices": "cpu_devices"}
   for name, word in expect.items():
     stderr = bad_runs[name][2]
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
