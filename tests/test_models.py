@@ -135,6 +135,14 @@ def test_conv_impl_choice():
     net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
 
 
+def test_cpu_compiler_options(monkeypatch):
+  """Population programs compile at LLVM -O1 on CPU unless XLA_FLAGS sets a level."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+  assert train_lib.compiler_options() == {"xla_backend_optimization_level": 1}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+  assert train_lib.compiler_options() is None
+
+
 def _value_and_vjp(f, x, w, g):
   y, vjp = jax.vjp(f, x, w)
   return (y,) + vjp(g)
