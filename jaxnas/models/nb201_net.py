@@ -121,6 +121,44 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   return jax.lax.scan(body, zero, (xc, gc))[0]
 
 
+def _input_grad_subpixel(g, kernel, stride, pad, h, w):
+  """Input gradient of a strided conv as ``stride**2`` stride-1 convs, one per phase.
+
+  Input pixel ``p`` with ``(p + pad) % stride == r`` only receives the kernel
+  taps ``r, r + stride, ...`` (``kernel[r::stride]`` per axis), so each phase
+  of ``dx`` is a stride-1 correlation of ``g`` with that sub-kernel (flipped,
+  channels swapped); the phases are interleaved with a reshape. Same sums as
+  the transposed conv (``lhs_dilation=stride``), without multiplying the
+  dilation's zeros: XLA:CPU runs that form as a slow generic conv (~4x the
+  forward conv's time on the issue-3 benchmark's reduction blocks), these as
+  its fast stride-1 convs.
+  """
+  k, s = kernel.shape[0], stride
+  n, ho, wo, cin = g.shape[0], g.shape[1], g.shape[2], kernel.shape[2]
+  hp, wp = -(-h // s) * s, -(-w // s) * s  # dx padded to whole phases, cropped below
+
+  def axis(r, n_out, n_padded):
+    """(taps, conv padding, dx offset) of phase ``r`` along one axis."""
+    q0 = -((r - pad) // s)  # first output-grid index of this phase: ceil((pad - r) / s)
+    m = len(range(r, k, s))
+    lo = m - 1 - q0
+    return m, (lo, n_padded // s + m - 1 - n_out - lo), q0 * s + r - pad
+
+  phases = {}
+  for ry in range(s):
+    my, py, oy = axis(ry, ho, hp)
+    for rx in range(s):
+      mx, px, ox = axis(rx, wo, wp)
+      if my == 0 or mx == 0:  # a phase no tap reaches (kernel smaller than the stride)
+        phases[oy, ox] = jnp.zeros((n, hp // s, wp // s, cin), g.dtype)
+        continue
+      sub = jnp.flip(kernel[ry::s, rx::s], (0, 1)).transpose(0, 1, 3, 2)
+      phases[oy, ox] = _conv(g, sub, 1, (py, px))
+  rows = [jnp.stack([phases[oy, ox] for ox in range(s)], 3) for oy in range(s)]
+  dx = jnp.stack(rows, 2).reshape(n, hp, wp, cin)  # [n, hp/s, s, wp/s, s, c] -> [n, hp, wp, c]
+  return dx[:, :h, :w]
+
+
 def _conv_canonical_bwd(stride, pad, im2col, res, g):
   # Both gradients written without autodiff's transposed convolutions: those
   # use permuted dimension labels that XLA:CPU only rewrites into its fast
@@ -131,6 +169,9 @@ def _conv_canonical_bwd(stride, pad, im2col, res, g):
   x, kernel = res
   k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
   ho, wo = g.shape[1], g.shape[2]
+  if stride > 1 and not im2col:  # CPU ("taps"); accelerators keep XLA's transposed conv
+    return (_input_grad_subpixel(g, kernel, stride, pad, h, w),
+            _kernel_grad(x, g, k, stride, pad, im2col=im2col))
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   lo = k - 1 - pad
   pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo), (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
