@@ -65,8 +65,12 @@ def test_max_pool_and_its_gradient_match_reduce_window(shape, stride):
 def test_avg_pool_excludes_padding(size):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
   for stride in (1, 2):
-    ref = nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)), count_include_pad=False)
-    np.testing.assert_allclose(avg_pool_3x3(x, stride), ref, rtol=1e-6, atol=1e-6)
+    ref = lambda x: nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+                                count_include_pad=False)
+    (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (lambda x: avg_pool_3x3(x, stride), ref))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    g = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_arch_as_data_network_equals_the_specialised_network():

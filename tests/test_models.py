@@ -4,6 +4,7 @@ import functools
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -135,6 +136,17 @@ def test_conv_impl_choice():
   assert net_lib.conv_impl("gpu") in net_lib.CONV_IMPLS
   with pytest.raises(ValueError, match="unknown conv impl"):
     net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_avg_pool_2x2_equals_flax(size):
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, size, size + 1, 3), np.float32)
+  g = rng.standard_normal((2, size // 2, (size + 1) // 2, 3), np.float32)
+  ref = lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))
+  (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (net_lib.avg_pool_2x2, ref))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_compiler_options(monkeypatch):

@@ -257,15 +257,31 @@ def avg_pool_3x3(x, stride: int = 1):
 
   The divisor is a small numpy constant: ``nn.avg_pool(count_include_pad=False)``
   instead pools a batch-sized array of ones, which XLA then constant-folds for
-  ~10 s per pool at compile time.
+  ~10 s per pool at compile time. At stride 1 (every cell's pool) the window sum
+  is separable, three shifted adds per axis, which XLA fuses with the division
+  (and autodiff turns into the same form): forward + backward on XLA:CPU 1.8x
+  faster than ``reduce_window`` at 128x28x28x16, 3.6x at 128x7x7x64.
   """
-  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
-                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+  if stride == 1:
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = xp[:, 0:h] + xp[:, 1:h + 1] + xp[:, 2:h + 2]
+    s = rows[:, :, 0:w] + rows[:, :, 1:w + 1] + rows[:, :, 2:w + 2]
+  else:
+    s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
+                              ((0, 0), (1, 1), (1, 1), (0, 0)))
   inv = 1.0 / _pool_counts(x.shape[1], x.shape[2], stride)
   return s * jnp.asarray(inv[None, :, :, None], x.dtype)
 
 
 BN_EPSILON = 1e-5
+
+
+def avg_pool_2x2(x):
+  """``nn.avg_pool(x, (2, 2), strides=(2, 2))`` (padding VALID) as a reshape and a mean:
+  XLA:CPU runs ``reduce_window`` and its gradient as generic windowed loops."""
+  n, h, w = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
+  return x[:, :2 * h, :2 * w].reshape(n, h, 2, w, 2, x.shape[3]).mean((2, 4))
 
 
 class BatchNorm(nn.Module):
@@ -502,7 +518,7 @@ class ResidualReduction(nn.Module):
     c_in, c, m = x.shape[-1], self.features, self.bn_momentum
     y = ReLUConvBN(c_in, c, 3, stride=2, bn_momentum=m, name="conv_a")(x, train)
     y = ReLUConvBN(c, c, 3, bn_momentum=m, name="conv_b")(y, train)
-    r = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    r = avg_pool_2x2(x)
     k = self.param("shortcut", conv_init, (1, 1, x.shape[-1], self.features))
     return y + conv2d(r, k, padding=0)
 
