@@ -35,6 +35,7 @@ def main():
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--arch", default="", help="one cell for every member, e.g. 222222 (all 1x1)")
+  p.add_argument("--conv_impl", default="auto", help="nb201_net.CONV_IMPLS, or auto")
   args = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false").strip()
@@ -43,9 +44,11 @@ def main():
   jax.config.update("jax_num_cpu_devices", args.devices)
   import jax.numpy as jnp
   import numpy as np
-  from jaxnas.models import train as train_lib
+  from jaxnas.models import nb201_net, train as train_lib
   from jaxnas.spaces import nb201_space
 
+  if args.conv_impl != "auto":
+    nb201_net.CONV_IMPL = args.conv_impl
   rng = np.random.default_rng(0)
   tx = rng.integers(0, 256, (5000, 28, 28, 1), dtype=np.uint8)
   ty = rng.integers(0, 10, 5000).astype(np.int32)
