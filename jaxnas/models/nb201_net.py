@@ -170,12 +170,13 @@ def _conv_canonical_bwd(stride, pad, im2col, res, g):
   k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
   ho, wo = g.shape[1], g.shape[2]
   if stride > 1 and not im2col:  # CPU ("taps"); accelerators keep XLA's transposed conv
-    return (_input_grad_subpixel(g, kernel, stride, pad, h, w),
-            _kernel_grad(x, g, k, stride, pad, im2col=im2col))
-  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-  lo = k - 1 - pad
-  pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo), (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
-  dx = _conv(g, flipped, 1, pads, lhs_dilation=(stride, stride))
+    dx = _input_grad_subpixel(g, kernel, stride, pad, h, w)
+  else:
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    lo = k - 1 - pad
+    pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo),
+            (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
+    dx = _conv(g, flipped, 1, pads, lhs_dilation=(stride, stride))
   return dx, _kernel_grad(x, g, k, stride, pad, im2col=im2col)
 
 
@@ -274,14 +275,14 @@ def avg_pool_3x3(x, stride: int = 1):
   return s * jnp.asarray(inv[None, :, :, None], x.dtype)
 
 
-BN_EPSILON = 1e-5
-
-
 def avg_pool_2x2(x):
   """``nn.avg_pool(x, (2, 2), strides=(2, 2))`` (padding VALID) as a reshape and a mean:
   XLA:CPU runs ``reduce_window`` and its gradient as generic windowed loops."""
   n, h, w = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
   return x[:, :2 * h, :2 * w].reshape(n, h, 2, w, 2, x.shape[3]).mean((2, 4))
+
+
+BN_EPSILON = 1e-5
 
 
 class BatchNorm(nn.Module):

@@ -244,8 +244,9 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
 
 # XLA:CPU compiles the population programs with LLVM at -O1 instead of -O3: measured on
 # the issue-3 benchmark program (16 members x 50 steps, one core) compilation takes
-# 25 s instead of 35 s and the step is as fast (its time is in library convs and in
-# kernels that XLA vectorises itself); -O0 is 4x slower to run. An
+# 25 s instead of 35 s and training is no slower (its time is in library convs and in
+# kernels that XLA vectorises itself; end to end 147-151 s vs 160-161 s); -O0 is 4x
+# slower to run (experiments/NOTES_population.md, round 4). An
 # ``xla_backend_optimization_level`` in XLA_FLAGS takes precedence.
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
