@@ -97,6 +97,31 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
 
     return jax.vmap(train_one)(jax.random.split(key, ensemble_size))
 
+  @jax.custom_batching.sequential_vmap
+  def acquisition_scores(k_fit, k_its, vectors, fitness, mask, candidates):
+    """Fits the ensemble to the archive and scores ``candidates`` (``float[C]``).
+
+    Under a vmap over seeds this runs seed by seed (a loop), so every seed's
+    floats are computed exactly as when it runs alone: XLA:CPU's batched and
+    unbatched matmuls and reductions can round differently (measured on an AMD
+    EPYC without AVX-512: vmap changed one seed's 16th architecture), and 200
+    training steps turn an ulp into another top-k. The integer work around it
+    (pools, dedup, proposals) stays vectorised.
+    """
+    fit = jnp.where(mask, fitness, 0.0)
+    n = jnp.maximum(mask.sum(), 1)
+    mean = jnp.sum(fit) / n
+    std = jnp.sqrt(jnp.sum(jnp.where(mask, (fit - mean) ** 2, 0.0)) / n) + 1e-6
+    ensemble = fit_ensemble(k_fit, jax.vmap(featurize)(vectors), (fit - mean) / std, mask)
+    feats = jax.vmap(featurize)(candidates)
+    preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
+    mu, sigma = preds.mean(0), preds.std(0)
+    if acquisition == "its":
+      return mu + sigma * jax.random.normal(k_its, mu.shape)
+    if acquisition == "ucb":
+      return mu + sigma
+    return mu
+
   def init(key):
     del key
     return PredictorState()
@@ -104,12 +129,6 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
   def ask(key, state, archive):
     k_fit, k_pool, k_its, k_prop = jax.random.split(key, 4)
     mask = archive.valid()
-    fit = jnp.where(mask, archive.fitness, 0.0)
-    n = jnp.maximum(mask.sum(), 1)
-    mean = jnp.sum(fit) / n
-    std = jnp.sqrt(jnp.sum(jnp.where(mask, (fit - mean) ** 2, 0.0)) / n) + 1e-6
-    x = jax.vmap(featurize)(archive.vectors)
-    ensemble = fit_ensemble(k_fit, x, (fit - mean) / std, mask)
 
     # Candidate pool: mutations of the best archived architectures + uniform samples.
     order = jnp.argsort(-archive.masked_fitness())
@@ -135,16 +154,9 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
       same = jnp.all(candidates[:, None] == candidates[None], -1)
       repeat = jnp.any(jnp.tril(same, -1), axis=1)  # equal to an earlier candidate
 
-    feats = jax.vmap(featurize)(candidates)
-    preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
-    mu, sigma = preds.mean(0), preds.std(0)
-    if acquisition == "its":
-      score = mu + sigma * jax.random.normal(k_its, mu.shape)
-    elif acquisition == "ucb":
-      score = mu + sigma
-    else:
-      score = mu
-    score = jnp.where(seen | repeat, -jnp.inf, score)
+    score = jnp.where(seen | repeat, -jnp.inf,
+                      acquisition_scores(k_fit, k_its, archive.vectors, archive.fitness, mask,
+                                         candidates))
     n_ranked = min(num_candidates, 4 * batch_size)
     _, top = jax.lax.top_k(score, n_ranked)
     ranked = candidates[top]
