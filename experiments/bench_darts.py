@@ -2,7 +2,8 @@
 
   python experiments/bench_darts.py --space=darts --channels=16 --cells=8 --batch=64 --image=32
 
-(``--fused``: the first-order step with the supernet traced once.)
+(First order runs the fused step, the supernet traced once, as the CLI does;
+``--nofused`` the two-pass step.)
 
 times one bilevel step (alpha on a validation batch, then the weights on a
 training batch; ``--order=2`` adds the unrolled step and the exact
@@ -29,6 +30,7 @@ Data are random uint8 images (timing and memory do not depend on content).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,10 +47,13 @@ flags.DEFINE_integer("image", 32, "Image side.")
 flags.DEFINE_integer("in_channels", 3, "Image channels.")
 flags.DEFINE_integer("order", 1, "DARTS order (1 or 2).")
 flags.DEFINE_string("variant", "darts", "darts | gdas | darts-.")
-flags.DEFINE_bool("fused", False, "First order: the fused step (supernet traced once, "
-                  "DartsConfig.fused).")
+flags.DEFINE_bool("fused", True, "First order: the fused step (supernet traced once, "
+                  "DartsConfig.fused, the CLI's default); --nofused times the two-pass step.")
 flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 flags.DEFINE_string("remat", "0,1", "Comma-separated remat settings; each runs in its own process.")
+flags.DEFINE_string("step_lock", "", "A file to hold an exclusive lock on while timing the "
+                    "steps, so settings compiled side by side (one process each) are timed one "
+                    "at a time.")
 flags.DEFINE_bool("child", False, "Internal: run one setting in this process.")
 FLAGS = flags.FLAGS
 
@@ -118,6 +123,13 @@ def run_one(remat: bool) -> dict:
   compile_s = time.perf_counter() - t0
   _progress(f"compile {compile_s:.1f} s")
   mem = compiled.memory_analysis()
+  lock = None
+  if FLAGS.step_lock:
+    import fcntl
+    lock = open(FLAGS.step_lock, "a")
+    t0 = time.perf_counter()
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _progress(f"step lock after {time.perf_counter() - t0:.1f} s")
   state, m = compiled(state, data)  # warm-up
   jax.block_until_ready(m)
   sampler = _PeakRss() if jax.default_backend() == "cpu" else None
@@ -127,10 +139,13 @@ def run_one(remat: bool) -> dict:
     state, m = compiled(state, data)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
+  if lock is not None:
+    lock.close()  # releases the lock
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   out = {"space": FLAGS.space, "channels": FLAGS.channels, "cells": FLAGS.cells,
          "batch": FLAGS.batch, "image": FLAGS.image, "order": FLAGS.order,
          "variant": FLAGS.variant, "remat": remat, "fused": FLAGS.fused, "backend": jax.default_backend(),
+         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "device": jax.devices()[0].device_kind, "supernet_params": n_params,
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
          "step_s_all": [round(t, 4) for t in times],
