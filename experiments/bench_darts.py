@@ -96,7 +96,7 @@ def run_one(remat: bool) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxnas.darts_runner import compile_once
+  from jaxnas.darts_runner import compile_once, program_options
   from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
   n = 4 * FLAGS.batch
@@ -113,11 +113,12 @@ def run_one(remat: bool) -> dict:
   darts = make_darts(config)
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  state = compile_once(darts.init, key, data)(key, data)  # as the CLI does it
+  options = program_options(darts)  # as the CLI does it
+  state = compile_once(darts.init, key, data, options=options)(key, data)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   _progress(f"init {init_s:.1f} s")
-  step = jax.jit(darts.step, donate_argnums=0)
+  step = jax.jit(darts.step, donate_argnums=0, compiler_options=options)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
@@ -146,6 +147,7 @@ def run_one(remat: bool) -> dict:
          "batch": FLAGS.batch, "image": FLAGS.image, "order": FLAGS.order,
          "variant": FLAGS.variant, "remat": remat, "fused": FLAGS.fused, "backend": jax.default_backend(),
          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         "compiler_options": options,
          "device": jax.devices()[0].device_kind, "supernet_params": n_params,
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
          "step_s_all": [round(t, 4) for t in times],

@@ -26,6 +26,7 @@ from jaxnas import host_loop
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
+from jaxnas.models import darts_net
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
@@ -69,10 +70,18 @@ def build(config) -> tuple:
 ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def compile_once(f, *args):
-  """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU."""
+def compile_once(f, *args, options: dict | None = None):
+  """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
+  more XLA options (``program_options``)."""
   lowered = (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
-  return lowered.compile(compiler_options=ONCE if jax.default_backend() == "cpu" else None)
+  options = {**(ONCE if jax.default_backend() == "cpu" else {}), **(options or {})}
+  return lowered.compile(compiler_options=options or None)
+
+
+def program_options(darts) -> dict | None:
+  """XLA options for every program of ``darts``'s search (DARTS space on GPU: Triton GEMMs
+  off, ``darts_net.compiler_options``)."""
+  return darts_net.compiler_options() if darts.config.space == "darts" else None
 
 
 def run(config, workdir: str, darts, data) -> dict:
@@ -82,7 +91,8 @@ def run(config, workdir: str, darts, data) -> dict:
   # With a mesh the state lives replicated on every device.
   init = jax.jit(init, out_shardings=None if darts.mesh is None else
                  NamedSharding(darts.mesh, P()))
-  state = compile_once(init, keys, data)(keys, data)
+  options = program_options(darts)
+  state = compile_once(init, keys, data, options=options)(keys, data)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:
@@ -90,7 +100,7 @@ def run(config, workdir: str, darts, data) -> dict:
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   space = darts.supernet.space
-  run_epoch = jax.jit(jax.vmap(darts.run_epoch, in_axes=(0, None)))
+  run_epoch = jax.jit(jax.vmap(darts.run_epoch, in_axes=(0, None)), compiler_options=options)
   history = _read_history(metrics_path)
   epochs = darts.config.epochs
 
@@ -125,7 +135,8 @@ def run(config, workdir: str, darts, data) -> dict:
     # Part of the search's result, run after its last epoch (whatever stopped it); not
     # checkpointed: a rerun resumes from the last saved epoch and selects again, identically.
     t0 = time.time()
-    selected = jax.device_get(jax.jit(jax.vmap(darts.select, in_axes=(0, None)))(state, data))
+    select = jax.jit(jax.vmap(darts.select, in_axes=(0, None)), compiler_options=options)
+    selected = jax.device_get(select(state, data))
     selection_s = round(time.time() - t0, 3)
     logging.info("perturbation selection: %s (%.1fs)",
                  [space.encode(a) for a in _unstack(selected[0], n)], selection_s)

@@ -25,6 +25,7 @@ Workdir layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ from absl import logging
 from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
 from jaxnas import host_loop
 from jaxnas.checkpoint import Checkpointer, CheckpointError
-from jaxnas.models import TrainConfig, cost, fixed_genotype, make_data
+from jaxnas.models import TrainConfig, cost, darts_net, fixed_genotype, make_data
 from jaxnas.models.train import make_network, make_train_parts
 from jaxnas.spaces import darts_space, nb201_space
 from jaxnas.spaces.nb201 import OPS
@@ -172,7 +173,8 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
   loop: a checkpoint and a metrics.jsonl line per chunk, resumed after a kill. Returns the
   evaluation (test set in the validation slot) and the training seconds (resumes included)."""
   parts = make_train_parts(config, fixed_arch=fixed)
-  init, run = jax.jit(parts.init), jax.jit(parts.run, static_argnums=5)
+  jit = functools.partial(jax.jit, compiler_options=_options(config.space))
+  init, run = jit(parts.init), jit(parts.run, static_argnums=5)
   init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
   steps = config.steps
   chunk = min(steps, c.checkpoint_every or math.ceil(n_train / c.batch_size))
@@ -208,9 +210,16 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
 
   _, elapsed, _ = host_loop.drive(step, elapsed, advance, commit, done=lambda s: s >= steps)
   ckpt.close()
-  out = jax.block_until_ready(jax.jit(parts.evaluate)(carry, arch, data))
+  evaluate = jax.jit(parts.evaluate, compiler_options=_options(config.space))
+  out = jax.block_until_ready(evaluate(carry, arch, data))
   out["final_loss"] = last_loss
   return out, elapsed
+
+
+def _options(space: str) -> dict | None:
+  """XLA options for the retraining programs: XLA's defaults, except for DARTS-space
+  networks on GPU (``darts_net.compiler_options``)."""
+  return darts_net.compiler_options() if space == "darts" else None
 
 
 def _fixed(space, arch):
@@ -229,8 +238,9 @@ def measured_cost(net, variables, image_shape) -> tuple[int, int]:
   """
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
   x = jax.ShapeDtypeStruct(image_shape, np.float32)
-  compiled = jax.jit(lambda v, x: net.apply(v, x, None, train=False)).lower(variables,
-                                                                             x).compile()
+  options = _options("darts" if isinstance(net, darts_net.DartsNetwork) else "nb201")
+  compiled = jax.jit(lambda v, x: net.apply(v, x, None, train=False),
+                     compiler_options=options).lower(variables, x).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return params, int(float(analysis.get("flops", 0.0)) // 2)

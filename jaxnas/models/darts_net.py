@@ -40,6 +40,7 @@ inputs ``j = 0..i+1``, ``offset = 0, 2, 5, 9`` (DARTS' order).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -57,6 +58,24 @@ NUM_OPS = len(OPS)
 OFFSETS = tuple(sum(n + 2 for n in range(i)) for i in range(NUM_NODES))  # 0, 2, 5, 9
 NUM_EDGES = OFFSETS[-1] + NUM_NODES + 1  # 14
 _DN = ("NHWC", "HWIO", "NHWC")
+
+# XLA:GPU (JAX 0.11.2, H200, 2026-11-29) aborts the process while compiling the DARTS-space
+# supernet step with its Triton GEMM fusions on: "triton_tiling_propagation.cc:703 Check
+# failed: subdim_size_accumulator == dim_size (256 vs. 32)" (openxla/xla#47381), with and
+# without autotuning. With GEMMs left to cuBLAS the 8-cell step compiles (144 s) and runs
+# (BUILD_NOTES.md). So every program of this space is compiled with these options on GPU.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(backend: str | None = None) -> dict | None:
+  """XLA options for programs of DARTS-space networks (None: XLA's defaults).
+
+  On GPU, ``GPU_COMPILER_OPTIONS``, unless XLA_FLAGS names the option itself.
+  """
+  if ((backend or jax.default_backend()) != "gpu" or
+      "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", "")):
+    return None
+  return dict(GPU_COMPILER_OPTIONS)
 
 
 def edge_index(node: int, source: int) -> int:

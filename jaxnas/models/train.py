@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from jaxnas.datasets.loaders import make_preprocess
+from jaxnas.models import darts_net
 from jaxnas.models.darts_net import DartsNetwork, fixed_genotype
 from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
 from jaxnas.spaces.darts import DartsArch
@@ -251,18 +252,23 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
-def compiler_options() -> dict | None:
-  """XLA options for the population programs on the default backend (None: XLA's)."""
-  if (jax.default_backend() != "cpu" or
-      "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")):
-    return None
-  return dict(CPU_COMPILER_OPTIONS)
+def compiler_options(space: str = "nb201") -> dict | None:
+  """XLA options for the population programs of ``space`` on the default backend (None:
+  XLA's): ``CPU_COMPILER_OPTIONS`` on CPU, and for the DARTS space
+  ``darts_net.compiler_options()`` (Triton GEMMs off on GPU)."""
+  options = {}
+  if (jax.default_backend() == "cpu" and
+      "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
+    options.update(CPU_COMPILER_OPTIONS)
+  if space == "darts":
+    options.update(darts_net.compiler_options() or {})
+  return options or None
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
   train = make_train(config, fixed_arch)
-  jit = functools.partial(jax.jit, compiler_options=compiler_options())
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(config.space))
   if plan == "vmap":
     return jit(jax.vmap(train, in_axes=(0, 0, None, None, 0)))
   if plan == "map":
