@@ -259,6 +259,30 @@ def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, st)
 
 
+def test_mixed_cell_kernels_are_drawn_like_the_ops_own_initialisers():
+  """A supernet group's kernels come from one draw (remat.fan_in_uniform) with the same tree,
+  shapes and distribution as the ops' own initialisers: U(+-1/sqrt(fan_in)) per kernel,
+  a fresh draw per copy; anything but a conv kernel is refused."""
+  from jaxnas.models.remat import PureEdges, fan_in_uniform
+  x = jnp.zeros((2, 8, 8, 16), jnp.float32)
+  w = jnp.full((4, 8), 1 / 8, jnp.float32)
+  op = OpSet(16, (2,), False, True)  # strided: FactorizedReduce's kernels too
+  make = lambda init: PureEdges(op, (2, False), 4, False, False, init)
+  key = jax.random.PRNGKey(0)
+  ours = make(fan_in_uniform).init(key, x, w)["params"]
+  flax_own = jax.eval_shape(lambda k: make(None).init(k, x, w), key)["params"]
+  assert jax.tree.structure(ours) == jax.tree.structure(flax_own)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(flax_own)):
+    assert a.shape == b.shape and a.dtype == b.dtype, path
+    bound = 1 / np.sqrt(np.prod(a.shape[1:-1]))  # a: [copies, H, W, I, O]
+    a = np.asarray(a)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound, path
+    assert abs(a.std() / (bound / np.sqrt(3)) - 1) < 0.25, path  # uniform's std
+    assert not np.allclose(a[0], a[1]), path  # copies drawn independently
+  with pytest.raises(ValueError, match="conv kernels"):
+    fan_in_uniform(key, {"bias": jax.ShapeDtypeStruct((16,), jnp.float32)})
+
+
 def _conv_macs(jaxpr) -> int:
   """Multiply-accumulates of every convolution and matmul in a jaxpr (sub-jaxprs included)."""
   total = 0

@@ -9,7 +9,8 @@ build their mixed edges with it.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -53,23 +54,31 @@ class PureEdges(nn.Module):
   ``"ops"`` entry per collection. With ``remat`` the application goes through
   ``late_remat``: only ``x``, ``w`` and the variables are kept for the backward
   pass. BN statistics are updated when ``train`` and ``batch_stats`` is mutable.
+
+  ``param_init(rng, shapes, lead)``, if given, makes the parameters (shapes:
+  ``op``'s parameter tree of ``jax.ShapeDtypeStruct``; ``lead``: the copies
+  axis, ``()`` or ``(n,)``) instead of ``op``'s own initialisers, e.g.
+  ``fan_in_uniform``: one RNG computation for the whole group.
   """
   op: nn.Module
   static: tuple[Any, ...] = ()
   copies: int | None = None
   train: bool = False
   remat: bool = False
+  param_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x, w):
     w0 = w if self.copies is None else w[0]
     init = lambda rng: self.op.init(rng, x, w0, *self.static)
-    if self.copies is None:
+    lead = () if self.copies is None else (self.copies,)
+    if self.param_init is not None:
+      make = lambda rng: self.param_init(rng, jax.eval_shape(init, rng)["params"], lead)
+    elif self.copies is None:
       make = lambda rng: init(rng)["params"]
     else:
       make = lambda rng: jax.vmap(lambda k: init(k)["params"])(
           jax.random.split(rng, self.copies))
-    lead = () if self.copies is None else (self.copies,)
     params = self.param("ops", make)
     # BN statistics start at mean 0, variance 1 (no need to trace the init again).
     stats = self.variable("batch_stats", "ops", lambda: jax.tree_util.tree_map_with_path(
@@ -91,3 +100,25 @@ class PureEdges(nn.Module):
     if self.train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
       stats.value = new_stats
     return y
+
+
+def fan_in_uniform(rng, shapes, lead: tuple[int, ...] = ()):
+  """Conv kernels (HWIO) drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's default
+  and ``nb201_net.conv_init``, all from ONE uniform draw (a ``PureEdges`` ``param_init``).
+
+  Each flax initialiser is its own RNG computation (a threefry loop, plus a
+  ``fold_in`` of its name): the DARTS-space supernet has ~1000 of them, which
+  dominate its init program's compile time. Here a group of edges costs one.
+  """
+  leaves, treedef = jax.tree.flatten(shapes)
+  for leaf in leaves:
+    if len(leaf.shape) != 4:
+      raise ValueError(f"fan_in_uniform initialises conv kernels (HWIO), got shape {leaf.shape}")
+  sizes = [math.prod(leaf.shape) for leaf in leaves]
+  u = jax.random.uniform(rng, lead + (sum(sizes),), minval=-1.0, maxval=1.0)
+  out, start = [], 0
+  for leaf, n in zip(leaves, sizes):
+    bound = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
+    out.append((u[..., start:start + n] * bound).reshape(lead + leaf.shape).astype(leaf.dtype))
+    start += n
+  return treedef.unflatten(out)
