@@ -95,6 +95,8 @@ def main():
   p.add_argument("--map_batch", type=int, default=1)
   p.add_argument("--conv_impl", default="auto",
                  help="auto (per backend), " + ", ".join(nb201_net.CONV_IMPLS))
+  p.add_argument("--pool_impl", default="auto",
+                 help="auto (per backend), " + ", ".join(nb201_net.POOL_IMPLS))
   p.add_argument("--val_examples", type=int, default=1000)
   p.add_argument("--val_fraction", type=float, default=1 / 12)
   p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
@@ -108,6 +110,8 @@ def main():
   cpu_devices = setup_cpu_devices(args.cpu_devices)
   if args.conv_impl != "auto":
     nb201_net.CONV_IMPL = args.conv_impl
+  if args.pool_impl != "auto":
+    nb201_net.POOL_IMPL = args.pool_impl
 
   source, arrays = load_data(args)
   data = train_lib.make_data(*arrays)
@@ -156,7 +160,7 @@ def main():
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
       "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
-      "conv_impl": nb201_net.conv_impl(),
+      "conv_impl": nb201_net.conv_impl(), "pool_impl": nb201_net.pool_impl(),
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,

@@ -61,8 +61,11 @@ def test_max_pool_and_its_gradient_match_reduce_window(shape, stride):
   assert float(jnp.abs(ga).sum()) > 0
 
 
+@pytest.mark.parametrize("impl", ["sum", "window"])
 @pytest.mark.parametrize("size", [7, 8])
-def test_avg_pool_excludes_padding(size):
+def test_avg_pool_excludes_padding(size, impl, monkeypatch):
+  from jaxnas.models import nb201_net
+  monkeypatch.setattr(nb201_net, "POOL_IMPL", impl)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
   for stride in (1, 2):
     ref = lambda x: nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),

@@ -134,12 +134,18 @@ def test_conv_impls_agree_under_vmap(impl):
 def test_conv_impl_choice():
   assert net_lib.conv_impl("cpu") == "taps"
   assert net_lib.conv_impl("gpu") in net_lib.CONV_IMPLS
+  assert (net_lib.pool_impl("cpu"), net_lib.pool_impl("gpu")) == ("sum", "window")
+  with pytest.raises(ValueError, match="unknown pool impl"):
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(net_lib, "POOL_IMPL", "max")
+      net_lib.avg_pool_3x3(jnp.zeros((1, 4, 4, 1)))
   with pytest.raises(ValueError, match="unknown conv impl"):
     net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
 
 
 @pytest.mark.parametrize("size", [7, 8])
-def test_avg_pool_2x2_equals_flax(size):
+def test_avg_pool_2x2_equals_flax(size, monkeypatch):
+  monkeypatch.setattr(net_lib, "POOL_IMPL", "sum")  # "window" is flax's pool itself
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, size, size + 1, 3), np.float32)
   g = rng.standard_normal((2, size // 2, (size + 1) // 2, 3), np.float32)

@@ -17,9 +17,11 @@ case "${1:-pop}" in
     timeout 60 python experiments/device/conv_micro.py --reps=10 > "$OUT/conv_vmap.txt" 2>&1
     timeout 30 python experiments/device/conv_micro.py --population=0 --reps=10 \
       > "$OUT/conv_single.txt" 2>&1
-    for impl in im2col gemm; do
-      timeout 150 python experiments/bench_population.py $POP --plan=vmap --conv_impl=$impl \
-        > "$OUT/pop_vmap_$impl.txt" 2>&1
+    # Pool forms: "window" is the GPU default (740 candidate-steps/s on 11-27), "sum" the
+    # CPU form that ran at 619 on 11-29; this pair says whether the pools explain it.
+    for pool in window sum; do
+      timeout 150 python experiments/bench_population.py $POP --plan=vmap --pool_impl=$pool \
+        > "$OUT/pop_vmap_$pool.txt" 2>&1
     done
     timeout 150 python experiments/bench_population.py $POP --plan=sequential > "$OUT/pop_seq.txt" 2>&1
     ;;

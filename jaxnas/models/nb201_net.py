@@ -253,17 +253,42 @@ def _pool_counts(h: int, w: int, stride: int = 1) -> np.ndarray:
   return (counts(h)[:, None] * counts(w)[None, :]).astype(np.float32)
 
 
+POOL_IMPLS = ("sum", "window")
+# Experiments may set this to one of POOL_IMPLS before tracing; None picks per backend.
+POOL_IMPL: str | None = None
+
+
+def pool_impl(backend: str | None = None) -> str:
+  """How the average pools compute, chosen at trace time (like ``conv_impl``).
+
+  * ``"sum"``: the 3x3 pool at stride 1 as a separable window sum, the 2x2 pool
+    as a reshape and a mean. XLA:CPU runs ``reduce_window`` and its gradient as
+    generic windowed loops; these forms are 1.8-3.6x faster there
+    (experiments/NOTES_population.md, round 4).
+  * ``"window"``: ``lax.reduce_window``, the form the accelerators were measured
+    with (740 candidate-steps/s for the issue-3 population on an H200; the one
+    GPU run with ``"sum"`` gave 619, not bisected, BUILD_NOTES.md).
+
+  Off CPU the default is ``"window"``.
+  """
+  impl = POOL_IMPL
+  if impl is None:
+    impl = "sum" if (backend or jax.default_backend()) == "cpu" else "window"
+  if impl not in POOL_IMPLS:
+    raise ValueError(f"unknown pool impl {impl!r}; choose one of {', '.join(POOL_IMPLS)}")
+  return impl
+
+
 def avg_pool_3x3(x, stride: int = 1):
   """3x3 average pool, padding 1, ``count_include_pad=False`` as in NAS-Bench-201 and DARTS.
 
   The divisor is a small numpy constant: ``nn.avg_pool(count_include_pad=False)``
   instead pools a batch-sized array of ones, which XLA then constant-folds for
-  ~10 s per pool at compile time. At stride 1 (every cell's pool) the window sum
-  is separable, three shifted adds per axis, which XLA fuses with the division
-  (and autodiff turns into the same form): forward + backward on XLA:CPU 1.8x
-  faster than ``reduce_window`` at 128x28x28x16, 3.6x at 128x7x7x64.
+  ~10 s per pool at compile time. At stride 1 with ``pool_impl() == "sum"`` the
+  window sum is separable, three shifted adds per axis, which XLA fuses with the
+  division (and autodiff turns into the same form).
   """
-  if stride == 1:
+  if stride == 1 and pool_impl() == "sum":
     h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = xp[:, 0:h] + xp[:, 1:h + 1] + xp[:, 2:h + 2]
@@ -276,8 +301,10 @@ def avg_pool_3x3(x, stride: int = 1):
 
 
 def avg_pool_2x2(x):
-  """``nn.avg_pool(x, (2, 2), strides=(2, 2))`` (padding VALID) as a reshape and a mean:
-  XLA:CPU runs ``reduce_window`` and its gradient as generic windowed loops."""
+  """``nn.avg_pool(x, (2, 2), strides=(2, 2))`` (padding VALID); with
+  ``pool_impl() == "sum"`` as a reshape and a mean."""
+  if pool_impl() == "window":
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
   n, h, w = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
   return x[:, :2 * h, :2 * w].reshape(n, h, 2, w, 2, x.shape[3]).mean((2, 4))
 
