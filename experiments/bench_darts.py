@@ -96,7 +96,8 @@ def run_one(remat: bool) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxnas.darts_runner import compile_once, program_options
+  from jaxnas.darts_runner import compile_once
+  from jaxnas.models import darts_net
   from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
   n = 4 * FLAGS.batch
@@ -113,7 +114,7 @@ def run_one(remat: bool) -> dict:
   darts = make_darts(config)
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  options = program_options(darts)  # as the CLI does it
+  options = darts_net.compiler_options(FLAGS.space)  # as the CLI does it
   state = compile_once(darts.init, key, data, options=options)(key, data)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0

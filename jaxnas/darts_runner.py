@@ -72,16 +72,11 @@ ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 
 def compile_once(f, *args, options: dict | None = None):
   """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
-  more XLA options (``program_options``)."""
+  more XLA options (``darts_net.compiler_options``)."""
   lowered = (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
   options = {**(ONCE if jax.default_backend() == "cpu" else {}), **(options or {})}
   return lowered.compile(compiler_options=options or None)
 
-
-def program_options(darts) -> dict | None:
-  """XLA options for every program of ``darts``'s search (DARTS space on GPU: Triton GEMMs
-  off, ``darts_net.compiler_options``)."""
-  return darts_net.compiler_options() if darts.config.space == "darts" else None
 
 
 def run(config, workdir: str, darts, data) -> dict:
@@ -91,7 +86,7 @@ def run(config, workdir: str, darts, data) -> dict:
   # With a mesh the state lives replicated on every device.
   init = jax.jit(init, out_shardings=None if darts.mesh is None else
                  NamedSharding(darts.mesh, P()))
-  options = program_options(darts)
+  options = darts_net.compiler_options(darts.config.space)
   state = compile_once(init, keys, data, options=options)(keys, data)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")

@@ -173,7 +173,7 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
   loop: a checkpoint and a metrics.jsonl line per chunk, resumed after a kill. Returns the
   evaluation (test set in the validation slot) and the training seconds (resumes included)."""
   parts = make_train_parts(config, fixed_arch=fixed)
-  jit = functools.partial(jax.jit, compiler_options=_options(config.space))
+  jit = functools.partial(jax.jit, compiler_options=darts_net.compiler_options(config.space))
   init, run = jit(parts.init), jit(parts.run, static_argnums=5)
   init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
   steps = config.steps
@@ -210,16 +210,10 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
 
   _, elapsed, _ = host_loop.drive(step, elapsed, advance, commit, done=lambda s: s >= steps)
   ckpt.close()
-  evaluate = jax.jit(parts.evaluate, compiler_options=_options(config.space))
+  evaluate = jax.jit(parts.evaluate, compiler_options=darts_net.compiler_options(config.space))
   out = jax.block_until_ready(evaluate(carry, arch, data))
   out["final_loss"] = last_loss
   return out, elapsed
-
-
-def _options(space: str) -> dict | None:
-  """XLA options for the retraining programs: XLA's defaults, except for DARTS-space
-  networks on GPU (``darts_net.compiler_options``)."""
-  return darts_net.compiler_options() if space == "darts" else None
 
 
 def _fixed(space, arch):
@@ -238,7 +232,8 @@ def measured_cost(net, variables, image_shape) -> tuple[int, int]:
   """
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
   x = jax.ShapeDtypeStruct(image_shape, np.float32)
-  options = _options("darts" if isinstance(net, darts_net.DartsNetwork) else "nb201")
+  options = darts_net.compiler_options(
+      "darts" if isinstance(net, darts_net.DartsNetwork) else "nb201")
   compiled = jax.jit(lambda v, x: net.apply(v, x, None, train=False),
                      compiler_options=options).lower(variables, x).compile()
   analysis = compiled.cost_analysis()

@@ -168,14 +168,15 @@ def test_darts_gpu_compiler_options(monkeypatch):
   XLA_FLAGS names the option; the option is one XLA accepts."""
   from jaxnas.models import darts_net
   monkeypatch.setenv("XLA_FLAGS", "")
-  assert darts_net.compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
-  assert darts_net.compiler_options("cpu") is None
+  assert darts_net.compiler_options(backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
+  assert darts_net.compiler_options("nb201", backend="gpu") is None
+  assert darts_net.compiler_options(backend="cpu") is None
   assert train_lib.compiler_options("darts") == train_lib.compiler_options("nb201")
   # An unknown option name is an error, so this proves the name: XLA:CPU ignores its value.
   f = jax.jit(lambda x: x @ x, compiler_options=darts_net.GPU_COMPILER_OPTIONS)
   assert float(f(jnp.eye(3))[0, 0]) == 1.0
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-  assert darts_net.compiler_options("gpu") is None
+  assert darts_net.compiler_options(backend="gpu") is None
 
 
 def _value_and_vjp(f, x, w, g):

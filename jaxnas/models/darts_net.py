@@ -67,12 +67,12 @@ _DN = ("NHWC", "HWIO", "NHWC")
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def compiler_options(backend: str | None = None) -> dict | None:
-  """XLA options for programs of DARTS-space networks (None: XLA's defaults).
+def compiler_options(space: str = "darts", backend: str | None = None) -> dict | None:
+  """XLA options for the programs of ``space``'s networks (None: XLA's defaults).
 
-  On GPU, ``GPU_COMPILER_OPTIONS``, unless XLA_FLAGS names the option itself.
+  The DARTS space on GPU: ``GPU_COMPILER_OPTIONS``, unless XLA_FLAGS names the option.
   """
-  if ((backend or jax.default_backend()) != "gpu" or
+  if (space != "darts" or (backend or jax.default_backend()) != "gpu" or
       "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", "")):
     return None
   return dict(GPU_COMPILER_OPTIONS)

@@ -260,8 +260,7 @@ def compiler_options(space: str = "nb201") -> dict | None:
   if (jax.default_backend() == "cpu" and
       "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     options.update(CPU_COMPILER_OPTIONS)
-  if space == "darts":
-    options.update(darts_net.compiler_options() or {})
+  options.update(darts_net.compiler_options(space) or {})
   return options or None
 
 
