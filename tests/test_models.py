@@ -235,6 +235,69 @@ def _data(n_train=512, n_val=256):
   return train_lib.make_data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], (0.3,), (0.3,))
 
 
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+def test_init_variables_are_drawn_like_flax_init(space):
+  """``train.init_variables``: flax's tree, shapes and constants, and the initialisers'
+  distributions (conv kernels U(+-1/sqrt(fan_in)), the classifier lecun_normal) from two
+  RNG computations; deterministic per key; an unknown kind of leaf is refused."""
+  from jaxnas.spaces import darts_space
+  config = train_lib.TrainConfig(space=space, channels=8, cells=1 if space == "nb201" else 3)
+  net = train_lib.make_network(config)
+  arch = (jnp.asarray(ARCHS[0], jnp.int32) if space == "nb201" else
+          darts_space().sample(jax.random.PRNGKey(1)))
+  x = jnp.zeros((1, 12, 12, 1), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  ours = jax.jit(lambda k: train_lib.init_variables(net, k, x, arch, train=False))(key)
+  flax_own = net.init(key, x, arch, train=False)
+  assert jax.tree.structure(ours) == jax.tree.structure(flax_own)
+  kernels = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(flax_own)):
+    assert a.shape == b.shape and a.dtype == b.dtype, path
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 4:  # conv kernel, HWIO
+      kernels += 1
+      bound = 1 / np.sqrt(np.prod(a.shape[:-1]))
+      assert np.abs(a).max() <= bound and np.abs(a).max() > 0.5 * bound, path
+      if a.size >= 500:
+        assert abs(a.std() / (bound / np.sqrt(3)) - 1) < 0.25, path  # uniform's std
+    elif a.ndim == 2:  # classifier kernel: same distribution as flax's draw
+      truncation = 2 / np.sqrt(a.shape[0]) / 0.87962566  # lecun_normal: +-2 of its stddev
+      assert abs(a.std() / b.std() - 1) < 0.3 and np.abs(a).max() <= truncation * 1.0001, path
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=str(path))
+  assert kernels > 10
+  # Kernels are independent draws, not copies of one another.
+  leaves = [np.asarray(a) for a in jax.tree.leaves(ours["params"]) if a.ndim == 4 and a.size > 50]
+  assert all(not np.allclose(a.ravel()[:50], b.ravel()[:50]) for a, b in zip(leaves, leaves[1:]))
+  again = jax.jit(lambda k: train_lib.init_variables(net, k, x, arch, train=False))(key)
+  chex.assert_trees_all_equal(ours, again)
+  other = train_lib.init_variables(net, jax.random.PRNGKey(1), x, arch, train=False)
+  first_kernel = lambda v: next(a for a in jax.tree.leaves(v["params"]) if a.ndim == 4)
+  assert not np.allclose(first_kernel(other), first_kernel(ours))
+
+  class Odd(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("gain", nn.initializers.ones, (3,))
+
+  with pytest.raises(ValueError, match="no initialiser known for params/gain"):
+    train_lib.init_variables(Odd(), key, jnp.zeros(3))
+
+
+def test_specialised_network_starts_from_the_arch_as_data_init():
+  """``sequential_static``/retrain's specialised network starts where the arch-as-data
+  network does for its cell, so the two plans train the same function from the same start."""
+  config = train_lib.TrainConfig(channels=8, cells=1)
+  data = _data()
+  key = jax.random.PRNGKey(3)
+  for arch in ARCHS:
+    full = train_lib.make_train_parts(config).init(jnp.asarray(arch, jnp.int32), key, data)
+    spec = train_lib.make_train_parts(config, fixed_arch=arch).init(
+        jnp.asarray(arch, jnp.int32), key, data)
+    want = net_lib.specialise_variables({"params": full[0], "batch_stats": full[1]}, arch)
+    chex.assert_trees_all_equal(want, {"params": spec[0], "batch_stats": spec[1]})
+
+
 def test_short_training_learns_and_contains_nan():
   data = _data()
   config = train_lib.TrainConfig(steps=30, batch_size=64, channels=8, cells=1, plan="map",

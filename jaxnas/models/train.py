@@ -34,15 +34,18 @@ import functools
 import os
 from typing import Callable, NamedTuple
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxnas.datasets.loaders import make_preprocess
-from jaxnas.models import darts_net
+from jaxnas.models import darts_net, nb201_net
 from jaxnas.models.darts_net import DartsNetwork, fixed_genotype
 from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
+from jaxnas.models.remat import fan_in_uniform
 from jaxnas.spaces.darts import DartsArch
 
 PLANS = ("map", "vmap", "sequential", "sequential_static")
@@ -137,6 +140,52 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+# Leaves of the networks' variables that flax initialises to a constant, by (collection, name).
+_CONSTANT_LEAVES = {("params", "scale"): 1.0, ("params", "bias"): 0.0,
+                    ("batch_stats", "mean"): 0.0, ("batch_stats", "var"): 1.0}
+
+
+def init_variables(net: nn.Module, key, *args, **kwargs):
+  """``net.init(key, *args, **kwargs)``'s variables, drawn with two RNG computations.
+
+  Same tree, shapes and distributions as flax's init of this package's networks
+  (NB201 and DARTS space): every conv kernel (a 4-D param, ``conv_init``)
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from one uniform draw
+  (``remat.fan_in_uniform``), the classifier's kernel ``lecun_normal`` (flax
+  ``Dense``'s default), BatchNorm's scale/bias and statistics their constants.
+  The values differ from ``net.init``'s: flax derives a key and runs a threefry
+  loop per parameter, which in the issue-3 benchmark's population program
+  (44 kernels per member) took 6-8 s of its ~20 s XLA:CPU compile
+  (BUILD_NOTES.md). A leaf of another kind is an error, not a silent guess.
+  """
+  shapes = jax.eval_shape(lambda k: net.init(k, *args, **kwargs), jax.random.PRNGKey(0))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+  convs = {p: v for p, v in flat.items() if p[0] == "params" and v.ndim == 4}
+  dense = [p for p, v in flat.items() if p[0] == "params" and v.ndim == 2 and p[-1] == "kernel"]
+  k_conv, k_dense = jax.random.split(key)
+  values = fan_in_uniform(k_conv, convs)
+  for p, k in zip(dense, jax.random.split(k_dense, max(len(dense), 1))):
+    values[p] = nn.initializers.lecun_normal()(k, flat[p].shape, flat[p].dtype)
+  for p, v in flat.items():
+    if p in values:
+      continue
+    if (p[0], p[-1]) not in _CONSTANT_LEAVES:
+      raise ValueError(f"init_variables: no initialiser known for {'/'.join(p)} {v.shape}")
+    values[p] = jnp.full(v.shape, _CONSTANT_LEAVES[p[0], p[-1]], v.dtype)
+  return flax.traverse_util.unflatten_dict(values)
+
+
+def _specialised_init(config: TrainConfig, fixed_arch, key, dummy):
+  """The arch-as-data network's ``init_variables`` pruned to ``fixed_arch``'s network."""
+  if config.space == "darts":
+    arch = DartsArch(*(np.asarray(a, np.int32) for a in fixed_arch))
+    variables = init_variables(make_network(config), key, dummy, arch, train=False)
+    return darts_net.specialise_variables(variables, arch, config.cells)
+  arch = jnp.asarray(fixed_arch, jnp.int32)
+  variables = init_variables(make_network(config), key, dummy, arch, train=False)
+  return nb201_net.specialise_variables(variables, fixed_arch)
+
+
 class TrainParts(NamedTuple):
   """One candidate's training in resumable pieces (``make_train`` composes them).
 
@@ -153,14 +202,23 @@ class TrainParts(NamedTuple):
 
 
 def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
-  """``make_train``'s pieces, for a host loop that checkpoints between chunks (retrain)."""
+  """``make_train``'s pieces, for a host loop that checkpoints between chunks (retrain).
+
+  The specialised network (``fixed_arch``) starts from the arch-as-data network's
+  initial variables for its cell, pruned (``specialise_variables``): the two
+  train the same function from the same start (plans ``map`` and
+  ``sequential_static`` agree).
+  """
   net = make_network(config, fixed_arch)
   tx = make_optimizer(config)
   bs, ebs = config.batch_size, config.eval_batch_size
 
   def init(arch, init_key, data: TrainData):
     dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-    variables = net.init(init_key, dummy, arch, train=False)
+    if fixed_arch is None:
+      variables = init_variables(net, init_key, dummy, arch, train=False)
+    else:
+      variables = _specialised_init(config, fixed_arch, init_key, dummy)
     params, stats = variables["params"], variables["batch_stats"]
     return (params, stats, tx.init(params), jnp.asarray(False))
 
