@@ -155,7 +155,7 @@ def init_variables(net: nn.Module, key, *args, **kwargs):
   ``Dense``'s default), BatchNorm's scale/bias and statistics their constants.
   The values differ from ``net.init``'s: flax derives a key and runs a threefry
   loop per parameter, which in the issue-3 benchmark's population program
-  (44 kernels per member) took 6-8 s of its ~20 s XLA:CPU compile
+  (44 kernels per member) took 4-8 s of its 13-20 s XLA:CPU compile
   (BUILD_NOTES.md). A leaf of another kind is an error, not a silent guess.
   """
   shapes = jax.eval_shape(lambda k: net.init(k, *args, **kwargs), jax.random.PRNGKey(0))
