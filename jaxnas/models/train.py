@@ -177,12 +177,12 @@ def init_variables(net: nn.Module, key, *args, **kwargs):
 
 def _specialised_init(config: TrainConfig, fixed_arch, key, dummy):
   """The arch-as-data network's ``init_variables`` pruned to ``fixed_arch``'s network."""
-  if config.space == "darts":
-    arch = DartsArch(*(np.asarray(a, np.int32) for a in fixed_arch))
-    variables = init_variables(make_network(config), key, dummy, arch, train=False)
-    return darts_net.specialise_variables(variables, arch, config.cells)
-  arch = jnp.asarray(fixed_arch, jnp.int32)
+  darts = config.space == "darts"
+  arch = (DartsArch(*(np.asarray(a, np.int32) for a in fixed_arch)) if darts else
+          np.asarray(fixed_arch, np.int32))
   variables = init_variables(make_network(config), key, dummy, arch, train=False)
+  if darts:
+    return darts_net.specialise_variables(variables, arch, config.cells)
   return nb201_net.specialise_variables(variables, fixed_arch)
 
 
