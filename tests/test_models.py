@@ -96,7 +96,8 @@ def test_balanced_order():
 
 @pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
 def test_conv_vjp_matches_autodiff(impl):
-  # Covers each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap
+  # Covers the forward of tiny convs as one im2col matmul (k*k*cin <= 64, <= 16 channels)
+  # and each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap
   # matmuls (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too, and
   # the sub-pixel input gradient of strided convs (strides 2 and 3, kernels 1, 2, 3, 5).
   for n, cin, h, k, stride in [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2),

@@ -57,8 +57,19 @@ def _conv(x, kernel, stride, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
                                       dimension_numbers=_DN)
 
 
+def _tiny_conv(x, kernel) -> bool:
+  """A conv XLA:CPU runs slowly, which one im2col matmul runs 2x faster: few input taps
+  (``k*k*Cin <= 64``, e.g. the stem on grey images) and at most 16 channels either side,
+  where XLA:CPU leaves the conv to Eigen instead of YNNPACK (its ``ynn_support.cc``;
+  experiments/NOTES_population.md, round 6)."""
+  k, cin, cout = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+  return k > 1 and k * k * cin <= 64 and max(cin, cout) <= 16
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_canonical(x, kernel, stride, pad, im2col=False):
+  if not im2col and _tiny_conv(x, kernel):
+    return _conv_gemm(x, kernel, stride, pad)
   return _conv(x, kernel, stride, ((pad, pad), (pad, pad)))
 
 
