@@ -57,7 +57,7 @@ def _conv(x, kernel, stride, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
                                       dimension_numbers=_DN)
 
 
-def _tiny_conv(x, kernel) -> bool:
+def _tiny_conv(kernel) -> bool:
   """A conv XLA:CPU runs slowly, which one im2col matmul runs 2x faster: few input taps
   (``k*k*Cin <= 64``, e.g. the stem on grey images) and at most 16 channels either side,
   where XLA:CPU leaves the conv to Eigen instead of YNNPACK (its ``ynn_support.cc``;
@@ -70,7 +70,7 @@ def _tiny_conv(x, kernel) -> bool:
 def _conv_canonical(x, kernel, stride, pad, im2col=False):
   if im2col:  # accelerators
     return _conv(x, kernel, stride, ((pad, pad), (pad, pad)))
-  if _tiny_conv(x, kernel):
+  if _tiny_conv(kernel):
     return _conv_gemm(x, kernel, stride, pad)
   return _conv_wide(x, kernel, stride, ((pad, pad), (pad, pad)))
 
@@ -232,9 +232,10 @@ CONV_IMPL: str | None = None
 def conv_impl(backend: str | None = None) -> str:
   """How ``conv2d`` computes, chosen at trace time (like ``darts_net.depthwise``).
 
-  * ``"taps"``: XLA's conv forward, a hand-written VJP in canonical layouts with
-    the kernel gradient as per-tap matmuls over cache-sized batch chunks
-    (``_conv_canonical_bwd``; XLA:CPU, experiments/NOTES_population.md).
+  * ``"taps"``: XLA's conv forward (16-channel convs widened to 17 output channels,
+    ``_conv_wide``; tiny ones as an im2col matmul, ``_tiny_conv``), a hand-written VJP
+    in canonical layouts with the kernel gradient as per-tap matmuls over cache-sized
+    batch chunks (``_conv_canonical_bwd``; XLA:CPU, experiments/NOTES_population.md).
   * ``"im2col"``: the same VJP, the kernel gradient as one im2col matmul.
   * ``"gemm"``: forward and both gradients as matmuls (``_conv_gemm``).
   * ``"xla"``: XLA's conv and autodiff's transposed convolutions.
