@@ -100,15 +100,15 @@ def test_conv_vjp_matches_autodiff(impl):
   # and each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap
   # matmuls (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too, and
   # the sub-pixel input gradient of strided convs (strides 2 and 3, kernels 1, 2, 3, 5), and
-  # a 16-channel conv (forward and input gradient with a 17th zero channel on CPU).
-  for n, cin, h, k, stride in [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2),
-                               (2, 4, 9, 3, 2), (2, 4, 8, 3, 3), (2, 4, 9, 5, 2), (2, 4, 7, 2, 2),
-                               (2, 8, 8, 3, 1), (8, 8, 8, 3, 1), (8, 8, 7, 3, 2), (8, 8, 6, 1, 2),
-                               (2, 16, 6, 3, 1)]:
+  # a 16 -> 16 conv (forward and input gradient with a 17th zero channel on CPU).
+  cases = [(2, 3, 8, 3, 1), (2, 3, 8, 1, 1), (2, 3, 8, 3, 2), (2, 3, 7, 3, 2), (2, 4, 9, 3, 2),
+           (2, 4, 8, 3, 3), (2, 4, 9, 5, 2), (2, 4, 7, 2, 2), (2, 8, 8, 3, 1), (8, 8, 8, 3, 1),
+           (8, 8, 7, 3, 2), (8, 8, 6, 1, 2)]
+  for n, cin, h, k, stride, cout in [c + (5,) for c in cases] + [(2, 16, 6, 3, 1, 16)]:
     # numpy draws: jax.random.normal would compile a sampler per shape (~1 s each).
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, h, h + 1, cin), np.float32)
-    w = rng.standard_normal((k, k, cin, 5), np.float32)
+    w = rng.standard_normal((k, k, cin, cout), np.float32)
     p = k // 2
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
