@@ -68,21 +68,19 @@ def _tiny_conv(kernel) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_canonical(x, kernel, stride, pad, im2col=False):
-  if im2col:  # accelerators
-    return _conv(x, kernel, stride, ((pad, pad), (pad, pad)))
-  if _tiny_conv(kernel):
+  if not im2col and _tiny_conv(kernel):  # CPU
     return _conv_gemm(x, kernel, stride, pad)
-  return _conv_wide(x, kernel, stride, ((pad, pad), (pad, pad)))
+  return _conv_wide(x, kernel, stride, ((pad, pad), (pad, pad)), widen=not im2col)
 
 
-def _conv_wide(x, kernel, stride, padding, lhs_dilation=(1, 1)):
-  """``_conv`` (CPU) with a 17th, zero output channel for 16 outputs from at most 16 inputs:
-  XLA:CPU leaves convs with at most 16 channels either side to Eigen, ~1.6x slower than its
-  YNNPACK path (``ynn_support.cc``); the extra channel is sliced off in the consumers.
-  A first-stage 3x3 edge at C=16 trains ~4 ms (~12 %) faster per step this way
+def _conv_wide(x, kernel, stride, padding, lhs_dilation=(1, 1), widen=True):
+  """``_conv``, with ``widen`` (CPU) a 17th, zero output channel for 16 outputs from at most
+  16 inputs: XLA:CPU leaves convs with at most 16 channels either side to Eigen, ~1.6x slower
+  than its YNNPACK path (``ynn_support.cc``); the extra channel is sliced off in the
+  consumers. A first-stage 3x3 edge at C=16 trains ~4 ms (~12 %) faster per step this way
   (experiments/NOTES_population.md, round 6)."""
   cin, cout = kernel.shape[2], kernel.shape[3]
-  if kernel.shape[0] > 1 and cout == 16 and cin <= 16:
+  if widen and kernel.shape[0] > 1 and cout == 16 and cin <= 16:
     wide = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, 1)))
     return _conv(x, wide, stride, padding, lhs_dilation)[..., :cout]
   return _conv(x, kernel, stride, padding, lhs_dilation)
@@ -202,8 +200,7 @@ def _conv_canonical_bwd(stride, pad, im2col, res, g):
     lo = k - 1 - pad
     pads = ((lo, h + k - 1 - ((ho - 1) * stride + 1) - lo),
             (lo, w + k - 1 - ((wo - 1) * stride + 1) - lo))
-    dx = (_conv(g, flipped, 1, pads, lhs_dilation=(stride, stride)) if im2col else
-          _conv_wide(g, flipped, 1, pads, lhs_dilation=(stride, stride)))
+    dx = _conv_wide(g, flipped, 1, pads, (stride, stride), widen=not im2col)
   return dx, _kernel_grad(x, g, k, stride, pad, im2col=im2col)
 
 
