@@ -46,6 +46,35 @@ def tiny_evaluator(space: jaxnas.Space) -> jaxnas.Evaluator:
                           jittable=True)
 
 
+# Programs the tests build themselves run in milliseconds and compile for tens of seconds at
+# XLA's defaults, so they are compiled at -O0 without LLVM's expensive passes and with
+# XLA:CPU's legacy loop emitters: at -O0 its MLIR fusion emitters cost more compile time
+# than LLVM saves (CPU seconds, measured module by module: test_zero_cost.py 130 -> 87,
+# test_models.py 157 -> 141, two second-order DARTS tests 198 -> 118; BUILD_NOTES.md, "Test
+# suite"). Same semantics, other generated code. JAXNAS_TEST_FUSION_EMITTERS=1 keeps the
+# MLIR emitters, for such comparisons. Subprocesses get the same as XLA_FLAGS (run_child).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+if os.environ.get("JAXNAS_TEST_FUSION_EMITTERS") != "1":
+  FAST_COMPILE["xla_cpu_use_fusion_emitters"] = False
+FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+
+
+def run_child(code: str, *args, devices: int = 1, timeout: int = 900) -> str:
+  """Runs Python ``code`` (with ``args`` as sys.argv[1:]) in a fresh process on
+  ``devices`` host CPU devices, compiling at ``FAST_COMPILE_FLAGS`` (which an in-process
+  test cannot set for the library's own programs); returns its stdout. The persistent
+  compilation cache below is shared through the environment, so a second child loads
+  what the first compiled."""
+  import subprocess
+  import sys
+  flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 # The suite runs under pytest-xdist with --dist loadfile (README's test command): each worker
 # takes whole modules, so module-scoped fixtures and caches are built once. The modules that
 # compile the most are handed out first, so the workers finish at about the same time.

@@ -10,10 +10,7 @@ import pytest
 
 from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
-# Compiling the supernet's programs dominates these tests (tens of seconds each at XLA's
-# default optimisation level, for programs that then run in milliseconds): the programs the
-# tests build themselves are compiled without XLA's expensive passes, as in test_zero_cost.py.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from conftest import FAST_COMPILE
 
 
 def _compile(f, *args):

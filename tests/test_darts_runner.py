@@ -4,28 +4,39 @@ slowest DARTS modules run on different xdist workers)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 
-from jaxnas import runner
 from jaxnas.datasets import FASHION_MNIST_DIR
+
+from conftest import run_child
+
+
+RESUME_CHILD = """
+import sys
+from jaxnas import runner
+config = runner.SearchConfig(
+    evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
+    checkpoint_every=1, strategy_args=(("darts_selection", "perturbation"),
+                                       ("darts_selection_batches", 1),
+                                       ("darts_tune_steps", 2), ("darts_variant", "gdas")),
+    evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 3.0),
+                    ("train_fraction", 0.002)))
+runner.run(config, sys.argv[1])
+"""
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
 def test_darts_search_resumes_bit_identically(tmp_path):
   """GDAS, its cell read by perturbation (selection runs after the last epoch, so a
   resumed search selects again from bit-identical weights)."""
-  config = runner.SearchConfig(
-      evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
-      checkpoint_every=1, strategy_args=(("darts_selection", "perturbation"),
-                                         ("darts_selection_batches", 1),
-                                         ("darts_tune_steps", 2), ("darts_variant", "gdas")),
-      evaluator_args=(("batch_size", 16), ("channels", 2), ("epochs", 3.0),
-                      ("train_fraction", 0.002)))
-  results = runner.run(config, str(tmp_path / "full"))
+  run_child(RESUME_CHILD, tmp_path / "full")
+  with open(tmp_path / "full" / "results.json") as f:
+    results = json.load(f)
   assert len(results["runs"]) == 2
   for r in results["runs"]:
     assert len(r["trajectory"]) == 3 and r["best_arch"].count("~") == 6
@@ -38,7 +49,7 @@ def test_darts_search_resumes_bit_identically(tmp_path):
   for name in ("results.json", "timing.json"):
     os.remove(cut / name)
   shutil.rmtree(cut / "checkpoints" / "2")
-  runner.run(config, str(cut))
+  run_child(RESUME_CHILD, cut)
   for name in ("results.json", "metrics.jsonl"):
     assert (cut / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
 
@@ -63,19 +74,10 @@ def test_data_parallel_search_on_8_devices_derives_the_single_device_cell(tmp_pa
   """The same second-order DARTS search on 1 and on 8 host devices (minibatches split over
   them, alpha replicated, gradients all-reduced) derives the same cells with the same
   alphas up to float summation order."""
-  import json
-  import subprocess
-  import sys
-
   out = {}
   for n in (1, 8):
-    flags = (f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_CHILD, str(tmp_path / str(n)),
-                           str(n)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_child(DATA_PARALLEL_CHILD, tmp_path / str(n), n, devices=n)
+    out[n] = json.loads(stdout.strip().splitlines()[-1])
   with open(tmp_path / "8" / "timing.json") as f:
     assert json.load(f)["devices"] == 8
   for (arch1, alpha1), (arch8, alpha8) in zip(out[1], out[8]):

@@ -18,9 +18,7 @@ from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN,
                                      edge_index, fixed_genotype, specialise_variables)
 from jaxnas.spaces import darts_space
 
-# These tests' own programs run in milliseconds; compile them without XLA's expensive
-# passes (as tests/test_darts.py does), or compilation dominates.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from conftest import FAST_COMPILE
 
 
 def _compile(f, *args):

@@ -16,10 +16,9 @@ from jaxnas.models import nb201_net as net_lib
 from jaxnas.models import train as train_lib
 from jaxnas.spaces import nb201_space
 
+from conftest import FAST_COMPILE
+
 ARCHS = [(3, 1, 2, 4, 0, 3), (0, 0, 0, 0, 0, 0), (1, 4, 2, 1, 3, 4)]
-# Programs the tests build themselves run in milliseconds and take far longer to compile at
-# XLA's default optimisation level: they are compiled without the expensive passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compile(f, *args, static_argnums=()):

@@ -9,6 +9,8 @@ import pytest
 
 from jaxnas import runner
 
+from conftest import run_child
+
 
 def _brute_force_front(points, objectives):
   signs = np.asarray([1.0 if o == "accuracy" else -1.0 for o in objectives])
@@ -44,23 +46,34 @@ def test_bad_objectives_are_refused(objectives):
     runner.validate(runner.SearchConfig(objectives=objectives))
 
 
-def test_zero_cost_evaluator_and_prefilter_from_the_runner(tmp_path):
-  # The params "proxy" is exact and cheap: evolution maximising it heads for the all-3x3 cell.
-  config = runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
+ZERO_COST_CHILD = """
+import sys
+from jaxnas import runner
+root = sys.argv[1]
+# The params "proxy" is exact and cheap: evolution maximising it heads for the all-3x3 cell.
+runner.run(runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
                                strategy="evolution", budget=100, num_seeds=2,
-                               evaluator_args=(("channels", 4), ("proxy", "params")))
-  results = runner.run(config, str(tmp_path / "zc"))
-  for r in results["runs"]:
+                               evaluator_args=(("channels", 4), ("proxy", "params"))),
+           root + "/zc")
+runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4), root + "/plain")
+runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4, prefilter="params",
+                               prefilter_factor=8), root + "/filtered")
+"""
+
+
+def test_zero_cost_evaluator_and_prefilter_from_the_runner(tmp_path):
+  # In a child process: the zero-cost program compiles for a minute at XLA's defaults.
+  run_child(ZERO_COST_CHILD, tmp_path)
+  results = {}
+  for name in ("zc", "plain", "filtered"):
+    with open(tmp_path / name / "results.json") as f:
+      results[name] = json.load(f)
+  for r in results["zc"]["runs"]:
     assert r["best_arch"].count("nor_conv_3x3") >= 5, r["best_arch"]
   # A params prefilter makes random search on the table evaluate bigger cells.
-  plain = runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4),
-                     str(tmp_path / "plain"))
-  filtered = runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4,
-                                            prefilter="params", prefilter_factor=8),
-                        str(tmp_path / "filtered"))
   mean_params = lambda res: np.mean([r["params"] for r in res["runs"]])
-  assert mean_params(filtered) > mean_params(plain)
-  for r in filtered["runs"]:
+  assert mean_params(results["filtered"]) > mean_params(results["plain"])
+  for r in results["filtered"]["runs"]:
     assert r["duplicate_evaluations"] == 0 and len(r["trajectory"]) == 30
 
 

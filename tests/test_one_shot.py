@@ -26,10 +26,11 @@ from jaxnas.estimators.training import search_split
 from jaxnas.models import nb201_net
 from jaxnas.spaces import nb201_space
 
+from conftest import FAST_COMPILE, FAST_COMPILE_FLAGS
+
 pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                                 reason="Debian's dataset-fashion-mnist is not installed")
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CONFIG = one_shot.SupernetConfig(channels=4, cells=1, batch_size=64, train_fraction=0.05,
                                  epochs=6.0, bn_batches=2)
 SPACE = nb201_space()
@@ -238,8 +239,7 @@ CLI_FLAGS = ("--evaluator=supernet", "--strategy=evolution", "--budget=6", "--nu
 
 
 def _cli(cwd, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true")
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
   proc = subprocess.run([sys.executable, "-m", "jaxnas.main", *CLI_FLAGS, *flags], cwd=cwd,
                         capture_output=True, text=True, timeout=240, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]

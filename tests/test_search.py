@@ -16,7 +16,7 @@ from jaxnas.estimators.nb201 import load_table
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
 
-from conftest import tiny_evaluator, tiny_space
+from conftest import tiny_space
 
 
 def _run(search, key):

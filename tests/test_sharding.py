@@ -6,10 +6,9 @@ process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_child
 
 CHILD = textwrap.dedent("""
     import jax, numpy as np
@@ -42,11 +41,6 @@ CHILD = textwrap.dedent("""
 
 def test_sharded_population_equals_single_device():
   # The programs train 4 steps on 8x8 images: compiling them dominates, so the child compiles
-  # without XLA's expensive optimisations (both sides of the comparison alike).
-  flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-           "--xla_llvm_disable_expensive_passes=true")
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.startswith("OK"), proc.stdout
+  # at the tests' fast settings (both sides of the comparison alike).
+  stdout = run_child(CHILD, devices=8, timeout=600)
+  assert stdout.startswith("OK"), stdout

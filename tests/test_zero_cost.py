@@ -18,10 +18,8 @@ from jaxnas.estimators import zero_cost as zc
 from jaxnas.models import nb201_net
 from jaxnas.spaces import nb201_space
 
-from conftest import tiny_evaluator, tiny_space
+from conftest import FAST_COMPILE, tiny_evaluator, tiny_space
 
-# Compilation dominates these tests (the proxy program is ~20k HLO lines); running is <1 s.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 C, B, NUM_CLASSES = 4, 8, 10
 ARCHS = np.array([
     [3, 1, 2, 4, 0, 3],  # mixed
