@@ -304,16 +304,16 @@ def pool_impl(backend: str | None = None) -> str:
   return impl
 
 
-def avg_pool_3x3(x, stride: int = 1):
+def avg_pool_3x3(x, stride: int = 1, impl: str | None = None):
   """3x3 average pool, padding 1, ``count_include_pad=False`` as in NAS-Bench-201 and DARTS.
 
   The divisor is a small numpy constant: ``nn.avg_pool(count_include_pad=False)``
   instead pools a batch-sized array of ones, which XLA then constant-folds for
-  ~10 s per pool at compile time. At stride 1 with ``pool_impl() == "sum"`` the
-  window sum is separable, three shifted adds per axis, which XLA fuses with the
-  division (and autodiff turns into the same form).
+  ~10 s per pool at compile time. At stride 1 with ``impl`` (default ``pool_impl()``)
+  ``"sum"`` the window sum is separable, three shifted adds per axis, which XLA fuses
+  with the division (and autodiff turns into the same form).
   """
-  if stride == 1 and pool_impl() == "sum":
+  if stride == 1 and (impl or pool_impl()) == "sum":
     h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = xp[:, 0:h] + xp[:, 1:h + 1] + xp[:, 2:h + 2]
@@ -350,6 +350,11 @@ class BatchNorm(nn.Module):
   def affine(self):
     """``(scale, bias)`` of the normalisation."""
     return self.bn.get_variable("params", "scale"), self.bn.get_variable("params", "bias")
+
+  def running(self):
+    """``(mean, var)``: the running statistics that evaluation normalises with."""
+    return (self.bn.get_variable("batch_stats", "mean"),
+            self.bn.get_variable("batch_stats", "var"))
 
   def update_stats(self, mean, var, use):
     """Running statistics updated with a batch's ``mean``/``var`` as ``nn.BatchNorm`` does,
@@ -393,28 +398,83 @@ def _centre(kernel_1x1):
   return jnp.pad(kernel_1x1, ((1, 1), (1, 1), (0, 0), (0, 0)))
 
 
-def _relu_conv(x, kernel):
-  return conv2d(nn.relu(x), kernel)
+@functools.cache
+def _edge_switch_branches(conv: str, pool: str):
+  """The five ops of a cell edge in training mode for one (``conv_impl``, ``pool_impl``)
+  pair, as ``(forward, backward, evaluate)`` tuples of functions of their operands:
+  ``lax.switch`` reuses its trace of a function at the same shapes, so the six edges of a
+  stage trace each branch once, not six times (the benchmark's program traced its 72
+  switches in ~2.7 s). Forward branches map ``(x, k1, s1, b1, k3, s3, b3)`` to
+  ``(y, z, mean, var)``, ``z`` the conv's output before BN (zeros for the other ops) and
+  ``mean``/``var`` its batch statistics; backward branches map those operands plus ``z``
+  and the output gradient ``g`` to the gradients of ``(x, k1, s1, b1, k3, s3, b3)``;
+  evaluation branches map ``(x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3)`` to ``y``, BN
+  with the running statistics ``m``/``v`` (computed as ``nn.BatchNorm`` does).
+  The training-mode forward and backward are one custom VJP, ``switch_edge``."""
+  relu_conv = lambda x, k: conv2d(nn.relu(x), k, impl=conv)
+  pool3 = functools.partial(avg_pool_3x3, impl=pool)
 
+  def zero_stats(x):
+    zc = jnp.zeros(x.shape[-1:], x.dtype)
+    return jnp.zeros_like(x), zc, zc
 
-def _edge_branches(x, k1, s1, b1, k3, s3, b3):
-  """The five ops of a cell edge in training mode, each returning ``(y, z, mean, var)``:
-  ``z`` the conv's output before BN (zeros for the other ops), ``mean``/``var`` its
-  batch statistics."""
-  zc = jnp.zeros(x.shape[-1:], x.dtype)
-
-  def conv(k, s, b):
-    z = _relu_conv(x, k)
+  def conv_bn(x, k, s, b):
+    z = relu_conv(x, k)
     y, (mean, var) = batch_norm(z, s, b)
     return y, z, mean, var
 
-  return [
-      lambda: (jnp.zeros_like(x), jnp.zeros_like(x), zc, zc),
-      lambda: (x, jnp.zeros_like(x), zc, zc),
-      lambda: conv(k1, s1, b1),
-      lambda: conv(k3, s3, b3),
-      lambda: (avg_pool_3x3(x), jnp.zeros_like(x), zc, zc),
-  ]
+  def conv_bn_grads(x, k, s, b, z, g):
+    _, bn_vjp = jax.vjp(lambda z, s, b: batch_norm(z, s, b)[0], z, s, b)
+    gz, gs, gb = bn_vjp(g)
+    gx, gk = jax.vjp(relu_conv, x, k)[1](gz)
+    return gx, gk, gs, gb
+
+  def no_param_grads(gx, k1, s1, k3, s3):
+    z1, z3, zc = jnp.zeros_like(k1), jnp.zeros_like(k3), jnp.zeros_like(s1)
+    return gx, z1, zc, zc, z3, zc, zc
+
+  def conv1_grads(x, k1, s1, b1, k3, s3, b3, z, g):
+    gx, gk, gs, gb = conv_bn_grads(x, k1, s1, b1, z, g)
+    return gx, gk, gs, gb, jnp.zeros_like(k3), jnp.zeros_like(s3), jnp.zeros_like(s3)
+
+  def conv3_grads(x, k1, s1, b1, k3, s3, b3, z, g):
+    gx, gk, gs, gb = conv_bn_grads(x, k3, s3, b3, z, g)
+    return gx, jnp.zeros_like(k1), jnp.zeros_like(s1), jnp.zeros_like(s1), gk, gs, gb
+
+  forward = (
+      lambda x, k1, s1, b1, k3, s3, b3: (jnp.zeros_like(x),) + zero_stats(x),
+      lambda x, k1, s1, b1, k3, s3, b3: (x,) + zero_stats(x),
+      lambda x, k1, s1, b1, k3, s3, b3: conv_bn(x, k1, s1, b1),
+      lambda x, k1, s1, b1, k3, s3, b3: conv_bn(x, k3, s3, b3),
+      lambda x, k1, s1, b1, k3, s3, b3: (pool3(x),) + zero_stats(x),
+  )
+  backward = (
+      lambda x, k1, s1, b1, k3, s3, b3, z, g: no_param_grads(jnp.zeros_like(x), k1, s1, k3, s3),
+      lambda x, k1, s1, b1, k3, s3, b3, z, g: no_param_grads(g, k1, s1, k3, s3),
+      conv1_grads,
+      conv3_grads,
+      lambda x, k1, s1, b1, k3, s3, b3, z, g: no_param_grads(jax.vjp(pool3, x)[1](g)[0], k1,
+                                                             s1, k3, s3),
+  )
+  def conv_bn_eval(x, k, s, b, mean, var):
+    return (relu_conv(x, k) - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * s) + b
+
+  evaluate = (
+      lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: jnp.zeros_like(x),
+      lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: x,
+      lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: conv_bn_eval(x, k1, s1, b1, m1, v1),
+      lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: conv_bn_eval(x, k3, s3, b3, m3, v3),
+      lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: pool3(x),
+  )
+  return forward, backward, evaluate
+
+
+_FORWARD, _BACKWARD, _EVALUATE = range(3)
+
+
+def _edge_switch(op, *operands, mode=_FORWARD):
+  """``lax.switch`` over the edge branches of ``mode`` for the current impls."""
+  return jax.lax.switch(op, _edge_switch_branches(conv_impl(), pool_impl())[mode], *operands)
 
 
 @jax.custom_vjp
@@ -433,43 +493,18 @@ def switch_edge(op, x, k1, s1, b1, k3, s3, b3):
   BN), and the backward is a second switch whose branches differentiate their
   own op (BN statistics recomputed from that conv output).
   """
-  y, _, mean, var = jax.lax.switch(op, _edge_branches(x, k1, s1, b1, k3, s3, b3))
+  y, _, mean, var = _edge_switch(op, x, k1, s1, b1, k3, s3, b3)
   return y, mean, var
 
 
 def _switch_edge_fwd(op, x, k1, s1, b1, k3, s3, b3):
-  y, z, mean, var = jax.lax.switch(op, _edge_branches(x, k1, s1, b1, k3, s3, b3))
+  y, z, mean, var = _edge_switch(op, x, k1, s1, b1, k3, s3, b3)
   return (y, mean, var), (op, x, k1, s1, b1, k3, s3, b3, z)
 
 
 def _switch_edge_bwd(res, ct):
-  op, x, k1, s1, b1, k3, s3, b3, z = res
-  g = ct[0]
-  zk1, zk3, zc = jnp.zeros_like(k1), jnp.zeros_like(k3), jnp.zeros_like(s1)
-
-  def conv(k, s, b):
-    _, bn_vjp = jax.vjp(lambda z, s, b: batch_norm(z, s, b)[0], z, s, b)
-    gz, gs, gb = bn_vjp(g)
-    gx, gk = jax.vjp(_relu_conv, x, k)[1](gz)
-    return gx, gk, gs, gb
-
-  def conv1():
-    gx, gk, gs, gb = conv(k1, s1, b1)
-    return gx, gk, gs, gb, zk3, zc, zc
-
-  def conv3():
-    gx, gk, gs, gb = conv(k3, s3, b3)
-    return gx, zk1, zc, zc, gk, gs, gb
-
-  rest = (zk1, zc, zc, zk3, zc, zc)
-  grads = jax.lax.switch(op, [
-      lambda: (jnp.zeros_like(x),) + rest,
-      lambda: (g,) + rest,
-      conv1,
-      conv3,
-      lambda: (jax.vjp(avg_pool_3x3, x)[1](g)[0],) + rest,
-  ])
-  return (None,) + grads
+  op, *operands = res
+  return (None,) + tuple(_edge_switch(op, *operands, ct[0], mode=_BACKWARD))
 
 
 switch_edge.defvjp(_switch_edge_fwd, _switch_edge_bwd)
@@ -516,8 +551,10 @@ class Edge(nn.Module):
       c1.norm.update_stats(mean, var, op == CONV1)
       c3.norm.update_stats(mean, var, op == CONV3)
       return y
-    if self.op_impl == "switch":
-      return nn.switch(op, branches, self, x)
+    if self.op_impl == "switch":  # evaluation: BN with the running statistics
+      c1, c3 = self.nor_conv_1x1, self.nor_conv_3x3
+      return _edge_switch(op, x, c1.kernel, *c1.norm.affine(), *c1.norm.running(), c3.kernel,
+                          *c3.norm.affine(), *c3.norm.running(), mode=_EVALUATE)
     if self.op_impl == "onehot":
       w = jax.nn.one_hot(op, len(OPS), dtype=x.dtype)
       return sum(w[k] * b(self, x) for k, b in enumerate(branches))
