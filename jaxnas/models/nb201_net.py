@@ -435,11 +435,11 @@ def _edge_switch_branches(conv: str, pool: str):
 
   def conv1_grads(x, k1, s1, b1, k3, s3, b3, z, g):
     gx, gk, gs, gb = conv_bn_grads(x, k1, s1, b1, z, g)
-    return gx, gk, gs, gb, jnp.zeros_like(k3), jnp.zeros_like(s3), jnp.zeros_like(s3)
+    return gx, gk, gs, gb, jnp.zeros_like(k3), jnp.zeros_like(s3), jnp.zeros_like(b3)
 
   def conv3_grads(x, k1, s1, b1, k3, s3, b3, z, g):
     gx, gk, gs, gb = conv_bn_grads(x, k3, s3, b3, z, g)
-    return gx, jnp.zeros_like(k1), jnp.zeros_like(s1), jnp.zeros_like(s1), gk, gs, gb
+    return gx, jnp.zeros_like(k1), jnp.zeros_like(s1), jnp.zeros_like(b1), gk, gs, gb
 
   forward = (
       lambda x, k1, s1, b1, k3, s3, b3: (jnp.zeros_like(x),) + zero_stats(x),
@@ -456,6 +456,7 @@ def _edge_switch_branches(conv: str, pool: str):
       lambda x, k1, s1, b1, k3, s3, b3, z, g: no_param_grads(jax.vjp(pool3, x)[1](g)[0], k1,
                                                              s1, k3, s3),
   )
+
   def conv_bn_eval(x, k, s, b, mean, var):
     return (relu_conv(x, k) - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * s) + b
 
