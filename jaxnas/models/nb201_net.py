@@ -367,13 +367,17 @@ class BatchNorm(nn.Module):
       self.bn.put_variable("batch_stats", name, jnp.where(use, m * old + (1 - m) * batch, old))
 
 
+def _bn_normalize(z, mean, var, scale, bias):
+  """``z`` normalised with ``mean``/``var`` (per channel), as ``nn.BatchNorm`` computes it."""
+  return (z - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+
+
 def batch_norm(z, scale, bias):
   """Training-mode BN of NHWC ``z`` with batch statistics, as ``nn.BatchNorm`` computes it;
   returns ``(y, (mean, var))``."""
   mean = jnp.mean(z, (0, 1, 2))
   var = jnp.maximum(0.0, jnp.mean(jax.lax.square(z), (0, 1, 2)) - jax.lax.square(mean))
-  mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
-  return (z - mean) * mul + bias, (mean, var)
+  return _bn_normalize(z, mean, var, scale, bias), (mean, var)
 
 
 class ReLUConvBN(nn.Module):
@@ -458,7 +462,7 @@ def _edge_switch_branches(conv: str, pool: str):
   )
 
   def conv_bn_eval(x, k, s, b, mean, var):
-    return (relu_conv(x, k) - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * s) + b
+    return _bn_normalize(relu_conv(x, k), mean, var, s, b)
 
   evaluate = (
       lambda x, k1, s1, b1, m1, v1, k3, s3, b3, m3, v3: jnp.zeros_like(x),
