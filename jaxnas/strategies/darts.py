@@ -247,6 +247,12 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     return jax.tree.unflatten(treedef, [cell_weights(a, k, progress)
                                         for a, k in zip(leaves, keys)])
 
+  # Jitted so that flax traces the supernet once per step program, not once per call: a
+  # second-order step calls it four times (plus the hvp's reverse-over-reverse), and
+  # autodiff then works on the cached jaxpr. XLA inlines the call, so the compiled program
+  # is the same (alphas and weights after an epoch bit-identical, order 1 and 2, GDAS);
+  # tracing a second-order epoch of the test supernet: 10.7 -> 8.5 s.
+  @jax.jit
   def loss_fn(params, stats, weights, x, y):
     logits, new = net.apply({"params": params, "batch_stats": stats}, x, weights, train=True,
                             mutable=["batch_stats"])
