@@ -118,6 +118,16 @@ def test_conv_vjp_matches_autodiff(impl):
     chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
+def test_batch_sharded_traces_pick_im2col_unless_an_impl_is_set(monkeypatch):
+  default = net_lib.conv_impl()
+  with net_lib.batch_sharded():
+    assert net_lib.conv_impl() == "im2col"
+    monkeypatch.setattr(net_lib, "CONV_IMPL", "gemm")
+    assert net_lib.conv_impl() == "gemm"
+    monkeypatch.setattr(net_lib, "CONV_IMPL", None)
+  assert net_lib.conv_impl() == default
+
+
 @pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
 def test_conv_impls_agree_under_vmap(impl):
   # A population's per-member kernels: vmap over (x, w) as the vmap plan does.

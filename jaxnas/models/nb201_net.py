@@ -32,6 +32,7 @@ export). ``cost`` gives its exact parameter count and FLOPs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -127,8 +128,8 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   fuses the producer of ``g`` (BN's backward) into the transpose that feeds
   the matmul, which then re-reads every input in transposed order (a 1x1 edge's
   backward ~3x slower). Tiny kernels (the stem: ``k*k*Cin <= 64``) take one
-  im2col matmul. ``im2col=True`` always takes that one matmul (accelerators:
-  the chunk scan is hundreds of tiny serial kernels there).
+  im2col matmul. ``im2col=True`` always takes that one matmul, also for a 1x1
+  conv (accelerators: the chunk scan is hundreds of tiny serial kernels there).
   """
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
@@ -136,7 +137,7 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
     cols = _im2col(xp, k, ho, wo, stride)
     dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dk.reshape(g.shape[-1], k, k, x.shape[-1]).transpose(1, 2, 3, 0)
-  if n % chunk or n == chunk:
+  if im2col or n % chunk or n == chunk:  # im2col of a 1x1 conv: its input, one matmul
     return _kernel_grad_taps(xp, g, k, stride)
   xc = xp.reshape((n // chunk, chunk) + xp.shape[1:])
   gc = g.reshape((n // chunk, chunk) + g.shape[1:])
@@ -242,10 +243,33 @@ def conv_impl(backend: str | None = None) -> str:
   the issue-3 benchmark trains at 740 instead of 445 candidate-steps/s on an
   H200 (BUILD_NOTES.md; the other forms were measured per conv only).
   """
-  impl = CONV_IMPL
+  impl = CONV_IMPL or _SCOPED_CONV_IMPL
   if impl is None:
     impl = "taps" if (backend or jax.default_backend()) == "cpu" else "im2col"
   return _check_conv_impl(impl)
+
+
+_SCOPED_CONV_IMPL: str | None = None
+
+
+@contextlib.contextmanager
+def batch_sharded():
+  """Traces inside compute convs for a batch split over devices by XLA's SPMD partitioner
+  (data-parallel DARTS): ``conv_impl()`` is ``"im2col"`` unless ``CONV_IMPL`` is set.
+
+  The CPU default's kernel gradient is a scan over batch chunks; a loop over a
+  sharded dimension makes the partitioner all-gather the batch, so every device
+  would compute the kernel gradients of the whole batch (8 host devices, test
+  supernet: 391 all-gathers, a program 1.8x the single-device one).
+  ``"im2col"``'s one matmul contracting the batch partitions into local partial
+  sums and an all-reduce.
+  """
+  global _SCOPED_CONV_IMPL
+  previous, _SCOPED_CONV_IMPL = _SCOPED_CONV_IMPL, "im2col"
+  try:
+    yield
+  finally:
+    _SCOPED_CONV_IMPL = previous
 
 
 def _check_conv_impl(impl: str) -> str:

@@ -50,6 +50,7 @@ Discretisation (``selection``):
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -62,6 +63,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxnas.datasets import make_preprocess
 from jaxnas.models.darts_net import DartsNetwork, derive_darts
 from jaxnas.models.darts_net import NUM_EDGES as DARTS_EDGES
+from jaxnas.models.nb201_net import batch_sharded
 from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
 from jaxnas.models.train import TrainData
 from jaxnas.spaces import darts as darts_lib
@@ -472,5 +474,15 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     (_, _, _, chosen), (accs, base) = jax.lax.scan(decide, carry, jnp.arange(n_edges))
     return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
 
-  return Darts(c, supernet, mesh, init, step, run_epoch, edge_weights, mixed_hvp, losses,
-               select)
+  fns = (init, step, run_epoch, edge_weights, mixed_hvp, losses, select)
+  if mesh is not None:  # traced for a batch split over the mesh (nb201_net.batch_sharded)
+    fns = tuple(map(_batch_sharded, fns))
+  return Darts(c, supernet, mesh, *fns)
+
+
+def _batch_sharded(f: Callable) -> Callable:
+  @functools.wraps(f)
+  def traced(*args, **kwargs):
+    with batch_sharded():
+      return f(*args, **kwargs)
+  return traced
