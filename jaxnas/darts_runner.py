@@ -79,6 +79,16 @@ def compile_once(f, *args, options: dict | None = None):
 
 
 
+def _over_seeds(f, mesh):
+  """``f(state, data)`` over the seeds' states: vmapped, or with the batch split over a
+  ``mesh`` one seed after another, each on the whole mesh. (Under vmap every conv of the
+  supernet has per-seed kernels and becomes a grouped conv, which XLA's SPMD partitioner
+  replicates over the batch: each device would compute all of it.)"""
+  if mesh is None:
+    return jax.vmap(f, in_axes=(0, None))
+  return lambda states, data: jax.lax.map(lambda s: f(s, data), states)
+
+
 def run(config, workdir: str, darts, data) -> dict:
   n = config.num_seeds
   keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
@@ -95,7 +105,7 @@ def run(config, workdir: str, darts, data) -> dict:
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   space = darts.supernet.space
-  run_epoch = jax.jit(jax.vmap(darts.run_epoch, in_axes=(0, None)), compiler_options=options)
+  run_epoch = jax.jit(_over_seeds(darts.run_epoch, darts.mesh), compiler_options=options)
   history = _read_history(metrics_path)
   epochs = darts.config.epochs
 
@@ -130,7 +140,7 @@ def run(config, workdir: str, darts, data) -> dict:
     # Part of the search's result, run after its last epoch (whatever stopped it); not
     # checkpointed: a rerun resumes from the last saved epoch and selects again, identically.
     t0 = time.time()
-    select = jax.jit(jax.vmap(darts.select, in_axes=(0, None)), compiler_options=options)
+    select = jax.jit(_over_seeds(darts.select, darts.mesh), compiler_options=options)
     selected = jax.device_get(select(state, data))
     selection_s = round(time.time() - t0, 3)
     logging.info("perturbation selection: %s (%.1fs)",

@@ -59,20 +59,25 @@ if os.environ.get("JAXNAS_TEST_FUSION_EMITTERS") != "1":
 FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
 
 
-def run_child(code: str, *args, devices: int = 1, timeout: int = 900) -> str:
-  """Runs Python ``code`` (with ``args`` as sys.argv[1:]) in a fresh process on
-  ``devices`` host CPU devices, compiling at ``FAST_COMPILE_FLAGS`` (which an in-process
-  test cannot set for the library's own programs); returns its stdout. The persistent
+def run_python(argv, *, devices: int = 1, cwd=None, timeout: int = 900):
+  """Runs ``python *argv`` in a fresh process on ``devices`` host CPU devices, compiling
+  at ``FAST_COMPILE_FLAGS`` (which an in-process test cannot set for the library's own
+  programs); asserts it exits 0 and returns the ``CompletedProcess``. The persistent
   compilation cache below is shared through the environment, so a second child loads
   what the first compiled."""
   import subprocess
   import sys
   flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
+  proc = subprocess.run([sys.executable, *map(str, argv)], env=env, cwd=cwd,
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  return proc
+
+
+def run_child(code: str, *args, devices: int = 1, timeout: int = 900) -> str:
+  """``run_python`` of ``code`` (with ``args`` as sys.argv[1:]); returns its stdout."""
+  return run_python(["-c", code, *args], devices=devices, timeout=timeout).stdout
 
 
 # The suite runs under pytest-xdist with --dist loadfile (README's test command): each worker

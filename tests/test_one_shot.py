@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ from jaxnas.estimators.training import search_split
 from jaxnas.models import nb201_net
 from jaxnas.spaces import nb201_space
 
-from conftest import FAST_COMPILE, FAST_COMPILE_FLAGS
+from conftest import FAST_COMPILE, run_python
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                                 reason="Debian's dataset-fashion-mnist is not installed")
@@ -239,10 +237,7 @@ CLI_FLAGS = ("--evaluator=supernet", "--strategy=evolution", "--budget=6", "--nu
 
 
 def _cli(cwd, *flags):
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
-  proc = subprocess.run([sys.executable, "-m", "jaxnas.main", *CLI_FLAGS, *flags], cwd=cwd,
-                        capture_output=True, text=True, timeout=240, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_python(["-m", "jaxnas.main", *CLI_FLAGS, *flags], cwd=cwd, timeout=240)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   return proc
 
