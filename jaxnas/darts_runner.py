@@ -1,7 +1,8 @@
 """Host driver of gradient-based searches (``--strategy=darts``): seeds, epochs, checkpoints.
 
 The compiled work is ``jit(vmap(run_epoch))`` over seeds (jaxnas/strategies/
-darts.py); between epochs the host appends one line per epoch to
+darts.py; with several devices a ``lax.map`` over seeds, each data-parallel over
+all of them, ``_over_seeds``); between epochs the host appends one line per epoch to
 ``metrics.jsonl`` (losses, accuracies, every seed's derived cell and its
 softmax(alpha)), and saves the whole ``DartsState`` of all seeds (weights, BN
 statistics, alphas, both optimizer states, keys, step: minibatches are keyed
