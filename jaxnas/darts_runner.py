@@ -79,7 +79,6 @@ def compile_once(f, *args, options: dict | None = None):
   return lowered.compile(compiler_options=options or None)
 
 
-
 def _over_seeds(f, mesh):
   """``f(state, data)`` over the seeds' states: vmapped, or with the batch split over a
   ``mesh`` one seed after another, each on the whole mesh. (Under vmap every conv of the
