@@ -50,7 +50,6 @@ Discretisation (``selection``):
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -475,14 +474,6 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
 
   fns = (init, step, run_epoch, edge_weights, mixed_hvp, losses, select)
-  if mesh is not None:  # traced for a batch split over the mesh (nb201_net.batch_sharded)
-    fns = tuple(map(_batch_sharded, fns))
+  if mesh is not None:  # traced for a batch split over the mesh (the context as decorator)
+    fns = tuple(batch_sharded()(f) for f in fns)
   return Darts(c, supernet, mesh, *fns)
-
-
-def _batch_sharded(f: Callable) -> Callable:
-  @functools.wraps(f)
-  def traced(*args, **kwargs):
-    with batch_sharded():
-      return f(*args, **kwargs)
-  return traced
