@@ -117,7 +117,7 @@ def _kernel_grad_taps(xp, g, k, stride):
   return jnp.stack(taps).reshape(k, k, g.shape[-1], xp.shape[-1]).transpose(0, 1, 3, 2)
 
 
-def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
+def _kernel_grad(x, g, k, stride, pad, chunk=None, im2col=False):
   """Kernel gradient of the NHWC conv: a sum over batch chunks of per-tap matmuls.
 
   Measured in a scan body on CPU (experiments/NOTES_population.md): 1.5-3x
@@ -130,9 +130,14 @@ def _kernel_grad(x, g, k, stride, pad, chunk=4, im2col=False):
   backward ~3x slower). Tiny kernels (the stem: ``k*k*Cin <= 64``) take one
   im2col matmul. ``im2col=True`` always takes that one matmul, also for a 1x1
   conv (accelerators: the chunk scan is hundreds of tiny serial kernels there).
+  By default a chunk holds at least 784 output pixels (4 images of 28x28 or 14x14, 16
+  of 7x7): per-tap matmuls over 196 pixels were ~15 % slower for NB201's third stage
+  (experiments/NOTES_population.md, round 9).
   """
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
+  if chunk is None:
+    chunk = 1 << max(2, (784 // (ho * wo)).bit_length() - 1)
   if k > 1 and (im2col or k * k * x.shape[-1] <= 64):
     cols = _im2col(xp, k, ho, wo, stride)
     if not im2col:
