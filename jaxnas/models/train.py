@@ -55,8 +55,8 @@ PLANS = ("map", "vmap", "sequential", "sequential_static")
 class TrainConfig(NamedTuple):
   """Hyperparameters of a population's short training run.
 
-  ``plan="auto"`` and ``op_impl="auto"`` resolve per backend with
-  ``resolve_plan``; ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
+  ``plan="auto"``, ``op_impl="auto"`` and ``eval_batch_size=0`` resolve per backend
+  with ``resolve_plan``; ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
   """
   steps: int = 50
   batch_size: int = 128
@@ -207,7 +207,9 @@ class TrainParts(NamedTuple):
   first + length - 1`` (``length`` static; step ``t``'s minibatch and
   augmentation come from ``fold_in(data_key, t)``, so any cut into chunks
   trains exactly as one scan); ``evaluate(carry, arch, data) -> metrics``.
-  ``carry`` is ``(params, batch_stats, opt_state, failed)``.
+  ``carry`` is ``(params, batch_stats, opt_state, failed)``; ``opt_state`` is the
+  optimizer's state for the flat parameter vector (``ravel_pytree(params)``), the form
+  the step loop updates.
   """
   init: Callable
   run: Callable
@@ -254,7 +256,8 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
       # update, the finiteness check and the NaN freeze are one fused kernel each rather
       # than one per leaf (129 params and 84 statistics in the issue-3 benchmark's network,
       # ~700 tiny kernels a step and a fifth of the program's fusions). Elementwise, the
-      # same float operations as optax on the tree, so the trained values are identical.
+      # same float operations as optax on the tree: a short test run trained bitwise the
+      # same parameters; BN running statistics moved by an ulp (another fusion).
       flat_p, flat_s, opt_state, failed = flat_carry
       params, stats = unravel_params(flat_p), unravel_stats(flat_s)
       k_idx, k_aug = jax.random.split(jax.random.fold_in(data_key, t))
