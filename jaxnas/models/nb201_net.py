@@ -136,8 +136,6 @@ def _kernel_grad(x, g, k, stride, pad, chunk=None, im2col=False):
   """
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n, ho, wo = g.shape[0], g.shape[1], g.shape[2]
-  if chunk is None:
-    chunk = 1 << max(2, (784 // (ho * wo)).bit_length() - 1)
   if k > 1 and (im2col or k * k * x.shape[-1] <= 64):
     cols = _im2col(xp, k, ho, wo, stride)
     if not im2col:
@@ -148,6 +146,8 @@ def _kernel_grad(x, g, k, stride, pad, chunk=None, im2col=False):
       return dk.reshape(k, k, x.shape[-1], g.shape[-1])
     dk = jax.lax.dot_general(g, cols, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dk.reshape(g.shape[-1], k, k, x.shape[-1]).transpose(1, 2, 3, 0)
+  if chunk is None:
+    chunk = 1 << max(2, (784 // (ho * wo)).bit_length() - 1)
   if im2col or n % chunk or n == chunk:  # im2col of a 1x1 conv: its input, one matmul
     return _kernel_grad_taps(xp, g, k, stride)
   xc = xp.reshape((n // chunk, chunk) + xp.shape[1:])

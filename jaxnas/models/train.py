@@ -55,8 +55,9 @@ PLANS = ("map", "vmap", "sequential", "sequential_static")
 class TrainConfig(NamedTuple):
   """Hyperparameters of a population's short training run.
 
-  ``plan="auto"``, ``op_impl="auto"`` and ``eval_batch_size=0`` resolve per backend
-  with ``resolve_plan``; ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
+  ``plan="auto"`` and ``op_impl="auto"`` resolve per backend with ``resolve_plan``,
+  ``eval_batch_size=0`` with ``eval_batch_size()`` when the program is built;
+  ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
   """
   steps: int = 50
   batch_size: int = 128
@@ -68,7 +69,7 @@ class TrainConfig(NamedTuple):
   cells: int = 1
   num_classes: int = 10
   augment: bool = False
-  eval_batch_size: int = 0  # 0: per backend (``resolve_plan``)
+  eval_batch_size: int = 0  # 0: per backend (``eval_batch_size()``)
   bn_momentum: float = 0.9
   plan: str = "auto"
   op_impl: str = "auto"
@@ -115,8 +116,7 @@ def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig
     op_impl = "kernel" if plan == "vmap" else "switch"
   if op_impl not in OP_IMPLS:
     raise ValueError(f"unknown op_impl {op_impl!r}; choose one of auto, {', '.join(OP_IMPLS)}")
-  return config._replace(plan=plan, op_impl=op_impl,
-                         eval_batch_size=config.eval_batch_size or eval_batch_size(backend))
+  return config._replace(plan=plan, op_impl=op_impl)
 
 
 def eval_batch_size(backend: str | None = None) -> int:
