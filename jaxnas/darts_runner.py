@@ -2,7 +2,7 @@
 
 The compiled work is ``jit(vmap(run_epoch))`` over seeds (jaxnas/strategies/
 darts.py; with several devices a ``lax.map`` over seeds, each data-parallel over
-all of them, ``_over_seeds``); between epochs the host appends one line per epoch to
+all of them: ``darts.over_seeds``); between epochs the host appends one line per epoch to
 ``metrics.jsonl`` (losses, accuracies, every seed's derived cell and its
 softmax(alpha)), and saves the whole ``DartsState`` of all seeds (weights, BN
 statistics, alphas, both optimizer states, keys, step: minibatches are keyed
@@ -30,7 +30,7 @@ from jaxnas.estimators.training import ProxySpec, search_split
 from jaxnas.models import darts_net
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
+from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts, over_seeds
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
@@ -79,16 +79,6 @@ def compile_once(f, *args, options: dict | None = None):
   return lowered.compile(compiler_options=options or None)
 
 
-def _over_seeds(f, mesh):
-  """``f(state, data)`` over the seeds' states: vmapped, or with the batch split over a
-  ``mesh`` one seed after another, each on the whole mesh. (Under vmap every conv of the
-  supernet has per-seed kernels and becomes a grouped conv, which XLA's SPMD partitioner
-  replicates over the batch: each device would compute all of it.)"""
-  if mesh is None:
-    return jax.vmap(f, in_axes=(0, None))
-  return lambda states, data: jax.lax.map(lambda s: f(s, data), states)
-
-
 def run(config, workdir: str, darts, data) -> dict:
   n = config.num_seeds
   keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
@@ -105,7 +95,7 @@ def run(config, workdir: str, darts, data) -> dict:
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   space = darts.supernet.space
-  run_epoch = jax.jit(_over_seeds(darts.run_epoch, darts.mesh), compiler_options=options)
+  run_epoch = jax.jit(over_seeds(darts.run_epoch, darts.mesh), compiler_options=options)
   history = _read_history(metrics_path)
   epochs = darts.config.epochs
 
@@ -140,7 +130,7 @@ def run(config, workdir: str, darts, data) -> dict:
     # Part of the search's result, run after its last epoch (whatever stopped it); not
     # checkpointed: a rerun resumes from the last saved epoch and selects again, identically.
     t0 = time.time()
-    select = jax.jit(_over_seeds(darts.select, darts.mesh), compiler_options=options)
+    select = jax.jit(over_seeds(darts.select, darts.mesh), compiler_options=options)
     selected = jax.device_get(select(state, data))
     selection_s = round(time.time() - t0, 3)
     logging.info("perturbation selection: %s (%.1fs)",

@@ -164,6 +164,18 @@ class Darts(NamedTuple):
   select: Callable
 
 
+def over_seeds(f, mesh: Mesh | None):
+  """``f(states, data)`` for a ``Darts`` function ``f(state, data)`` (``run_epoch``,
+  ``select``) over a batch of seeds' states, as ``make_darts(..., mesh)`` traced it:
+  vmapped without a mesh; with one, ``lax.map`` over the seeds, each seed's batch split
+  over the whole mesh. (Under vmap every conv of the supernet has per-seed kernels and
+  becomes a grouped conv, which XLA's SPMD partitioner replicates over the batch: each
+  device would compute all of it.)"""
+  if mesh is None:
+    return jax.vmap(f, in_axes=(0, None))
+  return lambda states, data: jax.lax.map(lambda s: f(s, data), states)
+
+
 def check_config(c: DartsConfig) -> None:
   if c.variant not in VARIANTS:
     raise ValueError(f"unknown DARTS variant {c.variant!r}; choose one of {', '.join(VARIANTS)}")
