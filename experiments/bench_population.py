@@ -13,8 +13,8 @@ and the ``map`` plan runs a slice of the population on each.
 ``end_to_end_s`` counts everything from nothing (process start after imports:
 data loading, compilation, training, validation) to all members scored;
 ``compile_s`` is the lowering+compilation time, measured separately with
-``jit(...).lower(...).compile()`` in the same process for the plans that have
-one program; ``candidate_steps_per_s`` is population x steps / steady-state time
+``jit(...).lower(...).compile()`` in the same process (null with
+``--no_compile_timing``); ``candidate_steps_per_s`` is population x steps / steady-state time
 of a second, already-compiled call. The LAST line printed is a JSON object.
 """
 
@@ -81,6 +81,30 @@ def setup_cpu_devices(n: int) -> int:
   return n
 
 
+def time_compile(config, archs, key, data, population) -> float:
+  """Seconds to compile, on a fresh trace, the program(s) ``config.plan`` runs."""
+  t = time.perf_counter()
+  data_key, init_key = jax.random.split(key)
+  keys = jax.random.split(init_key, population)
+  scales = jnp.ones(population, jnp.float32)
+  if config.plan in ("map", "vmap"):
+    train_lib._compiled.cache_clear()
+    train_lib._compiled(config, config.plan).lower(archs, keys, data_key, data, scales).compile()
+  elif config.plan == "sequential":
+    train_lib._compiled.cache_clear()
+    train_lib._compiled(config, "sequential").lower(archs[0], keys[0], data_key, data,
+                                                    scales[0]).compile()
+  else:
+    seen = set()
+    for a in np.asarray(archs):
+      fixed = tuple(int(o) for o in a)
+      if fixed not in seen:
+        seen.add(fixed)
+        jax.jit(train_lib.make_train(config, fixed)).lower(archs[0], keys[0], data_key, data,
+                                                           scales[0]).compile()
+  return time.perf_counter() - t
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--population", type=int, default=16)
@@ -106,6 +130,9 @@ def main():
                  help="CPU backend: expose this many single-threaded CPU devices and shard the "
                  "population over them (0: one per core; 1: one multi-threaded device)")
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
+  p.add_argument("--no_compile_timing", action="store_true",
+                 help="skip the fresh compile that times compile_s (sequential_static compiles "
+                 "one program per distinct cell)")
   args = p.parse_args()
   cpu_devices = setup_cpu_devices(args.cpu_devices)
   if args.conv_impl != "auto":
@@ -134,27 +161,8 @@ def main():
     jax.block_until_ready(train_lib.train_population(archs, key, data, config))
     steady = time.perf_counter() - t
 
-  # Compilation alone, timed on a fresh trace of the program(s) this plan runs.
-  t = time.perf_counter()
-  data_key, init_key = jax.random.split(key)
-  keys = jax.random.split(init_key, args.population)
-  scales = jnp.ones(args.population, jnp.float32)
-  if config.plan in ("map", "vmap"):
-    train_lib._compiled.cache_clear()
-    train_lib._compiled(config, config.plan).lower(archs, keys, data_key, data, scales).compile()
-  elif config.plan == "sequential":
-    train_lib._compiled.cache_clear()
-    train_lib._compiled(config, "sequential").lower(archs[0], keys[0], data_key, data,
-                                                    scales[0]).compile()
-  else:
-    seen = set()
-    for a in np.asarray(archs):
-      fixed = tuple(int(o) for o in a)
-      if fixed not in seen:
-        seen.add(fixed)
-        jax.jit(train_lib.make_train(config, fixed)).lower(archs[0], keys[0], data_key, data,
-                                                           scales[0]).compile()
-  compile_s = time.perf_counter() - t
+  compile_s = (None if args.no_compile_timing else
+               round(time_compile(config, archs, key, data, args.population), 3))
 
   steps_total = args.population * args.steps
   out = {
@@ -164,7 +172,7 @@ def main():
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
-      "end_to_end_s": round(end_to_end, 3), "compile_s": round(compile_s, 3),
+      "end_to_end_s": round(end_to_end, 3), "compile_s": compile_s,
       "steady_s": round(steady, 3),
       "candidate_steps_per_s": round(steps_total / steady, 2) if steady == steady else None,
       "end_to_end_candidate_steps_per_s": round(steps_total / end_to_end, 2),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session's measurements (run from the repo root on a GPU machine; results to $OUT).
-#   bash experiments/device/gpu_run.sh pop     # population training: conv impls, vmap vs sequential
+#   bash experiments/device/gpu_run.sh pop     # population training: vmap vs both sequential plans
+#   bash experiments/device/gpu_run.sh pools   # per-conv forms; vmap with either pool form
 #   bash experiments/device/gpu_run.sh darts   # issue-4 DARTS-space supernet step, remat off / on
 # Each piece has its own timeout so one slow compile cannot take the others down. Sizes
 # (H200): a bench_population run takes ~80 s (it compiles twice: once end to end, once to
@@ -14,16 +15,27 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/devices.txt" 2>&1
 POP="--population=16 --steps=50 --channels=16 --cells=1 --batch=128 --image=28 --in_channels=1"
 case "${1:-pop}" in
   pop)
+    # The issue's figures and both denominators of the 20x ratio: the vmapped population
+    # (accelerator default), the arch-as-data program one member after another
+    # (`sequential`, its lax.switch a host-synchronising conditional on GPU), and the
+    # specialised network of each cell (`sequential_static`, the fair sequential baseline;
+    # two members only, one compile each, steady state = the ratio's denominator).
+    timeout 150 python experiments/bench_population.py $POP --plan=vmap > "$OUT/pop_vmap.txt" 2>&1
+    timeout 150 python experiments/bench_population.py $POP --plan=sequential > "$OUT/pop_seq.txt" 2>&1
+    timeout 200 python experiments/bench_population.py ${POP/--population=16/--population=2} \
+      --plan=sequential_static --no_compile_timing > "$OUT/pop_static2.txt" 2>&1
+    ;;
+  pools)
+    # Per-conv forms, and the pools: "window" is the GPU default (740 candidate-steps/s on
+    # 11-27), "sum" the CPU form that ran at 619 on 11-29; this pair says whether the pools
+    # explain it.
     timeout 60 python experiments/device/conv_micro.py --reps=10 > "$OUT/conv_vmap.txt" 2>&1
     timeout 30 python experiments/device/conv_micro.py --population=0 --reps=10 \
       > "$OUT/conv_single.txt" 2>&1
-    # Pool forms: "window" is the GPU default (740 candidate-steps/s on 11-27), "sum" the
-    # CPU form that ran at 619 on 11-29; this pair says whether the pools explain it.
     for pool in window sum; do
       timeout 150 python experiments/bench_population.py $POP --plan=vmap --pool_impl=$pool \
         > "$OUT/pop_vmap_$pool.txt" 2>&1
     done
-    timeout 150 python experiments/bench_population.py $POP --plan=sequential > "$OUT/pop_seq.txt" 2>&1
     ;;
   darts)
     # Both remat settings compile side by side (one process each; 16 host cores) and take
