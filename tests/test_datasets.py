@@ -19,7 +19,7 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
   return header + arr.astype(np.uint8).tobytes()
 
 
-def _write_idx_dir(d, n_train=12, n_test=5, gz=False, h=6, w=5):
+def _write_idx_dir(d, n_train=12, n_test=5, gz=False, h=8, w=4):
   rng = np.random.default_rng(0)
   out = {}
   for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -38,8 +38,8 @@ def _write_idx_dir(d, n_train=12, n_test=5, gz=False, h=6, w=5):
 def test_idx_roundtrip(tmp_path, gz):
   ref = _write_idx_dir(str(tmp_path), gz=gz)
   ds = datasets.load_mnist(str(tmp_path))
-  assert ds.train_images.shape == (12, 6, 5, 1) and ds.train_images.dtype == np.uint8
-  assert ds.test_images.shape == (5, 6, 5, 1)
+  assert ds.train_images.shape == (12, 8, 4, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (5, 8, 4, 1)
   assert ds.train_labels.dtype == np.int32
   np.testing.assert_array_equal(ds.train_images[..., 0], ref["train"][0])
   np.testing.assert_array_equal(ds.test_labels, ref["t10k"][1])
@@ -67,6 +67,56 @@ def test_idx_errors_name_the_path(tmp_path):
   os.rename(bad, bad + ".gz")
   with pytest.raises(DatasetError, match="cannot read"):
     datasets.load_mnist(d)
+
+
+def _raises_one_line(path, match, fn, *args):
+  """``fn(*args)`` raises a one-line DatasetError that names ``path`` and matches ``match``."""
+  with pytest.raises(DatasetError, match=match) as e:
+    fn(*args)
+  assert str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("shape,data,expected", [
+    ((2**31, 2**31, 4), b"", 2**64),  # np.prod wraps this to 0 bytes
+    ((2**32 - 1,) * 3, b"x" * 100, (2**32 - 1)**3),
+], ids=["2^31x2^31x4", "(2^32-1)^3"])
+def test_idx_overflowing_header(tmp_path, shape, data, expected):
+  _write_idx_dir(str(tmp_path))
+  bad = tmp_path / "train-images-idx3-ubyte"
+  bad.write_bytes(bytes([0, 0, 0x08, 3]) + np.asarray(shape, ">u4").tobytes() + data)
+  _raises_one_line(bad, f"\\({expected} bytes\\) but holds {len(data)} bytes",
+                   datasets.load_mnist, str(tmp_path))
+  bad.write_bytes(bytes([0, 0, 0x08, 3]) + np.asarray((0, 2**32 - 1, 2**32 - 1), ">u4").tobytes())
+  _raises_one_line(bad, "too big", datasets.read_idx, str(bad))
+
+
+def test_idx_test_shape_must_match_train(tmp_path):
+  _write_idx_dir(str(tmp_path), h=8, w=4)
+  bad = tmp_path / "t10k-images-idx3-ubyte"
+  bad.write_bytes(_idx_bytes(np.zeros((5, 12, 4), np.uint8)))
+  _raises_one_line(bad, "test image shape 12x4x1 differs from training image shape 8x4x1",
+                   datasets.load_mnist, str(tmp_path))
+
+
+@pytest.mark.parametrize("h,w", [(0, 0), (1, 1), (3, 28), (28, 3), (6, 28), (28, 30)])
+def test_idx_image_sides_must_be_multiples_of_4(tmp_path, h, w):
+  _write_idx_dir(str(tmp_path), h=h, w=w)
+  _raises_one_line(tmp_path / "train-images-idx3-ubyte",
+                   f"images are {h}x{w}; .* positive multiples of 4",
+                   datasets.load_mnist, str(tmp_path))
+  for ok in ((4, 4), (12, 8)):
+    _write_idx_dir(str(tmp_path), h=ok[0], w=ok[1])
+    assert datasets.load_mnist(str(tmp_path)).train_images.shape == (12, *ok, 1)
+
+
+def test_idx_labels_checked(tmp_path):
+  _write_idx_dir(str(tmp_path))
+  lab = tmp_path / "t10k-labels-idx1-ubyte"
+  lab.write_bytes(bytes([0, 0, 0x0D, 1]) + np.asarray([5], ">u4").tobytes()
+                  + np.full(5, 1.7, ">f4").tobytes())  # float32 labels are not truncated
+  _raises_one_line(lab, "labels must be integers", datasets.load_mnist, str(tmp_path))
+  lab.write_bytes(_idx_bytes(np.array([0, 1, 200, 3, 4])))
+  _raises_one_line(lab, "label 200 outside 0..9", datasets.load_mnist, str(tmp_path))
 
 
 def _cifar_batch(n, label_key, seed):
@@ -114,6 +164,45 @@ def test_cifar100_and_errors(tmp_path):
     datasets.load_cifar100(str(tmp_path))
   with pytest.raises(DatasetError, match="not found"):
     datasets.load_cifar10(str(tmp_path))
+
+
+def _write_cifar10(folder, test_labels):
+  for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+    d, _ = _cifar_batch(3, b"labels", i)
+    if name == "test_batch":
+      d[b"labels"] = test_labels
+    with open(folder / name, "wb") as f:
+      pickle.dump(d, f)
+  return folder / "test_batch"
+
+
+@pytest.mark.parametrize("labels,match", [
+    ([None] * 3, "label 0 is None \\(NoneType\\)"),
+    ([0, "3", 1], "label 1 is '3' \\(str\\)"),
+    ([1.7] * 3, "label 0 is 1.7 \\(float\\)"),  # not truncated to 1
+    ([True, 0, 1], "label 0 is True \\(bool\\)"),
+    ([[1]] * 3, "label 0 is \\[1\\] \\(list\\)"),
+    ([2**40] * 3, f"label {2**40} outside 0..9"),  # not wrapped to 0 by an int32 cast
+    ([0, -1, 2], "label -1 outside 0..9"),
+    ([0, 10, 2], "label 10 outside 0..9"),
+    (np.array([1.0, 2.0, 3.0]), "labels must be integers, got float64"),
+    (np.array([True, False, True]), "labels must be integers, got bool"),
+    (np.array([2**40] * 3, np.int64), f"label {2**40} outside 0..9"),
+    (np.array([0, 1]), "2 labels for 3 images"),
+    ([0, 1], "2 labels for 3 images"),
+    (b"abc", "must be a list or an array, got bytes"),
+])
+def test_cifar_labels_checked(tmp_path, labels, match):
+  path = _write_cifar10(tmp_path, labels)
+  _raises_one_line(path, match, datasets.load_cifar10, str(tmp_path))
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([9, 0, 1], np.uint8), np.array([9, 0, 1], np.int64), [np.int64(9), 0, 1], (9, 0, 1)])
+def test_cifar_integer_labels_accepted(tmp_path, labels):
+  _write_cifar10(tmp_path, labels)
+  ds = datasets.load_cifar10(str(tmp_path))
+  assert ds.test_labels.dtype == np.int32 and ds.test_labels.tolist() == [9, 0, 1]
 
 
 def test_split_deterministic_and_disjoint():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 from typing import NamedTuple
@@ -96,12 +97,16 @@ def read_idx(path: str) -> np.ndarray:
     raise DatasetError(f"truncated IDX header: {path}")
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   dtype = np.dtype(_IDX_DTYPES[code])
-  expected = int(np.prod(shape)) * dtype.itemsize
+  expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for huge headers
   if len(raw) - header != expected:
     raise DatasetError(
         f"IDX file {path} declares shape {shape} ({expected} bytes) but holds "
         f"{len(raw) - header} bytes of data")
-  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+  try:
+    arr = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+  except ValueError:  # e.g. (0, 2**32 - 1, 2**32 - 1): empty, yet too big for numpy's indexing
+    raise DatasetError(f"IDX file {path} declares shape {shape}, too big for numpy") from None
+  return arr.astype(dtype.newbyteorder("="))
 
 
 def _find(data_dir: str, stem: str) -> str:
@@ -113,16 +118,46 @@ def _find(data_dir: str, stem: str) -> str:
   raise DatasetError(f"dataset file not found: {os.path.join(data_dir, stem)}[.gz]")
 
 
-def _idx_split(data_dir: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+# Both networks halve the image twice (two stride-2 reductions, each with a shortcut that
+# must meet its conv's output), so each side is a positive multiple of 4.
+IMAGE_SIDE_MULTIPLE = 4
+
+
+def _check_image_side(images: np.ndarray, path: str):
+  h, w = images.shape[1:3]
+  if min(h, w) < 1 or h % IMAGE_SIDE_MULTIPLE or w % IMAGE_SIDE_MULTIPLE:
+    raise DatasetError(f"images are {h}x{w}; the networks need sides that are positive "
+                       f"multiples of {IMAGE_SIDE_MULTIPLE} (they halve the image twice): {path}")
+
+
+def _check_test_shape(train: np.ndarray, test: np.ndarray, test_path: str):
+  if train.shape[1:] != test.shape[1:]:
+    te, tr = ("x".join(map(str, x.shape[1:])) for x in (test, train))
+    raise DatasetError(f"test image shape {te} differs from training image shape {tr}: {test_path}")
+
+
+def _checked_labels(labels: np.ndarray, num_classes: int, path: str) -> np.ndarray:
+  """``labels`` as int32 after checking, before any cast, that they are integers in range."""
+  if labels.dtype.kind not in "iu":
+    raise DatasetError(f"labels must be integers, got {labels.dtype}: {path}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)][0]
+    raise DatasetError(f"label {bad} outside 0..{num_classes - 1}: {path}")
+  return labels.astype(np.int32)
+
+
+def _idx_split(data_dir: str, prefix: str, num_classes: int):
+  """``(images uint8[N, H, W, 1], labels int32[N], image path)`` of one split."""
   img_path = _find(data_dir, f"{prefix}-images-idx3-ubyte")
   lab_path = _find(data_dir, f"{prefix}-labels-idx1-ubyte")
   images, labels = read_idx(img_path), read_idx(lab_path)
   if images.ndim != 3 or images.dtype != np.uint8:
     raise DatasetError(f"expected uint8 images [N, H, W], got {images.dtype}{list(images.shape)}: "
                        f"{img_path}")
+  _check_image_side(images, img_path)
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
     raise DatasetError(f"{lab_path} has {labels.shape} labels for {images.shape[0]} images")
-  return images[..., None], labels.astype(np.int32)
+  return images[..., None], _checked_labels(labels, num_classes, lab_path), img_path
 
 
 def load_idx_dataset(data_dir: str = FASHION_MNIST_DIR, name: str = "fashion_mnist",
@@ -130,12 +165,9 @@ def load_idx_dataset(data_dir: str = FASHION_MNIST_DIR, name: str = "fashion_mni
   """MNIST-format dataset from ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``."""
   if not os.path.isdir(data_dir):
     raise DatasetError(f"dataset directory not found: {data_dir}")
-  tr_x, tr_y = _idx_split(data_dir, "train")
-  te_x, te_y = _idx_split(data_dir, "t10k")
-  for path_prefix, y in (("train", tr_y), ("t10k", te_y)):
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise DatasetError(f"labels outside 0..{num_classes - 1} in "
-                         f"{os.path.join(data_dir, path_prefix + '-labels-idx1-ubyte')}")
+  tr_x, tr_y, _ = _idx_split(data_dir, "train", num_classes)
+  te_x, te_y, te_path = _idx_split(data_dir, "t10k", num_classes)
+  _check_test_shape(tr_x, te_x, te_path)
   mean, std = _STATS.get(name, ((0.5,), (0.5,)))
   return Dataset(name, tr_x, tr_y, te_x, te_y, num_classes, mean, std)
 
@@ -172,7 +204,32 @@ class _SafeUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
 
 
-def _read_cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _short(value) -> str:
+  r = " ".join(repr(value).split())
+  return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _cifar_labels(raw, n: int, num_classes: int, path: str) -> np.ndarray:
+  """A batch's labels (a list of ints or an integer array) as int32, checked before the cast."""
+  if isinstance(raw, np.ndarray):
+    if raw.shape != (n,):
+      raise DatasetError(f"{raw.shape[0] if raw.ndim else 0} labels for {n} images: {path}")
+    return _checked_labels(raw, num_classes, path)
+  if not isinstance(raw, (list, tuple)):
+    raise DatasetError(f"labels must be a list or an array, got {type(raw).__name__}: {path}")
+  if len(raw) != n:
+    raise DatasetError(f"{len(raw)} labels for {n} images: {path}")
+  for i, v in enumerate(raw):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise DatasetError(f"labels must be integers, label {i} is {_short(v)} "
+                         f"({type(v).__name__}): {path}")
+    if not 0 <= v < num_classes:  # Python ints: no wrap-around before the check
+      raise DatasetError(f"label {int(v)} outside 0..{num_classes - 1}: {path}")
+  return np.asarray(raw, np.int32)
+
+
+def _read_cifar_batch(path: str, label_key: bytes,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   raw = _read_bytes(path)
   try:
     d = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
@@ -181,15 +238,12 @@ def _read_cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarr
   if not isinstance(d, dict) or b"data" not in d or label_key not in d:
     raise DatasetError(f"CIFAR batch lacks b'data' or {label_key!r}: {path}")
   data = np.asarray(d[b"data"])
-  labels = np.asarray(d[label_key])
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
     raise DatasetError(f"CIFAR data must be uint8[N, 3072], got {data.dtype}{list(data.shape)}: "
                        f"{path}")
-  if labels.shape != (data.shape[0],):
-    raise DatasetError(f"{labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} "
-                       f"images: {path}")
+  labels = _cifar_labels(d[label_key], data.shape[0], num_classes, path)
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> NHWC
-  return np.ascontiguousarray(images), labels.astype(np.int32)
+  return np.ascontiguousarray(images), labels
 
 
 def _cifar_dir(data_dir: str, subdir: str, probe: str) -> str:
@@ -210,26 +264,22 @@ def _cat(parts):
 def load_cifar10(data_dir: str) -> Dataset:
   """CIFAR-10 (Krizhevsky 2009): ``data_batch_1..5`` and ``test_batch`` pickles."""
   d = _cifar_dir(data_dir, "cifar-10-batches-py", "test_batch")
-  tr_x, tr_y = _cat([_read_cifar_batch(os.path.join(d, f"data_batch_{i}"), b"labels")
+  tr_x, tr_y = _cat([_read_cifar_batch(os.path.join(d, f"data_batch_{i}"), b"labels", 10)
                      for i in range(1, 6)])
-  te_x, te_y = _read_cifar_batch(os.path.join(d, "test_batch"), b"labels")
-  _check_labels(d, (tr_y, te_y), 10)
+  te_path = os.path.join(d, "test_batch")
+  te_x, te_y = _read_cifar_batch(te_path, b"labels", 10)
+  _check_test_shape(tr_x, te_x, te_path)
   return Dataset("cifar10", tr_x, tr_y, te_x, te_y, 10, *_STATS["cifar10"])
 
 
 def load_cifar100(data_dir: str) -> Dataset:
   """CIFAR-100 (Krizhevsky 2009): ``train`` and ``test`` pickles, fine labels."""
   d = _cifar_dir(data_dir, "cifar-100-python", "test")
-  tr_x, tr_y = _read_cifar_batch(os.path.join(d, "train"), b"fine_labels")
-  te_x, te_y = _read_cifar_batch(os.path.join(d, "test"), b"fine_labels")
-  _check_labels(d, (tr_y, te_y), 100)
+  tr_x, tr_y = _read_cifar_batch(os.path.join(d, "train"), b"fine_labels", 100)
+  te_path = os.path.join(d, "test")
+  te_x, te_y = _read_cifar_batch(te_path, b"fine_labels", 100)
+  _check_test_shape(tr_x, te_x, te_path)
   return Dataset("cifar100", tr_x, tr_y, te_x, te_y, 100, *_STATS["cifar100"])
-
-
-def _check_labels(data_dir, label_arrays, num_classes):
-  for y in label_arrays:
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise DatasetError(f"labels outside 0..{num_classes - 1} in {data_dir}")
 
 
 DATASETS = {
