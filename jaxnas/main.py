@@ -127,6 +127,14 @@ _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "c
                 "bn_batches": "bn_batches", "augment": "augment"}
 
 
+# Flags a retrain reads; any other flag of this CLI given with --mode=retrain is refused.
+_RETRAIN_FLAGS = {"mode", "arch", "space", "dataset", "data_dir", "seed", "workdir", "epochs",
+                  "checkpoint_every", "augment", "channels", "cells", "batch_size",
+                  "train_learning_rate", "cpu_devices", "distributed", "compilation_cache"}
+_SEARCH_ONLY_FLAGS = tuple(sorted(f.name for f in FLAGS.get_key_flags_for_module(
+    sys.modules[__name__]) if f.name not in _RETRAIN_FLAGS))
+
+
 def _fail(message: str) -> None:
   print(f"jaxnas: error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -252,6 +260,9 @@ def main(argv):
     _fail(str(e))
   except OSError as e:
     _fail(f"{e.strerror or e}: {e.filename or workdir}")
+  except Exception as e:  # noqa: BLE001 - only the device running out of memory is answered
+    _fail_if_out_of_memory(e, "--population, --batch_size or --channels")
+    raise
   plot = os.path.join(workdir, "trajectory.png")
   if not os.path.exists(plot):
     if plotting.plot_trajectories(results, plot) is None:
@@ -310,11 +321,35 @@ def _compilation_cache(path: str | None) -> None:
 
 def _retrain():
   from jaxnas import retrain
+  for name in _SEARCH_ONLY_FLAGS:
+    if FLAGS[name].present:
+      _fail(f"--{name} does not apply to --mode=retrain")
+  if FLAGS["space"].present and FLAGS.arch is not None:
+    found = retrain.space_of(FLAGS.arch).name
+    if found != FLAGS.space:
+      takes = ("a NAS-Bench-201 cell, --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'"
+               if FLAGS.space == "nb201" else
+               "a DARTS genotype, --arch=\"Genotype(normal=[...], ...)\"")
+      _fail(f"--space={FLAGS.space} retrains {takes}; got --arch={FLAGS.arch!r}")
   try:
     result = retrain.run_from_flags(FLAGS)
   except (retrain.RetrainError, OSError) as e:
     _fail(str(e))
+  except Exception as e:  # noqa: BLE001 - only the device running out of memory is answered
+    _fail_if_out_of_memory(e, "--batch_size or --channels")
+    raise
   print(retrain.summary(result))
+
+
+def _fail_if_out_of_memory(e: Exception, knobs: str) -> None:
+  """One line instead of XLA's report when the device ran out of memory (what was saved,
+  checkpoints included, stays)."""
+  import jax
+  text = str(e)
+  if isinstance(e, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or
+                                                    "Out of memory" in text):
+    _fail(f"out of memory on {jax.default_backend()} ({text.splitlines()[0][:160]}); "
+          f"lower {knobs}")
 
 
 def run_cli():

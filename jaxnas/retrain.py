@@ -94,11 +94,39 @@ def _check(c: RetrainConfig):
   except ValueError as e:
     raise RetrainError(str(e)) from None
   for name in ("epochs", "channels", "cells", "batch_size", "learning_rate"):
-    if getattr(c, name) <= 0:
-      raise RetrainError(f"--{name} must be > 0, got {getattr(c, name)}")
+    value = getattr(c, name)
+    if not (math.isfinite(value) and value > 0):
+      flag = "train_learning_rate" if name == "learning_rate" else name
+      raise RetrainError(f"--{flag} must be > 0 and finite, got {value}")
+  if not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
+    raise RetrainError(f"weight_decay must be >= 0 and finite, got {c.weight_decay}")
   if c.checkpoint_every < 0:
     raise RetrainError(f"--checkpoint_every must be >= 0, got {c.checkpoint_every}")
   return space, arch
+
+
+def _read_record(path: str) -> dict:
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    raise RetrainError(f"{path} is unreadable ({e}); use another --workdir") from None
+  if not isinstance(record, dict):
+    raise RetrainError(f"{path} is not a jaxnas record; use another --workdir")
+  return record
+
+
+def _check_same(workdir: str, previous, c: RetrainConfig) -> None:
+  """Refuses a workdir that holds a search or another retrain, saying what differs."""
+  if not isinstance(previous, dict) or "arch" not in previous:
+    raise RetrainError(f"workdir {workdir} holds a search or other files, not a retrain; use "
+                       "another --workdir")
+  there, now = _identity(previous), _identity(dataclasses.asdict(c))
+  if there != now:
+    diff = ", ".join(f"{k}: {there.get(k)!r} there vs {v!r} now" for k, v in now.items()
+                     if there.get(k) != v)
+    raise RetrainError(f"workdir {workdir} holds another retrain ({diff}); use another "
+                       "--workdir")
 
 
 def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
@@ -107,21 +135,20 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   workdir = os.path.abspath(workdir or default_workdir(c))
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path):
-    with open(results_path) as f:
-      previous = json.load(f)
-    if _identity(previous.get("config", {})) != _identity(dataclasses.asdict(c)):
-      raise RetrainError(f"workdir {workdir} holds another retrain; use another --workdir")
+    previous = _read_record(results_path)
+    _check_same(workdir, previous.get("config"), c)
     previous["already_finished"] = True
     return previous
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path):  # an unfinished retrain: resumed if it is this one
-    with open(config_path) as f:
-      if _identity(json.load(f)) != _identity(dataclasses.asdict(c)):
-        raise RetrainError(f"workdir {workdir} holds another retrain; use another --workdir")
+    _check_same(workdir, _read_record(config_path), c)
   try:
     ds = load_dataset(c.dataset, c.data_dir)
   except DatasetError as e:
     raise RetrainError(str(e)) from None
+  if c.batch_size > len(ds.train_labels):
+    raise RetrainError(f"--batch_size={c.batch_size} is more than the {len(ds.train_labels)} "
+                       f"training images of {c.dataset}")
   os.makedirs(workdir, exist_ok=True)
   host_loop.write_json_atomic(config_path, dataclasses.asdict(c))
 

@@ -39,7 +39,7 @@ from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
 from jaxnas.host_loop import write_json_atomic
-from jaxnas.estimators.training import ProxySpec, train_evaluator
+from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
@@ -58,6 +58,9 @@ DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predicto
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
 ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
+# Config fields whose command-line flag has another name, for messages.
+STRATEGY_FLAG_NAMES = {"batch_size": "--population"}
+EVALUATOR_FLAG_NAMES = {"learning_rate": "--train_learning_rate"}
 
 
 class UserError(ValueError):
@@ -116,14 +119,14 @@ def validate(c: SearchConfig) -> None:
   if c.evaluator in IMAGE_EVALUATORS and c.dataset not in TRAIN_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for {c.evaluator}; choose one of "
                     f"{', '.join(TRAIN_DATASETS)}")
-  if c.evaluator == "nb201" and c.evaluator_args:
-    raise UserError(f"--{c.evaluator_args[0][0]} applies only to --evaluator=train, supernet "
-                    "or zero_cost")
-  allowed = (ZERO_COST_ARGS if c.evaluator == "zero_cost" else
-             one_shot.SupernetConfig._fields if c.evaluator == "supernet" else ProxySpec._fields)
+  accepting = {"train": ProxySpec._fields, "supernet": one_shot.SupernetConfig._fields,
+               "zero_cost": ZERO_COST_ARGS}
   for k, v in c.evaluator_args:
-    if k not in allowed or k in ("dataset", "space"):
-      raise UserError(f"--{k} does not apply to --evaluator={c.evaluator}")
+    flag = EVALUATOR_FLAG_NAMES.get(k, f"--{k}")
+    if k not in accepting.get(c.evaluator, ()) or k in ("dataset", "space"):
+      takers = [e for e, fields in accepting.items() if k in fields]
+      raise UserError(f"{flag} does not apply to --evaluator={c.evaluator}" +
+                      (f" (only to --evaluator={'|'.join(takers)})" if takers else ""))
     if k == "augment" and c.strategy == "darts":
       raise UserError("--augment does not apply to --strategy=darts (its bilevel steps use "
                       "the images as they are)")
@@ -143,8 +146,8 @@ def validate(c: SearchConfig) -> None:
                     f"(e.g. accuracy,params), got {','.join(c.objectives)}")
   if len(c.objectives) > 1 and c.strategy in HOST_STRATEGIES:
     raise UserError(f"--objectives with more than accuracy is not supported by {c.strategy}")
-  if c.max_hours < 0:
-    raise UserError(f"--max_hours must be >= 0, got {c.max_hours}")
+  if not (math.isfinite(c.max_hours) and c.max_hours >= 0):
+    raise UserError(f"--max_hours must be >= 0 and finite, got {c.max_hours}")
   if c.strategy not in STRATEGIES and c.strategy not in HOST_STRATEGIES:
     raise UserError(f"unknown strategy {c.strategy!r}; choose one of "
                     f"{', '.join(tuple(STRATEGIES) + HOST_STRATEGIES)}")
@@ -158,8 +161,9 @@ def validate(c: SearchConfig) -> None:
               tuple(darts_runner.DARTS_ARGS) if c.strategy == "darts" else
               inspect.signature(STRATEGIES[c.strategy]).parameters)
   for k, v in c.strategy_args:
+    flag = STRATEGY_FLAG_NAMES.get(k, f"--{k}")
     if k not in accepted or k == "space":
-      raise UserError(f"--{k} does not apply to --strategy={c.strategy}")
+      raise UserError(f"{flag} does not apply to --strategy={c.strategy}")
     if k == "darts_warmup_epochs":
       epochs = math.ceil(dict(c.evaluator_args).get("epochs", ProxySpec().epochs))
       if not 0 <= v < epochs:
@@ -171,8 +175,33 @@ def validate(c: SearchConfig) -> None:
     elif k == "darts_tune_steps":
       if v < 0:
         raise UserError(f"--darts_tune_steps must be >= 0, got {v}")
-    elif isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
-      raise UserError(f"--{k} must be > 0, got {v}")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+        math.isfinite(v) and v > 0):
+      raise UserError(f"{flag} must be > 0 and finite, got {v}")
+  _validate_proxy(c)
+
+
+def _validate_proxy(c: SearchConfig) -> None:
+  """The training proxy's settings and Hyperband's first rung, checked before anything is
+  written or loaded."""
+  args = dict(c.evaluator_args)
+  try:
+    if c.evaluator == "train":
+      validate_spec(ProxySpec(dataset=c.dataset, space=c.space, **args), EVALUATOR_FLAG_NAMES)
+    elif c.evaluator == "supernet":
+      one_shot.validate_config(one_shot.SupernetConfig(dataset=c.dataset, **args),
+                               EVALUATOR_FLAG_NAMES)
+  except ValueError as e:
+    message = str(e)
+    raise UserError(message if message.startswith("--") else f"--{message}") from None
+  if c.strategy == "hyperband":
+    options = dict(c.strategy_args)
+    eta, rungs = int(options.get("eta", 3)), int(options.get("rungs", 3))
+    epochs = args.get("epochs", ProxySpec().epochs)
+    first = multifidelity.brackets(epochs, eta, rungs, options.get("hyperband_brackets"))[0][0]
+    if c.budget < first[0]:
+      raise UserError(f"--budget={c.budget} is smaller than Hyperband's first rung ({first[0]} "
+                      f"cells at {first[1]:.3g} epochs with --eta={eta} --rungs={rungs})")
 
 
 def make_evaluator(c: SearchConfig, workdir: str | None = None):
@@ -312,19 +341,32 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   if os.path.exists(config_path):
     try:
       with open(config_path) as f:
-        previous = json.load(f)["config"]
-    except (json.JSONDecodeError, KeyError, OSError) as e:
+        record = json.load(f)
+    except (json.JSONDecodeError, OSError) as e:
       raise UserError(f"{config_path} is unreadable ({e}); use another --workdir") from None
+    if isinstance(record, dict) and "arch" in record and "config" not in record:
+      raise UserError(f"workdir {workdir} holds a retrain, not a search; use another --workdir")
+    previous = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(previous, dict):
+      raise UserError(f"{config_path} is not a jaxnas search's config; use another --workdir")
     if previous != config.to_json():
       diff = ", ".join(f"{k}: {previous.get(k)!r} there vs {v!r} now"
                        for k, v in config.to_json().items() if previous.get(k) != v)
       raise UserError(f"workdir {workdir} holds a search with other settings ({diff}); "
                       "use another --workdir")
   if os.path.exists(results_path):
+    try:
+      with open(results_path) as f:
+        results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+      raise UserError(f"{results_path} is unreadable ({e}); move it away to rerun the "
+                      "search") from None
+    if not (isinstance(results, dict) and results.get("config") == config.to_json()
+            and isinstance(results.get("runs"), list)):
+      raise UserError(f"{results_path} is not the results of this search; use another "
+                      "--workdir")
     if not os.path.exists(config_path):
       write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
-    with open(results_path) as f:
-      results = json.load(f)
     logging.info("workdir %s holds a finished search; nothing to do", workdir)
     results["already_finished"] = True
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,7 +139,21 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
 @pytest.mark.parametrize("flags,message", [
     (["--evaluator=train", "--dataset=cifar10"], "needs a data_dir"),
     (["--evaluator=train", "--dataset=svhn"], "unknown dataset 'svhn'"),
-    (["--evaluator=nb201", "--epochs=2"], "applies only to --evaluator=train"),
+    (["--evaluator=nb201", "--epochs=2"], "--epochs does not apply to --evaluator=nb201 "
+                                          "(only to --evaluator=train|supernet)"),
+    (["--evaluator=train", "--epochs=inf"], "--epochs must be > 0 and finite"),
+    (["--evaluator=train", "--plan=foo"], "--plan must be one of auto, map"),
+    (["--evaluator=train", "--train_learning_rate=nan"], "--train_learning_rate must be > 0"),
+    (["--evaluator=train", "--population=0"], "--population must be > 0"),
+    (["--evaluator=train", "--batch_size=100000"], "is more than the 54000 search-training"),
+    (["--max_hours=nan"], "--max_hours must be >= 0 and finite"),
+    (["--strategy=hyperband", "--budget=4"], "smaller than Hyperband's first rung (9 cells"),
+    (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+      "--budget=7"], "--budget does not apply to --mode=retrain"),
+    (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+      "--space=darts"], "--space=darts retrains a DARTS genotype"),
+    (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+      "--epochs=nan"], "--epochs must be > 0 and finite"),
     (["--evaluator=train", "--train_fraction=1.5"], "train_fraction must be in (0, 1]"),
     (["--evaluator=train", "--data_dir=/nonexistent"], "/nonexistent"),
     (["--max_hours=-1"], "--max_hours must be >= 0"),
@@ -159,6 +174,25 @@ def test_bad_training_input_is_one_line_error(tmp_path, flags, message):
   assert "Traceback" not in proc.stderr
   err = proc.stderr.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("jaxnas: error:") and message in err[0], err
+
+
+def test_workdirs_of_another_kind_or_damaged_are_refused_untouched(tmp_path):
+  config = _config()
+  cases = {"foreign": ("results.json", '{"a": 1}', "is not the results of this search"),
+           "cut": ("results.json", '{"config": {"stra', "results.json is unreadable"),
+           "retrain": ("config.json", '{"arch": "|none~0|", "dataset": "fashion_mnist"}',
+                       "holds a retrain, not a search")}
+  for name, (file, text, message) in cases.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / file).write_text(text)
+    with pytest.raises(runner.UserError, match=re.escape(message)):
+      runner.run(config, str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path / name)) == [file], name  # nothing written
+  (tmp_path / "search").mkdir()
+  (tmp_path / "search" / "config.json").write_text(json.dumps({"config": config.to_json()}))
+  c = retrain.RetrainConfig(arch="|none~0|+|none~0|none~1|+|none~0|none~1|none~2|")
+  with pytest.raises(retrain.RetrainError, match="holds a search or other files"):
+    retrain.retrain(c, str(tmp_path / "search"))
 
 
 def test_hyperband_rungs_are_population_calls_and_resume_exactly(tmp_path, monkeypatch):

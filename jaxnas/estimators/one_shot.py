@@ -98,9 +98,10 @@ class SupernetConfig(NamedTuple):
   plan: str = "auto"
 
 
-def validate_config(config: SupernetConfig) -> SupernetConfig:
-  """Checks a config at the edge (ValueError with one clear line); returns it."""
-  validate_spec(config)
+def validate_config(config: SupernetConfig, names: dict | None = None) -> SupernetConfig:
+  """Checks a config at the edge (ValueError with one clear line; ``names`` as in
+  ``validate_spec``); returns it."""
+  validate_spec(config, names)
   checks = [
       (config.bn_batches >= 0, f"bn_batches must be >= 0, got {config.bn_batches}"),
       (config.plan in SUPERNET_PLANS, f"plan {config.plan!r} does not apply to the supernet "

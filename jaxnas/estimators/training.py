@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
-from jaxnas.models import (TrainConfig, cost, make_data, resolve_plan,
+from jaxnas.models import (PLANS, TrainConfig, cost, make_data, resolve_plan,
                            train_population_metrics)
 from jaxnas.models.sharded import population_mesh, train_population_sharded
 from jaxnas.models.darts_net import darts_cost
@@ -50,22 +50,30 @@ class ProxySpec(NamedTuple):
   space: str = "nb201"  # "darts": DARTS-space networks with ``cells`` cells in all
 
 
-def validate_spec(spec) -> None:
+def validate_spec(spec, names: dict | None = None) -> None:
   """Checks the proxy fields of ``spec`` (a ``ProxySpec`` or any config with those fields,
-  e.g. ``one_shot.SupernetConfig``) at the edge: ValueError with one clear line."""
-  checks = [(spec.epochs > 0, f"epochs must be > 0, got {spec.epochs}"),
-            (spec.channels >= 1, f"channels must be >= 1, got {spec.channels}"),
-            (spec.cells >= 1, f"cells must be >= 1, got {spec.cells}"),
-            (spec.batch_size >= 1, f"batch_size must be >= 1, got {spec.batch_size}"),
-            (0 < spec.train_fraction <= 1, f"train_fraction must be in (0, 1], got "
-                                           f"{spec.train_fraction}"),
-            (0 < spec.val_fraction < 1, f"val_fraction must be in (0, 1), got "
-                                        f"{spec.val_fraction}"),
-            (spec.learning_rate > 0, f"learning_rate must be > 0, got {spec.learning_rate}"),
-            (spec.weight_decay >= 0, f"weight_decay must be >= 0, got {spec.weight_decay}")]
-  for ok, message in checks:
+  e.g. ``one_shot.SupernetConfig``) at the edge: ValueError with one clear line, naming a
+  field as ``names`` maps it (the CLI passes its flag names)."""
+  finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+  checks = [("epochs", finite(spec.epochs) and spec.epochs > 0, "must be > 0 and finite"),
+            ("channels", spec.channels >= 1, "must be >= 1"),
+            ("cells", spec.cells >= 1, "must be >= 1"),
+            ("batch_size", spec.batch_size >= 1, "must be >= 1"),
+            ("train_fraction", finite(spec.train_fraction) and 0 < spec.train_fraction <= 1,
+             "must be in (0, 1]"),
+            ("val_fraction", finite(spec.val_fraction) and 0 < spec.val_fraction < 1,
+             "must be in (0, 1)"),
+            ("learning_rate", finite(spec.learning_rate) and spec.learning_rate > 0,
+             "must be > 0 and finite"),
+            ("weight_decay", finite(spec.weight_decay) and spec.weight_decay >= 0,
+             "must be >= 0 and finite")]
+  if isinstance(spec, ProxySpec):
+    checks.append(("plan", spec.plan in ("auto",) + PLANS,
+                   f"must be one of auto, {', '.join(PLANS)}"))
+  for field, ok, requirement in checks:
     if not ok:
-      raise ValueError(message)
+      name = (names or {}).get(field, field)
+      raise ValueError(f"{name} {requirement}, got {getattr(spec, field)!r}")
 
 
 def search_split(spec: ProxySpec):
@@ -74,6 +82,9 @@ def search_split(spec: ProxySpec):
   ds = load_dataset(spec.dataset, spec.data_dir)
   tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, spec.val_fraction,
                                    spec.split_seed)
+  if spec.batch_size > len(ty):
+    raise ValueError(f"batch_size={spec.batch_size} is more than the {len(ty)} search-training "
+                     f"images of {spec.dataset}")
   n_train = max(spec.batch_size, int(round(len(ty) * spec.train_fraction)))
   n_val = max(1, int(round(len(vy) * spec.train_fraction)))
   # train_val_split returns sorted indices; subsample with a fixed permutation
