@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as logging_std
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -37,6 +39,36 @@ def tree_checksum(tree: Any) -> str:
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()
+
+
+def _closed_loop_filter(previous):
+  """An unraisable hook that drops ``RuntimeError: Event loop is closed`` and passes every
+  other report to ``previous``.
+
+  When a step fails to restore, orbax closes its event loop while tensorstore still
+  completes the reads it had started; each completion posted to the closed loop is
+  reported as unraisable (tens of tracebacks on stderr, some before the failure surfaces,
+  some after). They are the failure already reported."""
+
+  def hook(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  return hook
+
+
+class _StepReadErrors(logging_std.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for the reads of a step that
+  failed to restore (orbax leaves the sibling reads' exceptions unretrieved)."""
+
+  def __init__(self, step_dir: str):
+    super().__init__()
+    self.step_dir = step_dir
+
+  def filter(self, record):
+    return not (record.getMessage().startswith("Task exception was never retrieved")
+                and self.step_dir in record.getMessage())
 
 
 class Checkpointer:
@@ -76,6 +108,8 @@ class Checkpointer:
     if not steps:
       return None
     problems = []
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _closed_loop_filter(previous_hook)
     for step in reversed(steps):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -83,8 +117,12 @@ class Checkpointer:
         state, meta = restored["state"], restored["meta"]
         if meta.get("checksum") != tree_checksum(state):
           raise CheckpointError("checksum mismatch")
+        if not problems:  # nothing failed: no late reports to drop
+          sys.unraisablehook = previous_hook
         return step, state, meta
       except Exception as e:  # any failure to read a step means: try the previous one
+        logging_std.getLogger("asyncio").addFilter(
+            _StepReadErrors(os.path.join(self.directory, str(step)) + os.sep))
         first_line = str(e).splitlines()[0] if str(e) else ""
         reason = f"{type(e).__name__}: {first_line[:120]}"
         problems.append(f"step {step}: {reason}")
