@@ -197,6 +197,8 @@ def _validate_proxy(c: SearchConfig) -> None:
   if c.strategy == "hyperband":
     options = dict(c.strategy_args)
     eta, rungs = int(options.get("eta", 3)), int(options.get("rungs", 3))
+    if eta < 2:
+      raise UserError(f"--eta must be >= 2 (each rung keeps 1/eta of the cells), got {eta}")
     epochs = args.get("epochs", ProxySpec().epochs)
     first = multifidelity.brackets(epochs, eta, rungs, options.get("hyperband_brackets"))[0][0]
     if c.budget < first[0]:

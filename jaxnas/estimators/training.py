@@ -83,8 +83,8 @@ def search_split(spec: ProxySpec):
   tx, ty, vx, vy = train_val_split(ds.train_images, ds.train_labels, spec.val_fraction,
                                    spec.split_seed)
   if spec.batch_size > len(ty):
-    raise ValueError(f"batch_size={spec.batch_size} is more than the {len(ty)} search-training "
-                     f"images of {spec.dataset}")
+    raise ValueError(f"--batch_size={spec.batch_size} is more than the {len(ty)} "
+                     f"search-training images of {spec.dataset}; lower --batch_size")
   n_train = max(spec.batch_size, int(round(len(ty) * spec.train_fraction)))
   n_val = max(1, int(round(len(vy) * spec.train_fraction)))
   # train_val_split returns sorted indices; subsample with a fixed permutation
