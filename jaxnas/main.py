@@ -117,7 +117,8 @@ flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent co
                     "~/.cache/jaxnas/xla; '' turns it off).")
 flags.DEFINE_enum("space", "nb201", ["nb201", "darts"], "Search space: nb201 (NAS-Bench-201 "
                   "cells) or darts (DARTS normal + reduction cells; --strategy=darts, or "
-                  "random/evolution/local/reinforce with --evaluator=train; --cells counts all "
+                  "random/evolution/local/reinforce/predictor/hyperband with --evaluator=train; "
+                  "--cells counts all "
                   "cells of the network, default 5).")
 flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
                     "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
@@ -261,7 +262,8 @@ def main(argv):
   except OSError as e:
     _fail(f"{e.strerror or e}: {e.filename or workdir}")
   except Exception as e:  # noqa: BLE001 - only the device running out of memory is answered
-    _fail_if_out_of_memory(e, "--population, --batch_size or --channels")
+    _fail_if_out_of_memory(e, "--num_seeds, --population, --batch_size or --channels "
+                                 "(those that apply)")
     raise
   plot = os.path.join(workdir, "trajectory.png")
   if not os.path.exists(plot):

@@ -58,6 +58,8 @@ DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predicto
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
 ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
+# Networks the prefilter's proxy scores at a time, over all seeds (``_prefilter_score``).
+PREFILTER_MEMBERS = 32
 # Config fields whose command-line flag has another name, for messages.
 STRATEGY_FLAG_NAMES = {"batch_size": "--population"}
 EVALUATOR_FLAG_NAMES = {"learning_rate": "--train_learning_rate"}
@@ -236,6 +238,11 @@ def _prefilter_score(c: SearchConfig):
   args = dict(c.evaluator_args)
   dataset = c.dataset if c.evaluator in IMAGE_EVALUATORS else "fashion_mnist"
   kw = {"data_dir": args["data_dir"]} if "data_dir" in args else {}
+  # Every seed scores prefilter_factor x population cells per step, all seeds at once (the
+  # search is vmapped over seeds): scored all together, the README's 10-seed predictor
+  # search asked XLA:CPU for 33 GB. In chunks, ~PREFILTER_MEMBERS networks are live at a
+  # time (still growing with the number of seeds beyond that).
+  kw["chunk"] = max(1, PREFILTER_MEMBERS // c.num_seeds)
   try:
     proxy = zero_cost.zero_cost_evaluator(proxy=c.prefilter, dataset=dataset, **kw)
   except ValueError as e:
