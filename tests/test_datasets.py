@@ -183,6 +183,7 @@ def _write_cifar10(folder, test_labels):
     ([True, 0, 1], "label 0 is True \\(bool\\)"),
     ([[1]] * 3, "label 0 is \\[1\\] \\(list\\)"),
     ([2**40] * 3, f"label {2**40} outside 0..9"),  # not wrapped to 0 by an int32 cast
+    ([1, 2**70, 3], f"label {2**70} outside 0..9"),  # beyond int64
     ([0, -1, 2], "label -1 outside 0..9"),
     ([0, 10, 2], "label 10 outside 0..9"),
     (np.array([1.0, 2.0, 3.0]), "labels must be integers, got float64"),

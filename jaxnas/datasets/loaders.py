@@ -223,9 +223,12 @@ def _cifar_labels(raw, n: int, num_classes: int, path: str) -> np.ndarray:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
       raise DatasetError(f"labels must be integers, label {i} is {_short(v)} "
                          f"({type(v).__name__}): {path}")
-    if not 0 <= v < num_classes:  # Python ints: no wrap-around before the check
-      raise DatasetError(f"label {int(v)} outside 0..{num_classes - 1}: {path}")
-  return np.asarray(raw, np.int32)
+  try:
+    labels = np.asarray(raw, np.int64)
+  except OverflowError:  # a Python int beyond int64, reported as it is
+    bad = next(v for v in raw if not -2**63 <= v < 2**63)
+    raise DatasetError(f"label {bad} outside 0..{num_classes - 1}: {path}") from None
+  return _checked_labels(labels, num_classes, path)
 
 
 def _read_cifar_batch(path: str, label_key: bytes,
