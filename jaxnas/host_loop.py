@@ -42,6 +42,22 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def read_json(path: str, remedy: str) -> Any:
+  """The JSON in ``path``; ValueError with one line (``remedy`` says what to do) where it
+  cannot be read or parsed."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    raise ValueError(f"{path} is unreadable ({e}); {remedy}") from None
+
+
+def describe_diff(there: dict, now: dict) -> str:
+  """``"key: old there vs new now, ..."`` for the keys of ``now`` whose values differ."""
+  return ", ".join(f"{k}: {there.get(k)!r} there vs {v!r} now" for k, v in now.items()
+                   if there.get(k) != v)
+
+
 def append_jsonl(path: str, lines: list[dict]) -> None:
   if primary():
     with open(path, "a") as f:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 
@@ -38,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
+from jaxnas.estimators.training import check_fields, cli_flag
 from jaxnas import host_loop
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.models import TrainConfig, cost, darts_net, fixed_genotype, make_data
@@ -93,13 +93,11 @@ def _check(c: RetrainConfig):
     arch = space.decode(c.arch)
   except ValueError as e:
     raise RetrainError(str(e)) from None
-  for name in ("epochs", "channels", "cells", "batch_size", "learning_rate"):
-    value = getattr(c, name)
-    if not (math.isfinite(value) and value > 0):
-      flag = "train_learning_rate" if name == "learning_rate" else name
-      raise RetrainError(f"--{flag} must be > 0 and finite, got {value}")
-  if not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
-    raise RetrainError(f"weight_decay must be >= 0 and finite, got {c.weight_decay}")
+  try:
+    check_fields(c, ("epochs", "channels", "cells", "batch_size", "learning_rate",
+                     "weight_decay"), cli_flag)
+  except ValueError as e:
+    raise RetrainError(str(e)) from None
   if c.checkpoint_every < 0:
     raise RetrainError(f"--checkpoint_every must be >= 0, got {c.checkpoint_every}")
   return space, arch
@@ -107,10 +105,9 @@ def _check(c: RetrainConfig):
 
 def _read_record(path: str) -> dict:
   try:
-    with open(path) as f:
-      record = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-    raise RetrainError(f"{path} is unreadable ({e}); use another --workdir") from None
+    record = host_loop.read_json(path, "use another --workdir")
+  except ValueError as e:
+    raise RetrainError(str(e)) from None
   if not isinstance(record, dict):
     raise RetrainError(f"{path} is not a jaxnas record; use another --workdir")
   return record
@@ -123,10 +120,8 @@ def _check_same(workdir: str, previous, c: RetrainConfig) -> None:
                        "another --workdir")
   there, now = _identity(previous), _identity(dataclasses.asdict(c))
   if there != now:
-    diff = ", ".join(f"{k}: {there.get(k)!r} there vs {v!r} now" for k, v in now.items()
-                     if there.get(k) != v)
-    raise RetrainError(f"workdir {workdir} holds another retrain ({diff}); use another "
-                       "--workdir")
+    raise RetrainError(f"workdir {workdir} holds another retrain "
+                       f"({host_loop.describe_diff(there, now)}); use another --workdir")
 
 
 def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
-import json
 import math
 import os
 import platform
@@ -39,7 +38,7 @@ from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
 from jaxnas.host_loop import write_json_atomic
-from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
+from jaxnas.estimators.training import ProxySpec, cli_flag, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
@@ -62,7 +61,6 @@ ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
 PREFILTER_MEMBERS = 32
 # Config fields whose command-line flag has another name, for messages.
 STRATEGY_FLAG_NAMES = {"batch_size": "--population"}
-EVALUATOR_FLAG_NAMES = {"learning_rate": "--train_learning_rate"}
 
 
 class UserError(ValueError):
@@ -124,7 +122,7 @@ def validate(c: SearchConfig) -> None:
   accepting = {"train": ProxySpec._fields, "supernet": one_shot.SupernetConfig._fields,
                "zero_cost": ZERO_COST_ARGS}
   for k, v in c.evaluator_args:
-    flag = EVALUATOR_FLAG_NAMES.get(k, f"--{k}")
+    flag = cli_flag(k)
     if k not in accepting.get(c.evaluator, ()) or k in ("dataset", "space"):
       takers = [e for e, fields in accepting.items() if k in fields]
       raise UserError(f"{flag} does not apply to --evaluator={c.evaluator}" +
@@ -189,13 +187,11 @@ def _validate_proxy(c: SearchConfig) -> None:
   args = dict(c.evaluator_args)
   try:
     if c.evaluator == "train":
-      validate_spec(ProxySpec(dataset=c.dataset, space=c.space, **args), EVALUATOR_FLAG_NAMES)
+      validate_spec(ProxySpec(dataset=c.dataset, space=c.space, **args), cli_flag)
     elif c.evaluator == "supernet":
-      one_shot.validate_config(one_shot.SupernetConfig(dataset=c.dataset, **args),
-                               EVALUATOR_FLAG_NAMES)
+      one_shot.validate_config(one_shot.SupernetConfig(dataset=c.dataset, **args), cli_flag)
   except ValueError as e:
-    message = str(e)
-    raise UserError(message if message.startswith("--") else f"--{message}") from None
+    raise UserError(str(e)) from None
   if c.strategy == "hyperband":
     options = dict(c.strategy_args)
     eta, rungs = int(options.get("eta", 3)), int(options.get("rungs", 3))
@@ -349,27 +345,23 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(config_path):
     try:
-      with open(config_path) as f:
-        record = json.load(f)
-    except (json.JSONDecodeError, OSError) as e:
-      raise UserError(f"{config_path} is unreadable ({e}); use another --workdir") from None
+      record = host_loop.read_json(config_path, "use another --workdir")
+    except ValueError as e:
+      raise UserError(str(e)) from None
     if isinstance(record, dict) and "arch" in record and "config" not in record:
       raise UserError(f"workdir {workdir} holds a retrain, not a search; use another --workdir")
     previous = record.get("config") if isinstance(record, dict) else None
     if not isinstance(previous, dict):
       raise UserError(f"{config_path} is not a jaxnas search's config; use another --workdir")
     if previous != config.to_json():
-      diff = ", ".join(f"{k}: {previous.get(k)!r} there vs {v!r} now"
-                       for k, v in config.to_json().items() if previous.get(k) != v)
-      raise UserError(f"workdir {workdir} holds a search with other settings ({diff}); "
+      raise UserError(f"workdir {workdir} holds a search with other settings "
+                      f"({host_loop.describe_diff(previous, config.to_json())}); "
                       "use another --workdir")
   if os.path.exists(results_path):
     try:
-      with open(results_path) as f:
-        results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-      raise UserError(f"{results_path} is unreadable ({e}); move it away to rerun the "
-                      "search") from None
+      results = host_loop.read_json(results_path, "move it away to rerun the search")
+    except ValueError as e:
+      raise UserError(str(e)) from None
     if not (isinstance(results, dict) and results.get("config") == config.to_json()
             and isinstance(results.get("runs"), list)):
       raise UserError(f"{results_path} is not the results of this search; use another "

@@ -98,18 +98,15 @@ class SupernetConfig(NamedTuple):
   plan: str = "auto"
 
 
-def validate_config(config: SupernetConfig, names: dict | None = None) -> SupernetConfig:
-  """Checks a config at the edge (ValueError with one clear line; ``names`` as in
-  ``validate_spec``); returns it."""
-  validate_spec(config, names)
-  checks = [
-      (config.bn_batches >= 0, f"bn_batches must be >= 0, got {config.bn_batches}"),
-      (config.plan in SUPERNET_PLANS, f"plan {config.plan!r} does not apply to the supernet "
-                                      f"evaluator; choose one of {', '.join(SUPERNET_PLANS)}"),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
+def validate_config(config: SupernetConfig, flag=str) -> SupernetConfig:
+  """Checks a config at the edge (ValueError with one clear line, naming a field as
+  ``flag(field)``, as in ``validate_spec``); returns it."""
+  validate_spec(config, flag)
+  if config.bn_batches < 0:
+    raise ValueError(f"{flag('bn_batches')} must be >= 0, got {config.bn_batches}")
+  if config.plan not in SUPERNET_PLANS:
+    raise ValueError(f"{flag('plan')} {config.plan!r} does not apply to the supernet evaluator; "
+                     f"choose one of {', '.join(SUPERNET_PLANS)}")
   return config
 
 

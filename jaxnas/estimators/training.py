@@ -50,30 +50,50 @@ class ProxySpec(NamedTuple):
   space: str = "nb201"  # "darts": DARTS-space networks with ``cells`` cells in all
 
 
-def validate_spec(spec, names: dict | None = None) -> None:
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# What each training setting must satisfy, shared by the search proxy (``validate_spec``),
+# the supernet's config and the retrain (``retrain``).
+REQUIREMENTS = {
+    "epochs": (lambda v: _finite(v) and v > 0, "must be > 0 and finite"),
+    "channels": (lambda v: v >= 1, "must be >= 1"),
+    "cells": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "train_fraction": (lambda v: _finite(v) and 0 < v <= 1, "must be in (0, 1]"),
+    "val_fraction": (lambda v: _finite(v) and 0 < v < 1, "must be in (0, 1)"),
+    "learning_rate": (lambda v: _finite(v) and v > 0, "must be > 0 and finite"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "must be >= 0 and finite"),
+}
+
+# The CLI flag of a training setting where it is not ``--<field>``.
+_FLAGS = {"learning_rate": "--train_learning_rate"}
+
+
+def cli_flag(field: str) -> str:
+  """The ``python -m jaxnas.main`` flag that sets training setting ``field``."""
+  return _FLAGS.get(field, f"--{field}")
+
+
+def check_fields(config, fields, flag=str) -> None:
+  """ValueError with one clear line for the first of ``fields`` of ``config`` that breaks
+  its ``REQUIREMENTS``, naming it as ``flag(field)`` (the CLI passes ``cli_flag``)."""
+  for field in fields:
+    ok, requirement = REQUIREMENTS[field]
+    value = getattr(config, field)
+    if not ok(value):
+      raise ValueError(f"{flag(field)} {requirement}, got {value!r}")
+
+
+def validate_spec(spec, flag=str) -> None:
   """Checks the proxy fields of ``spec`` (a ``ProxySpec`` or any config with those fields,
   e.g. ``one_shot.SupernetConfig``) at the edge: ValueError with one clear line, naming a
-  field as ``names`` maps it (the CLI passes its flag names)."""
-  finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-  checks = [("epochs", finite(spec.epochs) and spec.epochs > 0, "must be > 0 and finite"),
-            ("channels", spec.channels >= 1, "must be >= 1"),
-            ("cells", spec.cells >= 1, "must be >= 1"),
-            ("batch_size", spec.batch_size >= 1, "must be >= 1"),
-            ("train_fraction", finite(spec.train_fraction) and 0 < spec.train_fraction <= 1,
-             "must be in (0, 1]"),
-            ("val_fraction", finite(spec.val_fraction) and 0 < spec.val_fraction < 1,
-             "must be in (0, 1)"),
-            ("learning_rate", finite(spec.learning_rate) and spec.learning_rate > 0,
-             "must be > 0 and finite"),
-            ("weight_decay", finite(spec.weight_decay) and spec.weight_decay >= 0,
-             "must be >= 0 and finite")]
-  if isinstance(spec, ProxySpec):
-    checks.append(("plan", spec.plan in ("auto",) + PLANS,
-                   f"must be one of auto, {', '.join(PLANS)}"))
-  for field, ok, requirement in checks:
-    if not ok:
-      name = (names or {}).get(field, field)
-      raise ValueError(f"{name} {requirement}, got {getattr(spec, field)!r}")
+  field as ``flag(field)``."""
+  check_fields(spec, REQUIREMENTS, flag)
+  if isinstance(spec, ProxySpec) and spec.plan not in ("auto",) + PLANS:
+    raise ValueError(f"{flag('plan')} must be one of auto, {', '.join(PLANS)}, "
+                     f"got {spec.plan!r}")
 
 
 def search_split(spec: ProxySpec):
