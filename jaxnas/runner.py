@@ -466,32 +466,29 @@ def _hyperband_evaluators(config: SearchConfig):
   return first.space, at
 
 
-def _run_darts(config: SearchConfig, workdir: str, darts, data) -> dict:
+def _run_host_strategy(config: SearchConfig, workdir: str, run) -> dict:
+  """Runs a host-loop strategy (``run()``: its results without the config) and writes its
+  results.json with the config and the command to retrain its best cell."""
   try:
-    results = darts_runner.run(config, workdir, darts, data)
+    results = run()
   except ValueError as e:
     raise UserError(str(e)) from None
   results = {"config": config.to_json(), **results}
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
   write_json_atomic(os.path.join(workdir, "results.json"), results)
-  results = dict(results)
-  results["already_finished"] = False
-  return results
+  return {**results, "already_finished": False}
+
+
+def _run_darts(config: SearchConfig, workdir: str, darts, data) -> dict:
+  return _run_host_strategy(config, workdir,
+                            lambda: darts_runner.run(config, workdir, darts, data))
 
 
 def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:
   args = dict(config.strategy_args)
   args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
-  try:
-    results = multifidelity.run(config, workdir, make_at, space, args)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  results = {"config": config.to_json(), **results}
-  results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
-  write_json_atomic(os.path.join(workdir, "results.json"), results)
-  results = dict(results)
-  results["already_finished"] = False
-  return results
+  return _run_host_strategy(config, workdir,
+                            lambda: multifidelity.run(config, workdir, make_at, space, args))
 
 
 def collect_front(search, config: SearchConfig, state) -> dict:
