@@ -30,7 +30,7 @@ flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120
                     "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
                     "fashion_mnist).")
 flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor "
-                    "| hyperband (multi-fidelity over epochs) | darts (gradient-based: DARTS, GDAS, DARTS-); "
+                    "| nsga2 (multi-objective, with --objectives) | hyperband (multi-fidelity over epochs) | darts (gradient-based: DARTS, GDAS, DARTS-); "
                     "the last two train networks (--evaluator=train).")
 flags.DEFINE_integer("budget", 100, "Architecture evaluations per run.")
 flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one program.")
@@ -47,7 +47,8 @@ flags.DEFINE_list("objectives", ["accuracy"], "accuracy, optionally with params 
 flags.DEFINE_integer("population", None, "Architectures evaluated together per search step and "
                      "seed (the strategy's batch; default: the strategy's own).")
 # Strategy hyperparameters: only those given are passed, and only to strategies that take them.
-flags.DEFINE_integer("population_size", None, "evolution: aging population size (default 10).")
+flags.DEFINE_integer("population_size", None, "evolution: aging population size; nsga2: "
+                     "population, bred one generation per step (default 10 for both).")
 flags.DEFINE_integer("tournament_size", None, "evolution: tournament size (default 3).")
 flags.DEFINE_integer("num_init", None, "local, predictor: initial random samples (default 10).")
 flags.DEFINE_float("learning_rate", None, "reinforce / predictor: learning rate.")

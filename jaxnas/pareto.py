@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def dominates(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -76,9 +77,34 @@ def crowding_distance(objectives: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, dist, 0.0)
 
 
+def hypervolume_2d(points, reference=(0.0, 0.0)) -> float:
+  """Area that ``points`` (float[N, 2], both maximised) dominate above ``reference``
+  (host-side numpy; points not above the reference add nothing)."""
+  pts = np.asarray(points, np.float64).reshape(-1, 2) - np.asarray(reference, np.float64)
+  pts = pts[np.all(pts > 0, axis=1)]
+  area, best_y = 0.0, 0.0
+  for x, y in pts[np.argsort(-pts[:, 0], kind="stable")]:
+    if y > best_y:  # x falls; each point adds the strip its y raises above the best so far
+      area += x * (y - best_y)
+      best_y = y
+  return float(area)
+
+
 # Objectives a search can report a front over: (report key or "accuracy", sign).
 # Fronts are computed on maximised values, so costs are negated.
 OBJECTIVES = {"accuracy": 1.0, "params": -1.0, "flops": -1.0}
+
+
+def cost_objectives(evaluator, names: tuple[str, ...]):
+  """``f(archs) -> float32[B, len(names)]``: the evaluator's reported ``names`` (e.g.
+  params, flops), signed to be maximised like every objective here (jittable)."""
+  signs = jnp.asarray([OBJECTIVES[o] for o in names], jnp.float32)
+
+  def f(archs):
+    report = evaluator.report(archs)
+    return jnp.stack([jnp.asarray(report[o], jnp.float32) for o in names], -1) * signs
+
+  return f
 
 
 def archive_front(space, evaluator, archive, objectives: tuple[str, ...]) -> dict:

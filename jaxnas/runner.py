@@ -52,7 +52,8 @@ HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = ("nb201", "darts")
 # Strategies that train DARTS-space populations (--space=darts --evaluator=train).
-DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor", "hyperband")
+DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor", "nsga2",
+                          "hyperband")
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
@@ -162,7 +163,7 @@ def validate(c: SearchConfig) -> None:
               inspect.signature(STRATEGIES[c.strategy]).parameters)
   for k, v in c.strategy_args:
     flag = STRATEGY_FLAG_NAMES.get(k, f"--{k}")
-    if k not in accepted or k == "space":
+    if k not in accepted or k in ("space", "extra", "num_extra"):
       raise UserError(f"{flag} does not apply to --strategy={c.strategy}")
     if k == "darts_warmup_epochs":
       epochs = math.ceil(dict(c.evaluator_args).get("epochs", ProxySpec().epochs))
@@ -255,7 +256,11 @@ def build(c: SearchConfig, workdir: str | None = None):
   validate(c)
   evaluator = make_evaluator(c, workdir)
   try:
-    strategy = STRATEGIES[c.strategy](evaluator.space, **dict(c.strategy_args))
+    kwargs = dict(c.strategy_args)
+    if c.strategy == "nsga2" and len(c.objectives) > 1:
+      kwargs.update(extra=pareto.cost_objectives(evaluator, c.objectives[1:]),
+                    num_extra=len(c.objectives) - 1)
+    strategy = STRATEGIES[c.strategy](evaluator.space, **kwargs)
     if c.prefilter:
       strategy = prefiltered(strategy, _prefilter_score(c), c.prefilter_factor)
     return make_search(strategy, evaluator, c.budget)

@@ -39,6 +39,7 @@ def _seed(tree, i):
     ("random", {"batch_size": 3}, 10, 4),
     ("evolution", {"batch_size": 4}, 37, 10),
     ("local", {}, 23, 23),
+    ("nsga2", {"population_size": 8}, 37, 5),
 ])
 def test_budget_is_exact(name, kwargs, budget, steps):
   evaluator = jaxnas.nb201_evaluator("cifar10")
@@ -105,7 +106,7 @@ def _failing_evaluator(threshold):
                           jittable=True)
 
 
-@pytest.mark.parametrize("name", ["random", "evolution", "local"])
+@pytest.mark.parametrize("name", ["random", "evolution", "local", "nsga2"])
 def test_failed_evaluations(name):
   threshold = 83.0  # roughly the best 5% of cells fail
   evaluator = _failing_evaluator(threshold)

@@ -139,14 +139,17 @@ def _run_seeds(search, seeds):
 # quality, no-duplicate and vmap-equals-single-seed tests: compiling dominates.
 QUALITY_BUDGET = 100
 QUALITY_SEEDS = {"random": 200, "evolution": 200, "local": 200, "reinforce": 200,
-                 "predictor": 20}
+                 "predictor": 20, "nsga2": 200}
+# Each strategy's own seeds (fixed per name, so a new strategy changes no other's runs).
+SEED_BASE = {"evolution": 1000, "local": 2000, "predictor": 3000, "random": 4000,
+             "reinforce": 5000, "nsga2": 6000}
 
 
 @functools.lru_cache(maxsize=None)
 def _quality_run(name):
   evaluator = jaxnas.nb201_evaluator("cifar10")
   search = make_search(STRATEGIES[name](evaluator.space), evaluator, QUALITY_BUDGET)
-  seeds = 1000 * (1 + NAMES.index(name)) + np.arange(QUALITY_SEEDS[name])
+  seeds = SEED_BASE[name] + np.arange(QUALITY_SEEDS[name])
   state = _run_seeds(search, seeds)
   acc = jax.jit(jax.vmap(lambda s: results_of(search, s)["report"]["test_accuracy"]))(state)
   return search, seeds, jax.device_get(state), np.asarray(acc, np.float64)

@@ -7,6 +7,7 @@
 from jaxnas.strategies.base import Archive, Strategy, archive_add, archive_init, propose_batch
 from jaxnas.strategies.evolution import evolution
 from jaxnas.strategies.local_search import local_search
+from jaxnas.strategies.nsga2 import nsga2
 from jaxnas.strategies.predictor import predictor_search
 from jaxnas.strategies.random_search import random_search
 from jaxnas.strategies.reinforce import reinforce
@@ -17,7 +18,8 @@ STRATEGIES = {
     "reinforce": reinforce,
     "local": local_search,
     "predictor": predictor_search,
+    "nsga2": nsga2,
 }
 
 __all__ = ["Archive", "STRATEGIES", "Strategy", "archive_add", "archive_init", "evolution",
-           "local_search", "predictor_search", "propose_batch", "random_search", "reinforce"]
+           "local_search", "nsga2", "predictor_search", "propose_batch", "random_search", "reinforce"]
