@@ -106,11 +106,9 @@ flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network tr
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
                     "sequential | sequential_static (default auto: by backend); supernet: auto "
                     "| map | vmap.")
-flags.DEFINE_integer("cpu_devices", None, "CPU only: expose this many single-threaded CPU "
-                     "devices so population training runs a slice per core; 0 keeps JAX's "
-                     "default (one multi-threaded device). Default: one per core for "
-                     "--evaluator=train searches other than darts (1.3x faster there), else 0; "
-                     "an XLA_FLAGS device count is kept.")
+flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
+                     "(e.g. one per core) so population training runs a slice per core; 0 keeps "
+                     "JAX's default (one multi-threaded device).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host, "
                   "e.g. a Cloud TPU pod: every host runs the same command); populations are "
                   "then sharded over the devices of all hosts.")
@@ -207,26 +205,6 @@ def _summary(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _effective_evaluator() -> str:
-  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
-    return "train"  # they only make sense with real training
-  return FLAGS.evaluator
-
-
-def default_cpu_devices(evaluator: str, strategy: str, mode: str, distributed: bool,
-                        xla_flags: str, cores: int) -> int:
-  """``--cpu_devices`` when not given: one single-threaded device per core for searches
-  that train populations (members are independent, and on CPU a slice per core is 1.3x
-  faster than one multi-threaded device, with the same per-member results:
-  experiments/NOTES_population.md, items 8 and 15); 0 (JAX's default) for everything
-  else (the table, proxies, supernets, DARTS, whose steps would become data-parallel,
-  and a retrain's single network), across hosts, or where XLA_FLAGS sets a count."""
-  if (mode != "search" or evaluator != "train" or strategy == "darts" or distributed
-      or "xla_force_host_platform_device_count" in xla_flags or cores < 2):
-    return 0
-  return cores
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -235,21 +213,16 @@ def main(argv):
   from jaxnas import plotting, runner
   from jaxnas.checkpoint import CheckpointError
 
-  cpu_devices = FLAGS.cpu_devices
-  if cpu_devices is None:
-    cpu_devices = default_cpu_devices(_effective_evaluator(), FLAGS.strategy, FLAGS.mode,
-                                      FLAGS.distributed, os.environ.get("XLA_FLAGS", ""),
-                                      len(os.sched_getaffinity(0)))
-  if cpu_devices < 0:
-    _fail(f"--cpu_devices must be >= 0, got {cpu_devices}")
-  if cpu_devices:
+  if FLAGS.cpu_devices < 0:
+    _fail(f"--cpu_devices must be >= 0, got {FLAGS.cpu_devices}")
+  if FLAGS.cpu_devices:
     # Before the backend starts: members are independent, and one
     # single-threaded device per core beats XLA's intra-op threads for these
     # small convs (experiments/NOTES_population.md).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   if FLAGS.distributed:
     import jax
     try:
@@ -259,7 +232,9 @@ def main(argv):
   if FLAGS.mode == "retrain":
     _compilation_cache(FLAGS.compilation_cache)
     return _retrain()
-  evaluator = _effective_evaluator()
+  evaluator = FLAGS.evaluator
+  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
+    evaluator = "train"  # they only make sense with real training
   dataset = FLAGS.dataset or ("cifar10" if evaluator == "nb201" else "fashion_mnist")
   strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
                                _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))

@@ -238,34 +238,3 @@ def test_spearman_matches_definition():
   assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(np.corrcoef(
       [1.5, 1.5, 3, 4], [1, 2, 3, 4])[0, 1])
   assert np.isnan(spearman([1, 2], [3, 4]))
-
-
-def test_cli_training_search_defaults_to_one_cpu_device_per_core(tmp_path):
-  """Without --cpu_devices (and no device count in XLA_FLAGS) a training search runs one
-  single-threaded device per core, with the same results as on one device."""
-  from conftest import FAST_COMPILE_FLAGS
-  from jaxnas.main import default_cpu_devices
-  cores = len(os.sched_getaffinity(0))
-  assert default_cpu_devices("train", "evolution", "search", False, "", 4) == 4
-  assert default_cpu_devices("train", "hyperband", "search", False, "", 4) == 4
-  for args in (("train", "darts", "search", False, "", 4),  # data-parallel otherwise
-               ("nb201", "evolution", "search", False, "", 4),
-               ("train", "evolution", "retrain", False, "", 4),
-               ("train", "evolution", "search", True, "", 4),
-               ("train", "evolution", "search", False,
-                "--xla_force_host_platform_device_count=8", 4),
-               ("train", "evolution", "search", False, "", 1)):
-    assert default_cpu_devices(*args) == 0, args
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS, JAX_PLATFORMS="cpu")
-  flags = ["--evaluator=train", "--budget=3", "--num_seeds=1", "--population=3",
-           "--channels=4", "--epochs=1", "--train_fraction=0.01", "--batch_size=32"]
-  out = {}
-  for name, extra in (("auto", []), ("one", ["--cpu_devices=1"])):
-    proc = subprocess.run([sys.executable, "-m", "jaxnas.main", *flags, *extra,
-                           f"--workdir={tmp_path / name}"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / name / "config.json") as f:
-      out[name] = json.load(f)["environment"]["devices"]
-  assert len(out["auto"]) == cores and len(out["one"]) == 1
-  assert _read(tmp_path / "auto" / "results.json") == _read(tmp_path / "one" / "results.json")
