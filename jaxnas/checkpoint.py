@@ -110,19 +110,23 @@ class Checkpointer:
     problems = []
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _closed_loop_filter(previous_hook)
+    asyncio_log = logging_std.getLogger("asyncio")
     for step in reversed(steps):
+      # Installed before the read: a failed read's sibling tasks can be collected, and
+      # reported, while the failure is still propagating out of orbax.
+      step_reports = _StepReadErrors(os.path.join(self.directory, str(step)) + os.sep)
+      asyncio_log.addFilter(step_reports)
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
         state, meta = restored["state"], restored["meta"]
         if meta.get("checksum") != tree_checksum(state):
           raise CheckpointError("checksum mismatch")
+        asyncio_log.removeFilter(step_reports)  # a step that restored leaves no reports
         if not problems:  # nothing failed: no late reports to drop
           sys.unraisablehook = previous_hook
         return step, state, meta
       except Exception as e:  # any failure to read a step means: try the previous one
-        logging_std.getLogger("asyncio").addFilter(
-            _StepReadErrors(os.path.join(self.directory, str(step)) + os.sep))
         first_line = str(e).splitlines()[0] if str(e) else ""
         reason = f"{type(e).__name__}: {first_line[:120]}"
         problems.append(f"step {step}: {reason}")
