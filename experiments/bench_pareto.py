@@ -36,7 +36,7 @@ def main():
   import jax
   import jax.numpy as jnp
   from jaxnas import estimators, runner
-  from jaxnas.pareto import OBJECTIVES, hypervolume_2d, pareto_front_mask
+  from jaxnas.pareto import OBJECTIVES, pareto_front_mask, table_hypervolume_gaps
 
   objectives = tuple(args.objectives.split(","))
   if len(objectives) != 2:
@@ -44,20 +44,11 @@ def main():
   cost = objectives[1]
   for dataset in args.datasets.split(","):
     evaluator = estimators.nb201_evaluator(dataset)
-    space = evaluator.space
-    archs = space.enumerate()
-    acc = np.asarray(evaluator.evaluate(jax.random.PRNGKey(0), archs), np.float64)
-    costs = np.asarray(evaluator.report(archs)[cost], np.float64)
-    lo_a, hi_a, lo_c, hi_c = acc.min(), acc.max(), costs.min(), costs.max()
-
-    def scaled(a, c):
-      return np.stack([(np.asarray(a) - lo_a) / (hi_a - lo_a),
-                       (hi_c - np.asarray(c)) / (hi_c - lo_c)], -1)
-
+    archs = evaluator.space.enumerate()
     signs = jnp.asarray([OBJECTIVES[o] for o in objectives], jnp.float32)
-    table_front = np.asarray(pareto_front_mask(jnp.stack(
-        [jnp.asarray(acc, jnp.float32), jnp.asarray(costs, jnp.float32)], -1) * signs))
-    best = hypervolume_2d(scaled(acc[table_front], costs[table_front]))
+    table_front = pareto_front_mask(jnp.stack(
+        [evaluator.evaluate(jax.random.PRNGKey(0), archs),
+         jnp.asarray(evaluator.report(archs)[cost], jnp.float32)], -1) * signs)
     for strategy in args.strategies.split(","):
       config = runner.SearchConfig(evaluator="nb201", dataset=dataset, strategy=strategy,
                                    budget=args.budget, num_seeds=args.seeds,
@@ -66,9 +57,7 @@ def main():
         runner.run(config, workdir)
         with open(os.path.join(workdir, "pareto.json")) as f:
           fronts = json.load(f)["per_run"]
-      hv = np.asarray([hypervolume_2d(scaled([q["accuracy"] for q in f], [q[cost] for q in f]))
-                       for f in fronts]) / best
-      gap = 100 * (1 - hv)
+      gap = table_hypervolume_gaps(evaluator, cost, fronts)
       print(json.dumps({"dataset": dataset, "strategy": strategy, "objectives": list(objectives),
                         "budget": args.budget, "seeds": args.seeds,
                         "hypervolume_gap_pct_mean": round(float(gap.mean()), 3),

@@ -90,6 +90,29 @@ def hypervolume_2d(points, reference=(0.0, 0.0)) -> float:
   return float(area)
 
 
+def table_hypervolume_gaps(evaluator, cost: str, fronts) -> np.ndarray:
+  """float64[len(fronts)]: each (accuracy, ``cost``) front's hypervolume gap, in percent,
+  to the front of every cell of a tabular ``evaluator``'s space (host-side).
+
+  ``fronts`` are lists of points with ``"accuracy"`` and ``cost`` (pareto.json's
+  ``per_run``). Accuracy and cost are scaled to [0, 1] over the whole space (cost
+  flipped, so larger is better in both) and the reference point is the worst corner;
+  the gap is ``100 * (1 - hypervolume / the space's hypervolume)``, lower is better.
+  """
+  archs = evaluator.space.enumerate()
+  acc = np.asarray(evaluator.evaluate(jax.random.PRNGKey(0), archs), np.float64)
+  costs = np.asarray(evaluator.report(archs)[cost], np.float64)
+
+  def scaled(a, c):
+    return np.stack([(np.asarray(a, np.float64) - acc.min()) / np.ptp(acc),
+                     (costs.max() - np.asarray(c, np.float64)) / np.ptp(costs)], -1)
+
+  best = hypervolume_2d(scaled(acc, costs))  # dominated cells add nothing to it
+  return np.asarray([100 * (1 - hypervolume_2d(scaled([q["accuracy"] for q in f],
+                                                      [q[cost] for q in f])) / best)
+                     for f in fronts])
+
+
 # Objectives a search can report a front over: (report key or "accuracy", sign).
 # Fronts are computed on maximised values, so costs are negated.
 OBJECTIVES = {"accuracy": 1.0, "params": -1.0, "flops": -1.0}

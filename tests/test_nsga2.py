@@ -83,34 +83,46 @@ def test_survivors_fill_by_fronts_then_by_spread():
   assert sorted(np.asarray(keep).tolist()) == [1, 3, 4]
 
 
-def test_nsga2_requires_matching_extra_objectives():
+def test_nsga2_checks_its_settings():
   space = jaxnas.nb201_space()
-  with pytest.raises(ValueError, match="go together"):
-    jaxnas.STRATEGIES["nsga2"](space, num_extra=1)
+  with pytest.raises(ValueError, match=r"costs must map 10 architectures to float32\[10, K\]"):
+    jaxnas.STRATEGIES["nsga2"](space, costs=lambda archs: jnp.zeros((10,)))
   with pytest.raises(ValueError, match="population_size"):
     jaxnas.STRATEGIES["nsga2"](space, population_size=1)
 
 
-def _hypervolume_gaps(strategy, seeds, tmp_path):
-  """Per-run gap (%) of the (accuracy, params) front's hypervolume to the table's."""
+def test_hypervolume_2d_against_hand_areas():
+  # Staircase of (3, 1), (2, 2), (1, 3) above (0, 0): 3*1 + 2*1 + 1*1 = 6; a dominated
+  # point, duplicates and points not above the reference add nothing.
+  pts = [(1, 3), (3, 1), (2, 2), (1, 1), (2, 2), (-1, 5)]
+  assert pareto.hypervolume_2d(pts) == pytest.approx(6.0)
+  assert pareto.hypervolume_2d(pts, reference=(1, 0)) == pytest.approx(2 * 1 + 1 * 1)
+  assert pareto.hypervolume_2d(np.zeros((0, 2))) == 0.0
+
+
+def test_table_hypervolume_gaps_span_zero_to_hundred():
+  """The table's own front has gap 0, the worst corner 100, a single front cell between."""
   evaluator = jaxnas.nb201_evaluator("cifar10")
   archs = evaluator.space.enumerate()
-  acc = np.asarray(evaluator.evaluate(None, archs), np.float64)
-  params = np.asarray(evaluator.report(archs)["params"], np.float64)
+  acc = np.asarray(evaluator.evaluate(None, archs))
+  params = np.asarray(evaluator.report(archs)["params"])
+  mask = np.asarray(pareto.pareto_front_mask(jnp.stack([acc, -params], -1)))
+  front = [{"accuracy": a, "params": p} for a, p in zip(acc[mask], params[mask])]
+  worst = [{"accuracy": acc.min(), "params": params.max()}]
+  gaps = pareto.table_hypervolume_gaps(evaluator, "params", [front, worst, front[:1]])
+  assert gaps[0] == pytest.approx(0.0, abs=1e-9)
+  assert gaps[1] == pytest.approx(100.0)
+  assert 0 < gaps[2] < 100
 
-  def scaled(a, p):
-    return np.stack([(np.asarray(a) - acc.min()) / np.ptp(acc),
-                     (params.max() - np.asarray(p)) / np.ptp(params)], -1)
 
-  table = np.asarray(pareto.pareto_front_mask(jnp.asarray(scaled(acc, params))))
-  best = pareto.hypervolume_2d(scaled(acc[table], params[table]))
+def _hypervolume_gaps(strategy, seeds, tmp_path):
+  """Per-run gap (%) of the (accuracy, params) front's hypervolume to the table's."""
   config = runner.SearchConfig(strategy=strategy, budget=100, num_seeds=seeds,
                                objectives=("accuracy", "params"))
   runner.run(config, str(tmp_path / strategy))
   with open(tmp_path / strategy / "pareto.json") as f:
     fronts = json.load(f)["per_run"]
-  return np.asarray([100 * (1 - pareto.hypervolume_2d(
-      scaled([q["accuracy"] for q in f], [q["params"] for q in f])) / best) for f in fronts])
+  return pareto.table_hypervolume_gaps(jaxnas.nb201_evaluator("cifar10"), "params", fronts)
 
 
 def test_nsga2_fronts_beat_random_and_evolution_in_hypervolume(tmp_path):

@@ -9,9 +9,10 @@ crowding distance within a front (elitist, unlike regularized evolution's
 aging). Every generation is one population-parallel evaluation.
 
 The objectives are the search's fitness (accuracy, maximised) and, where
-``extra`` is given, ``extra(archs) -> float32[B, K]``: further objectives, also
-maximised (the runner passes the negated parameter count and/or FLOPs from the
-evaluator's report, for ``--objectives=accuracy,params``). Without ``extra`` it
+``costs`` is given, ``costs(archs) -> float32[B, K]``: further objectives, also
+maximised (the runner passes ``pareto.cost_objectives``, the negated parameter
+count and/or FLOPs from the evaluator's report, to every strategy with a
+``costs`` parameter, for ``--objectives=accuracy,params``). Without ``costs`` it
 is a (mu + lambda) genetic algorithm on accuracy alone.
 """
 
@@ -56,15 +57,19 @@ def survivors(objectives: jax.Array, valid: jax.Array, k: int) -> tuple[jax.Arra
 
 
 def nsga2(space: Space, population_size: int = 10,
-          extra: Callable[[object], jax.Array] | None = None,
-          num_extra: int = 0) -> Strategy:
+          costs: Callable[[object], jax.Array] | None = None) -> Strategy:
   """NSGA-II breeding ``population_size`` children per step (see module docstring);
-  ``extra`` returns ``num_extra`` more objectives per architecture, maximised."""
+  ``costs(archs) -> float32[B, K]`` adds K objectives per architecture, maximised."""
   if population_size < 2:
     raise ValueError(f"population_size must be >= 2, got {population_size}")
-  if (extra is None) != (num_extra == 0):
-    raise ValueError("extra and num_extra go together")
-  p, m = population_size, 1 + num_extra
+  p = population_size
+  m = 1
+  if costs is not None:
+    example = from_vectors(space, jnp.zeros((p, space.num_decisions), jnp.int32))
+    shape = jax.eval_shape(costs, example).shape
+    if len(shape) != 2 or shape[0] != p:
+      raise ValueError(f"costs must map {p} architectures to float32[{p}, K], gave {shape}")
+    m += shape[1]
 
   def init(key):
     del key
@@ -90,9 +95,9 @@ def nsga2(space: Space, population_size: int = 10,
 
   def objectives_of(archs, fitness):
     cols = fitness[:, None].astype(jnp.float32)
-    if extra is None:
+    if costs is None:
       return cols
-    return jnp.concatenate([cols, jnp.asarray(extra(archs), jnp.float32).reshape(p, -1)], -1)
+    return jnp.concatenate([cols, jnp.asarray(costs(archs), jnp.float32)], -1)
 
   def tell(key, archs, fitness, state, archive):
     del key, archive
