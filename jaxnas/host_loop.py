@@ -42,14 +42,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def read_json(path: str, remedy: str) -> Any:
-  """The JSON in ``path``; ValueError with one line (``remedy`` says what to do) where it
-  cannot be read or parsed."""
+def read_json(path: str, remedy: str, error: type[Exception] = ValueError) -> Any:
+  """The JSON in ``path``; ``error`` (the caller's one-line error type) saying what is
+  wrong and, in ``remedy``, what to do, where it cannot be read or parsed."""
   try:
     with open(path) as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-    raise ValueError(f"{path} is unreadable ({e}); {remedy}") from None
+    raise error(f"{path} is unreadable ({e}); {remedy}") from None
 
 
 def describe_diff(there: dict, now: dict) -> str:

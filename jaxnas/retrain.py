@@ -37,8 +37,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
-from jaxnas.estimators.training import check_fields, cli_flag
+from jaxnas.estimators.training import check_fields
 from jaxnas import host_loop
+from jaxnas.runner import cli_flag
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.models import TrainConfig, cost, darts_net, fixed_genotype, make_data
 from jaxnas.models.train import make_network, make_train_parts
@@ -104,10 +105,7 @@ def _check(c: RetrainConfig):
 
 
 def _read_record(path: str) -> dict:
-  try:
-    record = host_loop.read_json(path, "use another --workdir")
-  except ValueError as e:
-    raise RetrainError(str(e)) from None
+  record = host_loop.read_json(path, "use another --workdir", RetrainError)
   if not isinstance(record, dict):
     raise RetrainError(f"{path} is not a jaxnas record; use another --workdir")
   return record

@@ -38,7 +38,7 @@ from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
 from jaxnas.host_loop import write_json_atomic
-from jaxnas.estimators.training import ProxySpec, cli_flag, train_evaluator, validate_spec
+from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
@@ -60,8 +60,18 @@ DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet"
 ZERO_COST_ARGS = ("proxy", "data_dir", "batch_size", "channels", "cells")
 # Networks the prefilter's proxy scores at a time, over all seeds (``_prefilter_score``).
 PREFILTER_MEMBERS = 32
-# Config fields whose command-line flag has another name, for messages.
+# Strategy factory parameters the runner fills itself (never from flags): the space, and
+# a multi-objective strategy's ``costs`` (from --objectives).
+LIBRARY_ONLY_ARGS = ("space", "costs")
+# Config fields whose command-line flag has another name, for messages: strategy
+# arguments, and the training settings of the proxy, the supernet and the retrain.
 STRATEGY_FLAG_NAMES = {"batch_size": "--population"}
+TRAINING_FLAG_NAMES = {"learning_rate": "--train_learning_rate"}
+
+
+def cli_flag(field: str) -> str:
+  """The ``python -m jaxnas.main`` flag that sets training setting ``field``."""
+  return TRAINING_FLAG_NAMES.get(field, f"--{field}")
 
 
 class UserError(ValueError):
@@ -163,7 +173,7 @@ def validate(c: SearchConfig) -> None:
               inspect.signature(STRATEGIES[c.strategy]).parameters)
   for k, v in c.strategy_args:
     flag = STRATEGY_FLAG_NAMES.get(k, f"--{k}")
-    if k not in accepted or k in ("space", "extra", "num_extra"):
+    if k not in accepted or k in LIBRARY_ONLY_ARGS:
       raise UserError(f"{flag} does not apply to --strategy={c.strategy}")
     if k == "darts_warmup_epochs":
       epochs = math.ceil(dict(c.evaluator_args).get("epochs", ProxySpec().epochs))
@@ -257,9 +267,9 @@ def build(c: SearchConfig, workdir: str | None = None):
   evaluator = make_evaluator(c, workdir)
   try:
     kwargs = dict(c.strategy_args)
-    if c.strategy == "nsga2" and len(c.objectives) > 1:
-      kwargs.update(extra=pareto.cost_objectives(evaluator, c.objectives[1:]),
-                    num_extra=len(c.objectives) - 1)
+    if "costs" in inspect.signature(STRATEGIES[c.strategy]).parameters and len(
+        c.objectives) > 1:  # a multi-objective strategy: the costs drive its selection
+      kwargs["costs"] = pareto.cost_objectives(evaluator, c.objectives[1:])
     strategy = STRATEGIES[c.strategy](evaluator.space, **kwargs)
     if c.prefilter:
       strategy = prefiltered(strategy, _prefilter_score(c), c.prefilter_factor)
@@ -349,10 +359,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   results_path = os.path.join(workdir, "results.json")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(config_path):
-    try:
-      record = host_loop.read_json(config_path, "use another --workdir")
-    except ValueError as e:
-      raise UserError(str(e)) from None
+    record = host_loop.read_json(config_path, "use another --workdir", UserError)
     if isinstance(record, dict) and "arch" in record and "config" not in record:
       raise UserError(f"workdir {workdir} holds a retrain, not a search; use another --workdir")
     previous = record.get("config") if isinstance(record, dict) else None
@@ -363,10 +370,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                       f"({host_loop.describe_diff(previous, config.to_json())}); "
                       "use another --workdir")
   if os.path.exists(results_path):
-    try:
-      results = host_loop.read_json(results_path, "move it away to rerun the search")
-    except ValueError as e:
-      raise UserError(str(e)) from None
+    results = host_loop.read_json(results_path, "move it away to rerun the search", UserError)
     if not (isinstance(results, dict) and results.get("config") == config.to_json()
             and isinstance(results.get("runs"), list)):
       raise UserError(f"{results_path} is not the results of this search; use another "
@@ -390,9 +394,13 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   if not os.path.exists(config_path):
     write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
   if config.strategy == "hyperband":
-    return _run_hyperband(config, workdir, space, make_at)
+    args = dict(config.strategy_args)
+    args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
+    return _run_host_strategy(config, workdir,
+                              lambda: multifidelity.run(config, workdir, make_at, space, args))
   if config.strategy == "darts":
-    return _run_darts(config, workdir, darts, darts_data)
+    return _run_host_strategy(config, workdir,
+                              lambda: darts_runner.run(config, workdir, darts, darts_data))
 
   t_start = time.time()
   n, num_steps = config.num_seeds, search.num_steps
@@ -482,18 +490,6 @@ def _run_host_strategy(config: SearchConfig, workdir: str, run) -> dict:
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
   write_json_atomic(os.path.join(workdir, "results.json"), results)
   return {**results, "already_finished": False}
-
-
-def _run_darts(config: SearchConfig, workdir: str, darts, data) -> dict:
-  return _run_host_strategy(config, workdir,
-                            lambda: darts_runner.run(config, workdir, darts, data))
-
-
-def _run_hyperband(config: SearchConfig, workdir: str, space, make_at) -> dict:
-  args = dict(config.strategy_args)
-  args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
-  return _run_host_strategy(config, workdir,
-                            lambda: multifidelity.run(config, workdir, make_at, space, args))
 
 
 def collect_front(search, config: SearchConfig, state) -> dict:

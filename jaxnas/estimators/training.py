@@ -67,18 +67,9 @@ REQUIREMENTS = {
     "weight_decay": (lambda v: _finite(v) and v >= 0, "must be >= 0 and finite"),
 }
 
-# The CLI flag of a training setting where it is not ``--<field>``.
-_FLAGS = {"learning_rate": "--train_learning_rate"}
-
-
-def cli_flag(field: str) -> str:
-  """The ``python -m jaxnas.main`` flag that sets training setting ``field``."""
-  return _FLAGS.get(field, f"--{field}")
-
-
 def check_fields(config, fields, flag=str) -> None:
   """ValueError with one clear line for the first of ``fields`` of ``config`` that breaks
-  its ``REQUIREMENTS``, naming it as ``flag(field)`` (the CLI passes ``cli_flag``)."""
+  its ``REQUIREMENTS``, naming it as ``flag(field)`` (the CLI passes ``runner.cli_flag``)."""
   for field in fields:
     ok, requirement = REQUIREMENTS[field]
     value = getattr(config, field)
