@@ -32,7 +32,7 @@ def cli_seconds(strategy: str, budget: int, seeds: int, repeats: int) -> float:
   return best
 
 
-def in_process(strategy: str, budget: int, seeds: list[int]) -> dict:
+def in_process(strategy: str, budget: int, seeds: list[int], repeats: int = 21) -> dict:
   import jax
   import jax.numpy as jnp
   from jaxnas.estimators import nb201_evaluator
@@ -47,10 +47,12 @@ def in_process(strategy: str, budget: int, seeds: list[int]) -> dict:
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
     state = jax.jit(jax.vmap(search.init))(keys)
     jax.block_until_ready(run(state))  # compile
-    t = time.perf_counter()
-    for _ in range(5):
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
       jax.block_until_ready(run(state))
-    out[n] = (time.perf_counter() - t) / 5
+      times.append(time.perf_counter() - t)
+    out[n] = sorted(times)[len(times) // 2]  # the median: robust to this machine's bursts
   return out
 
 
@@ -67,7 +69,7 @@ def main():
     print(f"CLI {a.strategy} budget {a.budget}, {n:5d} seeds: {t:6.2f} s (best of {a.repeats})")
   compiled = in_process(a.strategy, a.budget, seeds)
   for n, t in compiled.items():
-    print(f"compiled search only, {n:5d} seeds: {t * 1e3:8.2f} ms")
+    print(f"compiled search only, {n:5d} seeds: {t * 1e3:8.2f} ms (median of 21)")
   lo, hi = min(seeds), max(seeds)
   result = {
       "strategy": a.strategy, "budget": a.budget,
