@@ -73,8 +73,8 @@ def novelty(archive: Archive, vectors: jax.Array, window: int = DIVERSITY_WINDOW
   start = jnp.clip(archive.count - w, 0, archive.capacity - w)
   rows = jax.lax.dynamic_slice_in_dim(archive.vectors, start, w, axis=0)
   valid = (start + jnp.arange(w)) < archive.count
-  # Mismatches counted in integers (a float mean over the D decisions of every pair was
-  # ~10 % of an evolution step on CPU), divided once.
+  # Mismatches counted in integers and divided once (a float mean over the D decisions
+  # of every pair cost ~6 % of an evolution step over 2000 seeds on CPU).
   diff = jnp.sum(vectors[:, None, :] != rows[None, :, :], axis=-1, dtype=jnp.int32)  # [B, w]
   total = jnp.sum(jnp.where(valid, diff, 0))
   return total / jnp.maximum(valid.sum() * vectors.shape[0] * vectors.shape[1], 1).astype(
