@@ -83,26 +83,33 @@ def archive_add(archive: Archive, vectors: jax.Array, keys: jax.Array, fitness: 
 def rows_contain(rows: jax.Array, num_valid: jax.Array, vector: jax.Array) -> jax.Array:
   """Whether ``vector`` equals one of the first ``num_valid`` rows of ``rows``."""
   hit = jnp.all(rows == vector, axis=-1) & (jnp.arange(rows.shape[0]) < num_valid)
-  return jnp.any(hit)
+  return _any(hit)
+
+
+def _hits(space: Space, archive: Archive, vector: jax.Array) -> jax.Array:
+  """bool[capacity]: the counted archive rows that hold ``vector`` (keys first, then, for
+  spaces too large for exact keys, the vectors)."""
+  key = space.key_of(vector)
+  if space.size < 2**31:  # keys are exact ranks (>= 0), so -1 marks the rows not counted
+    return jnp.where(archive.valid(), archive.keys, -1) == key
+  return (archive.keys == key) & archive.valid() & jnp.all(archive.vectors == vector, axis=-1)
+
+
+def _any(hit: jax.Array) -> jax.Array:
+  # An int8 max rather than a boolean any: XLA:CPU lowers the latter as a reduce-window
+  # at twice the time, and membership tests are a large part of a search step.
+  return jnp.max(hit.astype(jnp.int8)) > 0
 
 
 def contains(space: Space, archive: Archive, vector: jax.Array) -> jax.Array:
-  """Whether ``vector`` is in the archive (exact: keys first, then the vectors)."""
-  key = space.key_of(vector)
-  if space.size < 2**31:  # keys are exact ranks (>= 0), so -1 marks the rows not counted
-    # (an int8 max rather than a boolean any: half the time of XLA:CPU's any here)
-    hit = jnp.where(archive.valid(), archive.keys, -1) == key
-    return jnp.max(hit.astype(jnp.int8)) > 0
-  hit = (archive.keys == key) & archive.valid()
-  return jnp.any(hit & jnp.all(archive.vectors == vector, axis=-1))
+  """Whether ``vector`` is in the archive."""
+  return _any(_hits(space, archive, vector))
 
 
 def lookup(space: Space, archive: Archive, vector: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(found, fitness) of ``vector`` in the archive."""
-  hit = (archive.keys == space.key_of(vector)) & archive.valid()
-  if space.size >= 2**31:
-    hit = hit & jnp.all(archive.vectors == vector, axis=-1)
-  return jnp.any(hit), jnp.max(jnp.where(hit, archive.fitness, -jnp.inf))
+  hit = _hits(space, archive, vector)
+  return _any(hit), jnp.max(jnp.where(hit, archive.fitness, -jnp.inf))
 
 
 def propose_batch(key: jax.Array, space: Space, archive: Archive, batch_size: int,
