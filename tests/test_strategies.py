@@ -14,7 +14,7 @@ import jaxnas
 from jaxnas.search import make_search, results_of
 from jaxnas.spaces import SPACES
 from jaxnas.strategies import STRATEGIES
-from jaxnas.strategies.base import archive_add, archive_init
+from jaxnas.strategies.base import archive_add, archive_init, permutation
 
 from conftest import tiny_evaluator, tiny_space
 
@@ -226,3 +226,14 @@ def test_random_budget_close_to_space_size():
   space = tiny_space((4, 4, 4), name="tiny64")
   search = make_search(_strategy("random", space), tiny_evaluator(space), 60)
   _assert_no_duplicates(search, _run_seeds(search, np.arange(3)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 24, 144, 300])
+def test_sort_free_permutation_is_jax_random_permutation(n):
+  """Local search's neighbour orders come from ``base.permutation`` (pairwise ranks, no
+  sort): the same permutations as ``jax.random.permutation``, vmapped and jitted."""
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(200))
+  ours = jax.jit(jax.vmap(lambda k: permutation(k, n)))(keys)
+  theirs = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
+  assert ours.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))

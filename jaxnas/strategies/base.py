@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxnas.spaces import Space
@@ -110,6 +111,27 @@ def lookup(space: Space, archive: Archive, vector: jax.Array) -> tuple[jax.Array
   """(found, fitness) of ``vector`` in the archive."""
   hit = _hits(space, archive, vector)
   return _any(hit), jnp.max(jnp.where(hit, archive.fitness, -jnp.inf))
+
+
+def permutation(key: jax.Array, n: int) -> jax.Array:
+  """int32[n]: ``jax.random.permutation(key, n)``, the same permutation, without a sort.
+
+  JAX shuffles by a stable sort of ``jax.random.bits`` (one round for n < ~1600); here
+  each element's place is its rank among those bits (ties by index), found by pairwise
+  comparison: O(n^2) element-wise work, which under vmap over thousands of seeds costs
+  XLA:CPU a fraction of its sort (local search draws one per move, inside its loops).
+  tests/test_strategies.py checks the equality with ``jax.random.permutation``.
+  """
+  if n > 256:  # (n^2 work; JAX also sorts in more rounds from n ~ 1600)
+    return jax.random.permutation(key, n).astype(jnp.int32)
+  _, sub = jax.random.split(key)
+  bits = jax.random.bits(sub, (n,), jnp.uint32)
+  idx = jnp.arange(n, dtype=jnp.int32)
+  before = (bits[None, :] < bits[:, None]) | (
+      (bits[None, :] == bits[:, None]) & (idx[None, :] < idx[:, None]))
+  place = jnp.sum(before, axis=1, dtype=jnp.int32)  # where element i goes
+  return jnp.sum(jnp.where(place[None, :] == idx[:, None], idx[None, :], 0), axis=1,
+                 dtype=jnp.int32)
 
 
 def propose_batch(key: jax.Array, space: Space, archive: Archive, batch_size: int,

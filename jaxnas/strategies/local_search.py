@@ -17,7 +17,7 @@ from flax import struct
 
 from jaxnas.spaces import Space
 from jaxnas.strategies.base import (MAX_FALLBACK_TRIES, Strategy, contains, from_vectors,
-                                    lookup, rows_contain, to_vectors)
+                                    lookup, permutation, rows_contain, to_vectors)
 
 
 @struct.dataclass
@@ -39,14 +39,14 @@ def local_search(space: Space, num_init: int = 10, batch_size: int = 1) -> Strat
   def init(key):
     return LocalState(center=jnp.zeros((space.num_decisions,), jnp.int32),
                       center_fit=jnp.full((), -jnp.inf), has_center=jnp.zeros((), bool),
-                      perm=jax.random.permutation(key, n).astype(jnp.int32),
+                      perm=permutation(key, n),
                       ptr=jnp.zeros((), jnp.int32), phase_start=jnp.zeros((), jnp.int32),
                       phase_len=jnp.asarray(num_init, jnp.int32),
                       restarts=jnp.zeros((), jnp.int32))
 
   def move(state, vector, fit, key):
     return state.replace(center=vector, center_fit=fit, has_center=jnp.ones((), bool),
-                         perm=jax.random.permutation(key, n).astype(jnp.int32),
+                         perm=permutation(key, n),
                          ptr=jnp.zeros((), jnp.int32))
 
   def ask(key, state, archive):
