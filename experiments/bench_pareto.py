@@ -33,10 +33,8 @@ def main():
   p.add_argument("--strategies", default="random,evolution,nsga2")
   p.add_argument("--datasets", default="cifar10,cifar100,imagenet16-120")
   args = p.parse_args()
-  import jax
-  import jax.numpy as jnp
   from jaxnas import estimators, runner
-  from jaxnas.pareto import OBJECTIVES, pareto_front_mask, table_hypervolume_gaps
+  from jaxnas.pareto import TableFront
 
   objectives = tuple(args.objectives.split(","))
   if len(objectives) != 2:
@@ -44,11 +42,7 @@ def main():
   cost = objectives[1]
   for dataset in args.datasets.split(","):
     evaluator = estimators.nb201_evaluator(dataset)
-    archs = evaluator.space.enumerate()
-    signs = jnp.asarray([OBJECTIVES[o] for o in objectives], jnp.float32)
-    table_front = pareto_front_mask(jnp.stack(
-        [evaluator.evaluate(jax.random.PRNGKey(0), archs),
-         jnp.asarray(evaluator.report(archs)[cost], jnp.float32)], -1) * signs)
+    table = TableFront(evaluator, cost)
     for strategy in args.strategies.split(","):
       config = runner.SearchConfig(evaluator="nb201", dataset=dataset, strategy=strategy,
                                    budget=args.budget, num_seeds=args.seeds,
@@ -57,13 +51,13 @@ def main():
         runner.run(config, workdir)
         with open(os.path.join(workdir, "pareto.json")) as f:
           fronts = json.load(f)["per_run"]
-      gap = table_hypervolume_gaps(evaluator, cost, fronts)
+      gap = table.gaps(fronts)
       print(json.dumps({"dataset": dataset, "strategy": strategy, "objectives": list(objectives),
                         "budget": args.budget, "seeds": args.seeds,
                         "hypervolume_gap_pct_mean": round(float(gap.mean()), 3),
                         "hypervolume_gap_pct_sem": round(float(gap.std(ddof=1) / np.sqrt(len(gap))), 3),
                         "front_size_mean": round(float(np.mean([len(f) for f in fronts])), 2),
-                        "table_front_size": int(table_front.sum())}), flush=True)
+                        "table_front_size": table.size}), flush=True)
 
 
 if __name__ == "__main__":

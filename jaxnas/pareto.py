@@ -90,27 +90,37 @@ def hypervolume_2d(points, reference=(0.0, 0.0)) -> float:
   return float(area)
 
 
-def table_hypervolume_gaps(evaluator, cost: str, fronts) -> np.ndarray:
-  """float64[len(fronts)]: each (accuracy, ``cost``) front's hypervolume gap, in percent,
-  to the front of every cell of a tabular ``evaluator``'s space (host-side).
+class TableFront:
+  """The (accuracy, ``cost``) front of every cell of a tabular ``evaluator``'s space, against
+  which search fronts are scored (host-side; the table is evaluated once, here).
 
-  ``fronts`` are lists of points with ``"accuracy"`` and ``cost`` (pareto.json's
-  ``per_run``). Accuracy and cost are scaled to [0, 1] over the whole space (cost
-  flipped, so larger is better in both) and the reference point is the worst corner;
-  the gap is ``100 * (1 - hypervolume / the space's hypervolume)``, lower is better.
+  Accuracy and cost are scaled to [0, 1] over the whole space (cost flipped, so larger
+  is better in both) and the reference point is the worst corner. ``size`` is the
+  number of cells on the table's front.
   """
-  archs = evaluator.space.enumerate()
-  acc = np.asarray(evaluator.evaluate(jax.random.PRNGKey(0), archs), np.float64)
-  costs = np.asarray(evaluator.report(archs)[cost], np.float64)
 
-  def scaled(a, c):
-    return np.stack([(np.asarray(a, np.float64) - acc.min()) / np.ptp(acc),
-                     (costs.max() - np.asarray(c, np.float64)) / np.ptp(costs)], -1)
+  def __init__(self, evaluator, cost: str):
+    archs = evaluator.space.enumerate()
+    acc = np.asarray(evaluator.evaluate(jax.random.PRNGKey(0), archs), np.float64)
+    costs = np.asarray(evaluator.report(archs)[cost], np.float64)
+    self.cost = cost
+    self._acc_min, self._acc_span = acc.min(), np.ptp(acc)
+    self._cost_max, self._cost_span = costs.max(), np.ptp(costs)
+    self.size = int(np.asarray(pareto_front_mask(jnp.asarray(
+        np.stack([acc, -costs], -1), jnp.float32))).sum())
+    self.hypervolume = hypervolume_2d(self._scaled(acc, costs))  # dominated cells add nothing
 
-  best = hypervolume_2d(scaled(acc, costs))  # dominated cells add nothing to it
-  return np.asarray([100 * (1 - hypervolume_2d(scaled([q["accuracy"] for q in f],
-                                                      [q[cost] for q in f])) / best)
-                     for f in fronts])
+  def _scaled(self, acc, costs):
+    return np.stack([(np.asarray(acc, np.float64) - self._acc_min) / self._acc_span,
+                     (self._cost_max - np.asarray(costs, np.float64)) / self._cost_span], -1)
+
+  def gaps(self, fronts) -> np.ndarray:
+    """float64[len(fronts)]: each front's hypervolume gap to the table's, in percent,
+    ``100 * (1 - hypervolume / the table's)``, lower is better. ``fronts`` are lists of
+    points with ``"accuracy"`` and the cost (pareto.json's ``per_run``)."""
+    return np.asarray([100 * (1 - hypervolume_2d(self._scaled(
+        [q["accuracy"] for q in f], [q[self.cost] for q in f])) / self.hypervolume)
+                       for f in fronts])
 
 
 # Objectives a search can report a front over: (report key or "accuracy", sign).

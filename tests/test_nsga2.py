@@ -100,7 +100,7 @@ def test_hypervolume_2d_against_hand_areas():
   assert pareto.hypervolume_2d(np.zeros((0, 2))) == 0.0
 
 
-def test_table_hypervolume_gaps_span_zero_to_hundred():
+def test_table_front_gaps_span_zero_to_hundred():
   """The table's own front has gap 0, the worst corner 100, a single front cell between."""
   evaluator = jaxnas.nb201_evaluator("cifar10")
   archs = evaluator.space.enumerate()
@@ -109,20 +109,22 @@ def test_table_hypervolume_gaps_span_zero_to_hundred():
   mask = np.asarray(pareto.pareto_front_mask(jnp.stack([acc, -params], -1)))
   front = [{"accuracy": a, "params": p} for a, p in zip(acc[mask], params[mask])]
   worst = [{"accuracy": acc.min(), "params": params.max()}]
-  gaps = pareto.table_hypervolume_gaps(evaluator, "params", [front, worst, front[:1]])
+  table = pareto.TableFront(evaluator, "params")
+  assert table.size == len(front)
+  gaps = table.gaps([front, worst, front[:1]])
   assert gaps[0] == pytest.approx(0.0, abs=1e-9)
   assert gaps[1] == pytest.approx(100.0)
   assert 0 < gaps[2] < 100
 
 
-def _hypervolume_gaps(strategy, seeds, tmp_path):
-  """Per-run gap (%) of the (accuracy, params) front's hypervolume to the table's."""
+def _hypervolume_gaps(table, strategy, seeds, tmp_path):
+  """Per-run gap (%) of the (accuracy, params) front's hypervolume to the ``table``'s."""
   config = runner.SearchConfig(strategy=strategy, budget=100, num_seeds=seeds,
                                objectives=("accuracy", "params"))
   runner.run(config, str(tmp_path / strategy))
   with open(tmp_path / strategy / "pareto.json") as f:
     fronts = json.load(f)["per_run"]
-  return pareto.table_hypervolume_gaps(jaxnas.nb201_evaluator("cifar10"), "params", fronts)
+  return table.gaps(fronts)
 
 
 def test_nsga2_fronts_beat_random_and_evolution_in_hypervolume(tmp_path):
@@ -130,7 +132,8 @@ def test_nsga2_fronts_beat_random_and_evolution_in_hypervolume(tmp_path):
   cover more of the table's front than random search's or (accuracy-driven) evolution's, by
   more than 3 standard errors. Measured (experiments/bench_pareto.py, these seeds): gaps of
   1.22 / 1.95 / 2.09 % (standard errors 0.07 / 0.06 / 0.10)."""
-  gaps = {s: _hypervolume_gaps(s, 100, tmp_path) for s in ("nsga2", "random", "evolution")}
+  table = pareto.TableFront(jaxnas.nb201_evaluator("cifar10"), "params")
+  gaps = {s: _hypervolume_gaps(table, s, 100, tmp_path) for s in ("nsga2", "random", "evolution")}
   for other in ("random", "evolution"):
     diff = gaps[other].mean() - gaps["nsga2"].mean()
     se = np.sqrt(gaps[other].var(ddof=1) / 100 + gaps["nsga2"].var(ddof=1) / 100)
