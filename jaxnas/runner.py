@@ -69,6 +69,12 @@ STRATEGY_FLAG_NAMES = {"batch_size": "--population"}
 TRAINING_FLAG_NAMES = {"learning_rate": "--train_learning_rate"}
 
 
+def factory_parameters(strategy: str) -> frozenset[str]:
+  """The parameters of a compiled strategy's factory (``STRATEGIES``): those flags may
+  set, plus the ``LIBRARY_ONLY_ARGS`` it takes, which ``build`` fills."""
+  return frozenset(inspect.signature(STRATEGIES[strategy]).parameters)
+
+
 def cli_flag(field: str) -> str:
   """The ``python -m jaxnas.main`` flag that sets training setting ``field``."""
   return TRAINING_FLAG_NAMES.get(field, f"--{field}")
@@ -170,7 +176,7 @@ def validate(c: SearchConfig) -> None:
       raise UserError(f"--{name} must be >= {0 if name == 'checkpoint_every' else 1}, got {value}")
   accepted = (HYPERBAND_ARGS if c.strategy == "hyperband" else
               tuple(darts_runner.DARTS_ARGS) if c.strategy == "darts" else
-              inspect.signature(STRATEGIES[c.strategy]).parameters)
+              factory_parameters(c.strategy))
   for k, v in c.strategy_args:
     flag = STRATEGY_FLAG_NAMES.get(k, f"--{k}")
     if k not in accepted or k in LIBRARY_ONLY_ARGS:
@@ -267,7 +273,7 @@ def build(c: SearchConfig, workdir: str | None = None):
   evaluator = make_evaluator(c, workdir)
   try:
     kwargs = dict(c.strategy_args)
-    if "costs" in inspect.signature(STRATEGIES[c.strategy]).parameters and len(
+    if "costs" in factory_parameters(c.strategy) and len(
         c.objectives) > 1:  # a multi-objective strategy: the costs drive its selection
       kwargs["costs"] = pareto.cost_objectives(evaluator, c.objectives[1:])
     strategy = STRATEGIES[c.strategy](evaluator.space, **kwargs)
