@@ -95,24 +95,26 @@ def local_search(space: Space, num_init: int = 10, batch_size: int = 1) -> Strat
     return from_vectors(space, vectors), state
 
   def tell(key, archs, fitness, state, archive):
-    k_move = key
     idx = jnp.arange(archive.capacity)
     # Starting: once the (re)start's random samples are in, the best becomes the centre.
     in_phase = (idx >= state.phase_start) & archive.valid()
     phase_fit = jnp.where(in_phase, archive.fitness, -jnp.inf)
     ready = archive.count - state.phase_start >= state.phase_len
     best = jnp.argmax(phase_fit)
-    started = move(state, archive.vectors[best], phase_fit[best], k_move)
     # Climbing: move to the best of this batch if it beats the centre.
     b = jnp.argmax(fitness)
     improved = fitness[b] > state.center_fit
-    moved = move(state, to_vectors(space, archs)[b], fitness[b], k_move)
+    # The new centre: the phase's best when starting, the batch's best when climbing (one
+    # move, whose new neighbour order is the only random draw).
+    moved = move(state, jnp.where(state.has_center, to_vectors(space, archs)[b],
+                                  archive.vectors[best]),
+                 jnp.where(state.has_center, fitness[b], phase_fit[best]), key)
     exhausted = state.ptr >= n
     restarted = state.replace(has_center=jnp.zeros((), bool), phase_start=archive.count,
                               phase_len=jnp.ones((), jnp.int32), restarts=state.restarts + 1)
     climbing = jax.tree.map(
         lambda m, r, s: jnp.where(improved, m, jnp.where(exhausted, r, s)), moved, restarted, state)
-    starting = jax.tree.map(lambda a, s: jnp.where(ready, a, s), started, state)
+    starting = jax.tree.map(lambda m, s: jnp.where(ready, m, s), moved, state)
     new = jax.tree.map(lambda c, s: jnp.where(state.has_center, c, s), climbing, starting)
     return new, {"center_fitness": new.center_fit, "restarts": new.restarts}
 
