@@ -77,6 +77,24 @@ def crowding_distance(objectives: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, dist, 0.0)
 
 
+def front_mask_2d(points) -> np.ndarray:
+  """bool[N]: ``pareto_front_mask`` of float[N, 2] points (both maximised), host-side in
+  O(N log N) time and O(N) memory, for sets the N x N dominance matrix is too big for
+  (the 15,625 cells of NB201)."""
+  pts = np.asarray(points, np.float64).reshape(-1, 2)
+  if not len(pts):
+    return np.zeros(0, bool)
+  order = np.lexsort((-pts[:, 1], -pts[:, 0]))  # x descending, then y descending
+  x, y = pts[order, 0], pts[order, 1]
+  first = np.r_[True, x[1:] != x[:-1]]
+  start = np.maximum.accumulate(np.where(first, np.arange(len(x)), 0))  # of each point's x
+  best_before = np.r_[-np.inf, np.maximum.accumulate(y)][start]  # best y at greater x
+  mask = np.zeros(len(pts), bool)
+  # Non-dominated: the best y of its x (ties: all of them), above every greater x's.
+  mask[order] = (y == y[start]) & (y > best_before)
+  return mask
+
+
 def hypervolume_2d(points, reference=(0.0, 0.0)) -> float:
   """Area that ``points`` (float[N, 2], both maximised) dominate above ``reference``
   (host-side numpy; points not above the reference add nothing)."""
@@ -106,8 +124,7 @@ class TableFront:
     self.cost = cost
     self._acc_min, self._acc_span = acc.min(), np.ptp(acc)
     self._cost_max, self._cost_span = costs.max(), np.ptp(costs)
-    self.size = int(np.asarray(pareto_front_mask(jnp.asarray(
-        np.stack([acc, -costs], -1), jnp.float32))).sum())
+    self.size = int(front_mask_2d(np.stack([acc, -costs], -1)).sum())
     self.hypervolume = hypervolume_2d(self._scaled(acc, costs))  # dominated cells add nothing
 
   def _scaled(self, acc, costs):

@@ -100,13 +100,22 @@ def test_hypervolume_2d_against_hand_areas():
   assert pareto.hypervolume_2d(np.zeros((0, 2))) == 0.0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_front_mask_2d_equals_the_dominance_matrix_front(seed):
+  """The host-side O(N log N) front is ``pareto_front_mask``'s, ties and duplicates included."""
+  pts = np.random.default_rng(seed).integers(0, 12, (300, 2)).astype(np.float32)
+  want = np.asarray(pareto.pareto_front_mask(jnp.asarray(pts)))
+  np.testing.assert_array_equal(pareto.front_mask_2d(pts), want)
+  assert pareto.front_mask_2d(np.zeros((0, 2))).shape == (0,)
+
+
 def test_table_front_gaps_span_zero_to_hundred():
   """The table's own front has gap 0, the worst corner 100, a single front cell between."""
   evaluator = jaxnas.nb201_evaluator("cifar10")
   archs = evaluator.space.enumerate()
   acc = np.asarray(evaluator.evaluate(None, archs))
   params = np.asarray(evaluator.report(archs)["params"])
-  mask = np.asarray(pareto.pareto_front_mask(jnp.stack([acc, -params], -1)))
+  mask = pareto.front_mask_2d(np.stack([acc, -params], -1))
   front = [{"accuracy": a, "params": p} for a, p in zip(acc[mask], params[mask])]
   worst = [{"accuracy": acc.min(), "params": params.max()}]
   table = pareto.TableFront(evaluator, "params")
