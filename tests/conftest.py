@@ -50,8 +50,8 @@ def tiny_evaluator(space: jaxnas.Space) -> jaxnas.Evaluator:
 # XLA's defaults, so they are compiled at -O0 without LLVM's expensive passes and with
 # XLA:CPU's legacy loop emitters: at -O0 its MLIR fusion emitters cost more compile time
 # than LLVM saves (CPU seconds, measured module by module: test_zero_cost.py 130 -> 87,
-# test_models.py 157 -> 141, two second-order DARTS tests 198 -> 118; BUILD_NOTES.md, "Test
-# suite"). Same semantics, other generated code. JAXNAS_TEST_FUSION_EMITTERS=1 keeps the
+# test_models.py 157 -> 141, two second-order DARTS tests 198 -> 118; experiments/NOTES_tests.md,
+# 2026-11-30). Same semantics, other generated code. JAXNAS_TEST_FUSION_EMITTERS=1 keeps the
 # MLIR emitters, for such comparisons. Subprocesses get the same as XLA_FLAGS (run_child).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 if os.environ.get("JAXNAS_TEST_FUSION_EMITTERS") != "1":
