@@ -108,7 +108,8 @@ def novel_cells(space, seen: list, n: int, rng: np.random.Generator) -> list[lis
 
 def _initial_state(config) -> dict:
   return {"bracket": 0, "rung": 0, "rung_counter": 0, "evaluations": 0, "epochs_used": 0.0,
-          "seeds": [{"candidates": [], "history": []} for _ in range(config.num_seeds)],
+          "seeds": [{"candidates": [], "history": [], "failed": 0}
+                    for _ in range(config.num_seeds)],
           "correlations": []}
 
 
@@ -151,8 +152,10 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
     if epochs not in evaluators:
       evaluators[epochs] = make_evaluator_at(epochs)
     flat = jax.vmap(space.from_vector)(jnp.asarray(vectors.reshape(-1, space.num_decisions)))
-    scores = np.asarray(evaluators[epochs].evaluate(rung_key, flat), np.float64)
-    scores = np.where(np.isfinite(scores), scores, 0.0).reshape(vectors.shape[:2])
+    scores = np.asarray(evaluators[epochs].evaluate(rung_key, flat),
+                        np.float64).reshape(vectors.shape[:2])
+    failed = ~np.isfinite(scores)  # NaN/inf training: scored 0 (as every search does), counted
+    scores = np.where(failed, 0.0, scores)
     line = {"step": rung_counter + 1, "bracket": state["bracket"],
             "rung": state["rung"], "epochs": epochs, "cells": n}
     rhos = []
@@ -162,6 +165,7 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
       cells = vectors[i].tolist()
       for v, s in zip(cells, scores[i].tolist()):
         seed_state["history"].append([v, epochs, s, rung_counter])
+      seed_state["failed"] = seed_state.get("failed", 0) + int(failed[i].sum())
       if previous:
         rhos.append(spearman([previous[tuple(v)] for v in cells], scores[i]))
       keep = max(1, n // eta)
@@ -176,7 +180,8 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
     state["evaluations"] += n
     state["epochs_used"] += n * epochs  # per seed, like evaluations
     line.update(evaluations=state["evaluations"], best=float(scores.max(1).mean()),
-                batch_mean=float(scores.mean()))
+                batch_mean=float(scores.mean()),
+                failed=sum(seed_state.get("failed", 0) for seed_state in state["seeds"]))
     state["rung_counter"] = rung_counter + 1
     state["rung"] += 1
     if state["rung"] == len(bracket):
@@ -212,7 +217,8 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
                  "best_score": round(best[2], 6), "best_epochs": best[1],
                  "trajectory": [round(x, 6) for x in np.maximum.accumulate(
                      [h[2] for h in hist]).tolist()],
-                 "failed_evaluations": 0, "duplicate_evaluations": 0})
+                 "failed_evaluations": seed_state.get("failed", 0),
+                 "duplicate_evaluations": 0})  # novel_cells: never a cell twice at one fidelity
   scores = np.asarray([r["best_score"] for r in runs])
   best_run = int(np.argmax(scores))
   return {"summary": {"best_score_mean": float(scores.mean()),

@@ -80,3 +80,33 @@ def test_hyperband_promotes_the_best_cells_in_the_darts_space(tmp_path):
   assert [c["spearman"] for c in results["fidelity_correlation"]] == [None, None]
   for line in open(os.path.join(tmp_path, "metrics.jsonl")):
     json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+class _FailingScorer(_Scorer):
+  """A positive ``_Scorer`` (accuracies are), whose training 'diverges' (NaN) for every cell
+  whose first edge is op 0."""
+
+  def evaluate(self, key, archs):
+    scores = 1.0 + np.abs(super().evaluate(key, archs))
+    return np.where(np.asarray(jax.vmap(self.space.to_vector)(archs))[:, 0] == 0, np.nan, scores)
+
+
+def test_hyperband_scores_failed_trainings_zero_and_counts_them(tmp_path):
+  space = nb201_space()
+  config = runner.SearchConfig(evaluator="train", dataset="fashion_mnist", strategy="hyperband",
+                               budget=40, num_seeds=3)
+  options = {"eta": 3, "rungs": 2, "max_epochs": 3.0}
+  results = multifidelity.run(config, str(tmp_path), lambda e: _FailingScorer(space, e + 10.0),
+                              space, options)
+  state = json.load(open(os.path.join(tmp_path, multifidelity.STATE_FILE)))
+  total = 0
+  for run, seed_state in zip(results["runs"], state["seeds"]):
+    failed = [h for h in seed_state["history"] if h[0][0] == 0]
+    assert failed and all(h[2] == 0.0 for h in failed)  # scored 0, not NaN
+    assert run["failed_evaluations"] == len(failed)
+    assert not run["best_arch"].startswith("|none~0|")  # a failed cell never wins
+    total += len(failed)
+  lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+           for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  assert lines[-1]["failed"] == total
+  assert [x["failed"] for x in lines] == sorted(x["failed"] for x in lines)  # cumulative
