@@ -121,3 +121,15 @@ def pytest_sessionfinish(session):
   if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, after every worker is done
     import shutil
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def skip_unless_onednn(impl: str = "onednn") -> None:
+  """Skips a test of the oneDNN convolutions where they cannot be built (no compiler or no
+  ``libdnnl-dev``), unless ``JAXNAS_REQUIRE_ONEDNN=1`` (set by .ci/run, which installs
+  them), where that is a failure."""
+  from jaxnas import native
+  if impl != "onednn" or native.onednn_available():
+    return
+  if os.environ.get("JAXNAS_REQUIRE_ONEDNN") == "1":
+    pytest.fail(f"oneDNN convolutions required but unavailable: {native.onednn_status()}")
+  pytest.skip(f"oneDNN convolutions unavailable: {native.onednn_status()}")

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import datasets
+from jaxnas import datasets, native
 from jaxnas.models import nb201_net as net_lib
 from jaxnas.models import train as train_lib
 from jaxnas.spaces import nb201_space
 
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, skip_unless_onednn
 
 ARCHS = [(3, 1, 2, 4, 0, 3), (0, 0, 0, 0, 0, 0), (1, 4, 2, 1, 3, 4)]
 
@@ -95,6 +95,7 @@ def test_balanced_order():
 
 @pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
 def test_conv_vjp_matches_autodiff(impl):
+  skip_unless_onednn(impl)
   # Covers the forward of tiny convs as one im2col matmul (k*k*cin <= 64, <= 16 channels)
   # and each kernel-gradient form of "taps": im2col (k*k*cin <= 64), per-tap
   # matmuls (batch 2), and per-tap matmuls over batch chunks (batch 8); odd sizes too, and
@@ -130,6 +131,7 @@ def test_batch_sharded_traces_pick_im2col_unless_an_impl_is_set(monkeypatch):
 
 @pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
 def test_conv_impls_agree_under_vmap(impl):
+  skip_unless_onednn(impl)
   # A population's per-member kernels: vmap over (x, w) as the vmap plan does.
   rng = np.random.default_rng(1)
   x = rng.standard_normal((3, 4, 7, 7, 6), np.float32)
@@ -144,7 +146,7 @@ def test_conv_impls_agree_under_vmap(impl):
 
 
 def test_conv_impl_choice():
-  assert net_lib.conv_impl("cpu") == "taps"
+  assert net_lib.conv_impl("cpu") == ("onednn" if native.onednn_available() else "taps")
   assert net_lib.conv_impl("gpu") in net_lib.CONV_IMPLS
   assert (net_lib.pool_impl("cpu"), net_lib.pool_impl("gpu")) == ("sum", "window")
   with pytest.raises(ValueError, match="unknown pool impl"):

@@ -1,0 +1,184 @@
+// oneDNN convolutions for XLA:CPU, as XLA FFI handlers (jaxnas.native.onednn).
+//
+// Three handlers, forward, input gradient and kernel gradient of an NHWC x HWIO
+// float32 convolution with symmetric zero padding ``pad`` and equal strides:
+//   jaxnas_onednn_conv_fwd(x [N,H,W,I], w [K,K,I,O]) -> y [N,Ho,Wo,O]
+//   jaxnas_onednn_conv_bwd_data(g [N,Ho,Wo,O], w [K,K,I,O]) -> dx [N,H,W,I]
+//   jaxnas_onednn_conv_bwd_weights(x [N,H,W,I], g [N,Ho,Wo,O]) -> dw [K,K,I,O]
+// Activations stay NHWC (no reorder); the kernel is reordered to (or from) the blocked
+// layout oneDNN's direct JIT kernels want, which is tiny. XLA:CPU runs each device's
+// program on one thread: the primitives, their weight buffers and scratchpads are cached
+// per thread and shape, and each call uses ``threads`` OpenMP threads.
+#include <omp.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+constexpr auto f32 = memory::data_type::f32;
+
+enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One convolution of one kind at one shape, ready to run.
+struct Conv {
+  dnnl::primitive prim;
+  memory act_a, act_b;      // fwd: x, y; bwd_data: g, dx; bwd_weights: x, g
+  memory user_w, prim_w;    // the HWIO kernel, and the primitive's (maybe blocked) one
+  bool reorder_w = false;
+  dnnl::reorder w_reorder;  // user -> primitive (fwd, bwd_data) or back (bwd_weights)
+  std::vector<char> w_buffer, scratch;
+  memory scratchpad;
+};
+
+using Key = std::array<int64_t, 10>;  // kind, n, h, w, i, o, k, stride, pad, ho
+
+std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
+  auto [kind, n, h, w, i, o, k, s, p, ho] = key;
+  auto& eng = Engine();
+  memory::dims xd{n, i, h, w}, wd{o, i, k, k}, yd{n, o, ho, wo}, st{s, s}, pl{p, p};
+  memory::dims pr{(ho - 1) * s + k - h - p, (wo - 1) * s + k - w - p};
+  auto xm = memory::desc(xd, f32, tag::nhwc), ym = memory::desc(yd, f32, tag::nhwc);
+  auto wany = memory::desc(wd, f32, tag::any), wuser = memory::desc(wd, f32, tag::hwio);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd_pd(
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, xm, wany, ym,
+                                      st, pl, pr),
+      attr, eng);
+  auto conv = std::make_unique<Conv>();
+  memory::desc w_md, scratch_md;
+  if (kind == kFwd) {
+    w_md = fwd_pd.weights_desc();
+    scratch_md = fwd_pd.scratchpad_desc();
+    conv->prim = dnnl::convolution_forward(fwd_pd);
+    conv->act_a = memory(xm, eng, nullptr);
+    conv->act_b = memory(ym, eng, nullptr);
+  } else if (kind == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        dnnl::convolution_backward_data::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        fwd_pd);
+    w_md = pd.weights_desc();
+    scratch_md = pd.scratchpad_desc();
+    conv->prim = dnnl::convolution_backward_data(pd);
+    conv->act_a = memory(ym, eng, nullptr);
+    conv->act_b = memory(xm, eng, nullptr);
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        dnnl::convolution_backward_weights::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        fwd_pd);
+    w_md = pd.diff_weights_desc();
+    scratch_md = pd.scratchpad_desc();
+    conv->prim = dnnl::convolution_backward_weights(pd);
+    conv->act_a = memory(xm, eng, nullptr);
+    conv->act_b = memory(ym, eng, nullptr);
+  }
+  conv->user_w = memory(wuser, eng, nullptr);
+  conv->reorder_w = w_md != wuser;
+  if (conv->reorder_w) {
+    conv->w_buffer.resize(w_md.get_size());
+    conv->prim_w = memory(w_md, eng, conv->w_buffer.data());
+    conv->w_reorder = kind == kBwdWeights ? dnnl::reorder(conv->prim_w, conv->user_w)
+                                          : dnnl::reorder(conv->user_w, conv->prim_w);
+  } else {
+    conv->prim_w = memory(wuser, eng, nullptr);
+  }
+  conv->scratch.resize(scratch_md.get_size());
+  conv->scratchpad = memory(scratch_md, eng, conv->scratch.data());
+  return conv;
+}
+
+Conv& Get(const Key& key, int64_t wo) {
+  thread_local std::map<std::pair<Key, int64_t>, std::unique_ptr<Conv>> cache;
+  auto& slot = cache[{key, wo}];
+  if (!slot) slot = Make(key, wo);
+  return *slot;
+}
+
+// Runs one convolution; ``a`` and ``b`` are the activations in the order of Conv::act_*.
+ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
+               const ffi::Span<const int64_t> w_dims, const ffi::Span<const int64_t> y_dims,
+               void* a, void* b, void* w, int64_t stride, int64_t pad, int64_t threads) {
+  if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4)
+    return ffi::Error::InvalidArgument("jaxnas oneDNN conv: operands must be rank 4");
+  Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3],
+          w_dims[3], w_dims[0], stride,    pad,       y_dims[1]};
+  try {
+    Conv& conv = Get(key, y_dims[2]);
+    omp_set_num_threads(static_cast<int>(threads));
+    thread_local dnnl::stream stream(Engine());
+    conv.act_a.set_data_handle(a);
+    conv.act_b.set_data_handle(b);
+    conv.user_w.set_data_handle(w);
+    if (!conv.reorder_w) conv.prim_w.set_data_handle(w);
+    if (conv.reorder_w && kind != kBwdWeights)
+      conv.w_reorder.execute(stream, conv.user_w, conv.prim_w);
+    if (kind == kFwd) {
+      conv.prim.execute(stream, {{DNNL_ARG_SRC, conv.act_a}, {DNNL_ARG_WEIGHTS, conv.prim_w},
+                                 {DNNL_ARG_DST, conv.act_b},
+                                 {DNNL_ARG_SCRATCHPAD, conv.scratchpad}});
+    } else if (kind == kBwdData) {
+      conv.prim.execute(stream, {{DNNL_ARG_DIFF_DST, conv.act_a},
+                                 {DNNL_ARG_WEIGHTS, conv.prim_w},
+                                 {DNNL_ARG_DIFF_SRC, conv.act_b},
+                                 {DNNL_ARG_SCRATCHPAD, conv.scratchpad}});
+    } else {
+      conv.prim.execute(stream, {{DNNL_ARG_SRC, conv.act_a}, {DNNL_ARG_DIFF_DST, conv.act_b},
+                                 {DNNL_ARG_DIFF_WEIGHTS, conv.prim_w},
+                                 {DNNL_ARG_SCRATCHPAD, conv.scratchpad}});
+      if (conv.reorder_w) conv.w_reorder.execute(stream, conv.prim_w, conv.user_w);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("jaxnas oneDNN conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error ConvFwd(F32 x, F32 w, F32Out y, int64_t stride, int64_t pad, int64_t threads) {
+  return Run(kFwd, x.dimensions(), w.dimensions(), y->dimensions(), x.untyped_data(),
+             y->untyped_data(), w.untyped_data(), stride, pad, threads);
+}
+
+ffi::Error ConvBwdData(F32 g, F32 w, F32Out dx, int64_t stride, int64_t pad,
+                       int64_t threads) {
+  return Run(kBwdData, dx->dimensions(), w.dimensions(), g.dimensions(), g.untyped_data(),
+             dx->untyped_data(), w.untyped_data(), stride, pad, threads);
+}
+
+ffi::Error ConvBwdWeights(F32 x, F32 g, F32Out dw, int64_t stride, int64_t pad,
+                          int64_t threads) {
+  return Run(kBwdWeights, x.dimensions(), dw->dimensions(), g.dimensions(), x.untyped_data(),
+             g.untyped_data(), dw->untyped_data(), stride, pad, threads);
+}
+
+}  // namespace
+
+#define JAXNAS_CONV_BINDING                                                          \
+  ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("stride").Attr<int64_t>( \
+      "pad").Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasOnednnConvFwd, ConvFwd, JAXNAS_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasOnednnConvBwdData, ConvBwdData, JAXNAS_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasOnednnConvBwdWeights, ConvBwdWeights,
+                              JAXNAS_CONV_BINDING);
