@@ -308,9 +308,10 @@ def _conv_macs(jaxpr) -> int:
 def test_darts_cost_is_exact(layers, image, monkeypatch):
   """darts_cost's parameters equal the specialised network's tree; its FLOPs equal the
   multiply-accumulates of every conv and matmul in the network's forward jaxpr (depthwise
-  as XLA's grouped conv so that each one is a conv primitive)."""
-  from jaxnas.models import darts_net
+  as XLA's grouped conv, and the stem as XLA's conv, so that each one is a conv primitive)."""
+  from jaxnas.models import darts_net, nb201_net
   monkeypatch.setattr(darts_net, "depthwise", darts_net.depthwise_reference)
+  monkeypatch.setattr(nb201_net, "CONV_IMPL", "xla")
   space = darts_space()
   for seed in range(3):
     arch = space.sample(jax.random.PRNGKey(seed))
