@@ -92,6 +92,9 @@ def test_onednn_unavailable_is_a_clear_error_when_asked_for(monkeypatch):
     net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="onednn")
 
 
-def test_threads_share_the_cores_among_local_devices():
+def test_threads_share_the_cores_among_local_devices(monkeypatch):
+  monkeypatch.delenv("JAXNAS_ONEDNN_THREADS", raising=False)
   cores = len(os.sched_getaffinity(0))
   assert net_lib._onednn_threads() == max(1, cores // jax.local_device_count())
+  monkeypatch.setenv("JAXNAS_ONEDNN_THREADS", "3")
+  assert net_lib._onednn_threads() == 3

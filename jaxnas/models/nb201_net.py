@@ -236,9 +236,12 @@ def _conv_gemm(x, kernel, stride, pad):
 
 
 def _onednn_threads() -> int:
-  """OpenMP threads per oneDNN call: this process's cores shared by its local devices (one
-  single-threaded CPU device per core, as ``bench_population.py`` and ``--cpu_devices``
-  set up, gives 1)."""
+  """OpenMP threads per oneDNN call: ``$JAXNAS_ONEDNN_THREADS``, else this process's cores
+  shared by its local devices (one single-threaded CPU device per core, as
+  ``bench_population.py`` and ``--cpu_devices`` set up, gives 1). oneDNN's kernel gradients
+  split their sums over threads, so results depend on this number at float level."""
+  if os.environ.get("JAXNAS_ONEDNN_THREADS"):
+    return max(1, int(os.environ["JAXNAS_ONEDNN_THREADS"]))
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return max(1, (cores or 1) // jax.local_device_count())
 

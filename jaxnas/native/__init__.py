@@ -14,7 +14,8 @@ on CPU whenever ``onednn_available()``.
 
   python -m jaxnas.native      # build now (also done lazily at first use) and report
 
-Environment: ``JAXNAS_ONEDNN=0`` turns it off; ``JAXNAS_NATIVE_DIR`` (default
+Environment: ``JAXNAS_ONEDNN=0`` turns it off; ``JAXNAS_ONEDNN_THREADS`` sets the OpenMP
+threads per call (default: cores / local devices); ``JAXNAS_NATIVE_DIR`` (default
 ``$XDG_CACHE_HOME/jaxnas/native``, i.e. ``~/.cache/...``) holds the built
 library; ``CXX`` names the compiler (default ``g++``).
 """
