@@ -50,12 +50,16 @@ def native_dir() -> str:
 
 
 def _compile_command(output: str) -> list[str]:
-  import jax.ffi
+  try:
+    import jax.ffi
+    include = jax.ffi.include_dir()
+  except (ImportError, AttributeError) as e:
+    raise NativeBuildError(f"this jax has no XLA FFI headers ({e}); jax >= 0.4.38 has") from None
   cxx = os.environ.get("CXX", "g++")
   if shutil.which(cxx) is None:
     raise NativeBuildError(f"no C++ compiler {cxx!r} on PATH (set CXX, or install g++)")
   return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-          f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", output, "-ldnnl"]
+          f"-I{include}", _SOURCE, "-o", output, "-ldnnl"]
 
 
 def library_path() -> str:
