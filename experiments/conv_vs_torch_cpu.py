@@ -1,6 +1,6 @@
 """One convolution's forward + backward on one CPU core: jaxnas' ``conv2d`` vs PyTorch.
 
-  taskset -c 0 python experiments/conv_vs_torch_cpu.py [--impls=taps] [--reps=5]
+  taskset -c 0 python experiments/conv_vs_torch_cpu.py [--impls=onednn,taps] [--reps=5]
 
 The issue-3 benchmark's convolutions (batch 128, Fashion-MNIST-sized NB201
 network at C=16): 3x3 stride 1 at each stage, the reduction blocks' stride-2
@@ -79,7 +79,7 @@ def time_torch(case, reps):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--impls", default="taps", help="nb201_net.CONV_IMPLS, comma-separated")
+  p.add_argument("--impls", default="onednn,taps", help="nb201_net.CONV_IMPLS, comma-separated")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--no_torch", action="store_true")
   args = p.parse_args()
