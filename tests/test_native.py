@@ -98,3 +98,19 @@ def test_threads_share_the_cores_among_local_devices(monkeypatch):
   assert net_lib._onednn_threads() == max(1, cores // jax.local_device_count())
   monkeypatch.setenv("JAXNAS_ONEDNN_THREADS", "3")
   assert net_lib._onednn_threads() == 3
+
+
+def test_a_onednn_outside_the_system_paths_is_compiled_and_linked_against(monkeypatch, tmp_path):
+  # PyPI's onednn-devel-cpu-gomp / onednn-cpu-gomp, or any prefix with include/ and lib/.
+  monkeypatch.setenv("JAXNAS_ONEDNN_ROOT", str(tmp_path))
+  command = native._compile_command("out.so")
+  assert [f"-I{tmp_path}/include", f"-L{tmp_path}/lib",
+          f"-Wl,-rpath,{tmp_path}/lib"] == command[7:10]
+  monkeypatch.delenv("JAXNAS_ONEDNN_ROOT")
+  monkeypatch.setattr(native.sys, "prefix", str(tmp_path))
+  assert native.onednn_root() is None  # no headers here
+  (tmp_path / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (tmp_path / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("")
+  (tmp_path / "lib").mkdir()
+  (tmp_path / "lib" / "libdnnl.so.3").write_text("")
+  assert native.onednn_root() == str(tmp_path)

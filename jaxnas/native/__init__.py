@@ -14,7 +14,11 @@ on CPU whenever ``onednn_available()``.
 
   python -m jaxnas.native      # build now (also done lazily at first use) and report
 
-Environment: ``JAXNAS_ONEDNN=0`` turns it off; ``JAXNAS_ONEDNN_THREADS`` sets the OpenMP
+oneDNN 2.x (Debian 12) and 3.x (PyPI's ``onednn-devel-cpu-gomp``; Debian 13) both build.
+
+Environment: ``JAXNAS_ONEDNN=0`` turns it off; ``JAXNAS_ONEDNN_ROOT`` names a oneDNN
+installation outside the system's paths (``include/``, ``lib/``; default: this Python
+environment when it holds one); ``JAXNAS_ONEDNN_THREADS`` sets the OpenMP
 threads per call (default: cores / local devices); ``JAXNAS_NATIVE_DIR`` (default
 ``$XDG_CACHE_HOME/jaxnas/native``, i.e. ``~/.cache/...``) holds the built
 library; ``CXX`` names the compiler (default ``g++``).
@@ -58,8 +62,24 @@ def _compile_command(output: str) -> list[str]:
   cxx = os.environ.get("CXX", "g++")
   if shutil.which(cxx) is None:
     raise NativeBuildError(f"no C++ compiler {cxx!r} on PATH (set CXX, or install g++)")
-  return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+  root = onednn_root()
+  where = [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"] if root else []
+  return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", *where,
           f"-I{include}", _SOURCE, "-o", output, "-ldnnl"]
+
+
+def onednn_root() -> str | None:
+  """Where oneDNN is, if not in the system's paths (Debian's ``libdnnl-dev``):
+  ``$JAXNAS_ONEDNN_ROOT``, else this Python environment when it holds oneDNN's headers
+  and library (PyPI's ``onednn-devel-cpu-gomp`` and ``onednn-cpu-gomp`` install them
+  into its ``include/`` and ``lib/``)."""
+  if os.environ.get("JAXNAS_ONEDNN_ROOT"):
+    return os.environ["JAXNAS_ONEDNN_ROOT"]
+  lib = os.path.join(sys.prefix, "lib")
+  if (os.path.exists(os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp")) and
+      os.path.isdir(lib) and any(f.startswith("libdnnl.so") for f in os.listdir(lib))):
+    return sys.prefix
+  return None
 
 
 def library_path() -> str:
@@ -85,8 +105,8 @@ def library_path() -> str:
     done = subprocess.run(_compile_command(tmp), capture_output=True, text=True)
     if done.returncode != 0:
       errors = [l for l in done.stderr.splitlines() if "error" in l] or done.stderr.splitlines()
-      hint = " (install oneDNN's headers: apt-get install libdnnl-dev)" if "dnnl" in \
-          done.stderr else ""
+      hint = (" (install oneDNN's headers: apt-get install libdnnl-dev, or pip install "
+              "onednn-devel-cpu-gomp onednn-cpu-gomp)") if "dnnl" in done.stderr else ""
       raise NativeBuildError(f"building {os.path.basename(_SOURCE)} failed{hint}: "
                              f"{(errors or ['no output'])[0].strip()}")
     os.replace(tmp, path)

@@ -59,10 +59,27 @@ std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto algo = dnnl::algorithm::convolution_direct;
+  // oneDNN 3 builds primitive descriptors directly; oneDNN 2 from operation descriptors.
+#if DNNL_VERSION_MAJOR >= 3
+  dnnl::convolution_forward::primitive_desc fwd_pd(
+      eng, dnnl::prop_kind::forward_training, algo, xm, wany, ym, st, pl, pr, attr);
+#define JAXNAS_BWD_DATA_PD(a, w, y) \
+  dnnl::convolution_backward_data::primitive_desc(eng, algo, a, w, y, st, pl, pr, fwd_pd, attr)
+#define JAXNAS_BWD_WEIGHTS_PD(a, w, y) \
+  dnnl::convolution_backward_weights::primitive_desc(eng, algo, a, w, y, st, pl, pr, fwd_pd, \
+                                                     attr)
+#else
   dnnl::convolution_forward::primitive_desc fwd_pd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, xm, wany, ym,
                                       st, pl, pr),
       attr, eng);
+#define JAXNAS_BWD_DATA_PD(a, w, y)                                                        \
+  dnnl::convolution_backward_data::primitive_desc(                                         \
+      dnnl::convolution_backward_data::desc(algo, a, w, y, st, pl, pr), attr, eng, fwd_pd)
+#define JAXNAS_BWD_WEIGHTS_PD(a, w, y)                                                     \
+  dnnl::convolution_backward_weights::primitive_desc(                                      \
+      dnnl::convolution_backward_weights::desc(algo, a, w, y, st, pl, pr), attr, eng, fwd_pd)
+#endif
   auto conv = std::make_unique<Conv>();
   memory::desc w_md, scratch_md;
   if (kind == kFwd) {
@@ -72,18 +89,14 @@ std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
     conv->act_a = memory(xm, eng, nullptr);
     conv->act_b = memory(ym, eng, nullptr);
   } else if (kind == kBwdData) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        dnnl::convolution_backward_data::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
-        fwd_pd);
+    auto pd = JAXNAS_BWD_DATA_PD(xm, wany, ym);
     w_md = pd.weights_desc();
     scratch_md = pd.scratchpad_desc();
     conv->prim = dnnl::convolution_backward_data(pd);
     conv->act_a = memory(ym, eng, nullptr);
     conv->act_b = memory(xm, eng, nullptr);
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        dnnl::convolution_backward_weights::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
-        fwd_pd);
+    auto pd = JAXNAS_BWD_WEIGHTS_PD(xm, wany, ym);
     w_md = pd.diff_weights_desc();
     scratch_md = pd.scratchpad_desc();
     conv->prim = dnnl::convolution_backward_weights(pd);
