@@ -321,8 +321,9 @@ def conv_impl(backend: str | None = None) -> str:
   * ``"gemm"``: forward and both gradients as matmuls (``_conv_gemm``).
   * ``"xla"``: XLA's conv and autodiff's transposed convolutions.
 
-  On CPU without oneDNN the default is ``"taps"``. Off CPU it is ``"im2col"``: the chunk scan of ``"taps"`` is hundreds
-  of tiny serial kernels on a GPU; with ``"im2col"`` the vmapped population of
+  On CPU without oneDNN the default is ``"taps"``. Off CPU it is ``"im2col"``: the chunk
+  scan of ``"taps"`` is hundreds of tiny serial kernels on a GPU; with ``"im2col"`` the
+  vmapped population of
   the issue-3 benchmark trains at 740 instead of 445 candidate-steps/s on an
   H200 (BUILD_NOTES.md; the other forms were measured per conv only).
   """
