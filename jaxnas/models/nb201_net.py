@@ -323,9 +323,9 @@ def conv_impl(backend: str | None = None) -> str:
 
   On CPU without oneDNN the default is ``"taps"``. Off CPU it is ``"im2col"``: the chunk
   scan of ``"taps"`` is hundreds of tiny serial kernels on a GPU; with ``"im2col"`` the
-  vmapped population of
-  the issue-3 benchmark trains at 740 instead of 445 candidate-steps/s on an
-  H200 (BUILD_NOTES.md; the other forms were measured per conv only).
+  vmapped population of the issue-3 benchmark trains at 740 instead of 445
+  candidate-steps/s on an H200 (BUILD_NOTES.md; the other forms were measured per conv
+  only).
   """
   impl = CONV_IMPL or _SCOPED_CONV_IMPL
   if impl is None:
