@@ -124,6 +124,8 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
   if os.path.exists(state_path):
     with open(state_path) as f:
       state = json.load(f)
+    for seed_state in state["seeds"]:
+      seed_state.setdefault("failed", 0)  # states written before failures were counted
     logging.info("resuming from hyperband state at rung %d", state["rung_counter"])
     truncate_log(metrics_path, state["rung_counter"])
   else:
@@ -165,7 +167,7 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
       cells = vectors[i].tolist()
       for v, s in zip(cells, scores[i].tolist()):
         seed_state["history"].append([v, epochs, s, rung_counter])
-      seed_state["failed"] = seed_state.get("failed", 0) + int(failed[i].sum())
+      seed_state["failed"] += int(failed[i].sum())
       if previous:
         rhos.append(spearman([previous[tuple(v)] for v in cells], scores[i]))
       keep = max(1, n // eta)
@@ -181,7 +183,7 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
     state["epochs_used"] += n * epochs  # per seed, like evaluations
     line.update(evaluations=state["evaluations"], best=float(scores.max(1).mean()),
                 batch_mean=float(scores.mean()),
-                failed=sum(seed_state.get("failed", 0) for seed_state in state["seeds"]))
+                failed=sum(seed_state["failed"] for seed_state in state["seeds"]))
     state["rung_counter"] = rung_counter + 1
     state["rung"] += 1
     if state["rung"] == len(bracket):
@@ -217,7 +219,7 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
                  "best_score": round(best[2], 6), "best_epochs": best[1],
                  "trajectory": [round(x, 6) for x in np.maximum.accumulate(
                      [h[2] for h in hist]).tolist()],
-                 "failed_evaluations": seed_state.get("failed", 0),
+                 "failed_evaluations": seed_state["failed"],
                  "duplicate_evaluations": 0})  # novel_cells: never a cell twice at one fidelity
   scores = np.asarray([r["best_score"] for r in runs])
   best_run = int(np.argmax(scores))

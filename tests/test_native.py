@@ -3,8 +3,6 @@ where they cannot be built. (First derivatives and vmap against XLA's conv for e
 impl: tests/test_models.py.)"""
 
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -15,7 +13,7 @@ import pytest
 from jaxnas import native
 from jaxnas.models import nb201_net as net_lib
 
-from conftest import skip_unless_onednn
+from conftest import run_child, skip_unless_onednn
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -55,23 +53,17 @@ def test_onednn_calls_run_inside_scan_and_switch():
   chex.assert_trees_all_close(run("onednn"), run("xla"), atol=1e-5, rtol=1e-5)
 
 
-def _child(env: dict, code: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                        timeout=120)
-
-
-def test_without_a_compiler_cpu_falls_back_to_taps_and_says_why(tmp_path):
+def test_without_a_compiler_cpu_falls_back_to_taps_and_says_why(tmp_path, monkeypatch):
   code = ("from jaxnas import native; from jaxnas.models import nb201_net as n; "
           "print(n.conv_impl('cpu')); print(native.onednn_status())")
-  done = _child({"JAXNAS_NATIVE_DIR": str(tmp_path), "CXX": "no-such-compiler"}, code)
-  assert done.returncode == 0, done.stderr
-  impl, why = done.stdout.splitlines()
+  monkeypatch.setenv("JAXNAS_NATIVE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  impl, why = run_child(code).splitlines()
   assert impl == "taps"
   assert "no C++ compiler 'no-such-compiler'" in why
   assert os.listdir(tmp_path) == []
-  done = _child({"JAXNAS_ONEDNN": "0"}, code)
-  assert done.stdout.splitlines() == ["taps", "turned off by JAXNAS_ONEDNN"]
+  monkeypatch.setenv("JAXNAS_ONEDNN", "0")
+  assert run_child(code).splitlines() == ["taps", "turned off by JAXNAS_ONEDNN"]
 
 
 def test_missing_onednn_headers_name_the_package(tmp_path, monkeypatch):

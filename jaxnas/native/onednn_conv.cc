@@ -47,10 +47,10 @@ struct Conv {
   memory scratchpad;
 };
 
-using Key = std::array<int64_t, 10>;  // kind, n, h, w, i, o, k, stride, pad, ho
+using Key = std::array<int64_t, 11>;  // kind, n, h, w, i, o, k, stride, pad, ho, wo
 
-std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
-  auto [kind, n, h, w, i, o, k, s, p, ho] = key;
+std::unique_ptr<Conv> Make(const Key& key) {
+  auto [kind, n, h, w, i, o, k, s, p, ho, wo] = key;
   auto& eng = Engine();
   memory::dims xd{n, i, h, w}, wd{o, i, k, k}, yd{n, o, ho, wo}, st{s, s}, pl{p, p};
   memory::dims pr{(ho - 1) * s + k - h - p, (wo - 1) * s + k - w - p};
@@ -63,45 +63,49 @@ std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
 #if DNNL_VERSION_MAJOR >= 3
   dnnl::convolution_forward::primitive_desc fwd_pd(
       eng, dnnl::prop_kind::forward_training, algo, xm, wany, ym, st, pl, pr, attr);
-#define JAXNAS_BWD_DATA_PD(a, w, y) \
-  dnnl::convolution_backward_data::primitive_desc(eng, algo, a, w, y, st, pl, pr, fwd_pd, attr)
-#define JAXNAS_BWD_WEIGHTS_PD(a, w, y) \
-  dnnl::convolution_backward_weights::primitive_desc(eng, algo, a, w, y, st, pl, pr, fwd_pd, \
-                                                     attr)
+  auto bwd_data_pd = [&] {
+    return dnnl::convolution_backward_data::primitive_desc(eng, algo, xm, wany, ym, st, pl, pr,
+                                                           fwd_pd, attr);
+  };
+  auto bwd_weights_pd = [&] {
+    return dnnl::convolution_backward_weights::primitive_desc(eng, algo, xm, wany, ym, st, pl,
+                                                              pr, fwd_pd, attr);
+  };
 #else
   dnnl::convolution_forward::primitive_desc fwd_pd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, xm, wany, ym,
                                       st, pl, pr),
       attr, eng);
-#define JAXNAS_BWD_DATA_PD(a, w, y)                                                        \
-  dnnl::convolution_backward_data::primitive_desc(                                         \
-      dnnl::convolution_backward_data::desc(algo, a, w, y, st, pl, pr), attr, eng, fwd_pd)
-#define JAXNAS_BWD_WEIGHTS_PD(a, w, y)                                                     \
-  dnnl::convolution_backward_weights::primitive_desc(                                      \
-      dnnl::convolution_backward_weights::desc(algo, a, w, y, st, pl, pr), attr, eng, fwd_pd)
+  auto bwd_data_pd = [&] {
+    return dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        fwd_pd);
+  };
+  auto bwd_weights_pd = [&] {
+    return dnnl::convolution_backward_weights::primitive_desc(
+        dnnl::convolution_backward_weights::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        fwd_pd);
+  };
 #endif
   auto conv = std::make_unique<Conv>();
   memory::desc w_md, scratch_md;
+  // The primitive of ``pd``, its (diff) weights layout, and its activations ``a``, ``b``.
+  auto finish = [&](auto prim, const auto& pd, const memory::desc& w,
+                    const memory::desc& a, const memory::desc& b) {
+    conv->prim = prim;
+    w_md = w;
+    scratch_md = pd.scratchpad_desc();
+    conv->act_a = memory(a, eng, nullptr);
+    conv->act_b = memory(b, eng, nullptr);
+  };
   if (kind == kFwd) {
-    w_md = fwd_pd.weights_desc();
-    scratch_md = fwd_pd.scratchpad_desc();
-    conv->prim = dnnl::convolution_forward(fwd_pd);
-    conv->act_a = memory(xm, eng, nullptr);
-    conv->act_b = memory(ym, eng, nullptr);
+    finish(dnnl::convolution_forward(fwd_pd), fwd_pd, fwd_pd.weights_desc(), xm, ym);
   } else if (kind == kBwdData) {
-    auto pd = JAXNAS_BWD_DATA_PD(xm, wany, ym);
-    w_md = pd.weights_desc();
-    scratch_md = pd.scratchpad_desc();
-    conv->prim = dnnl::convolution_backward_data(pd);
-    conv->act_a = memory(ym, eng, nullptr);
-    conv->act_b = memory(xm, eng, nullptr);
+    auto pd = bwd_data_pd();
+    finish(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), ym, xm);
   } else {
-    auto pd = JAXNAS_BWD_WEIGHTS_PD(xm, wany, ym);
-    w_md = pd.diff_weights_desc();
-    scratch_md = pd.scratchpad_desc();
-    conv->prim = dnnl::convolution_backward_weights(pd);
-    conv->act_a = memory(xm, eng, nullptr);
-    conv->act_b = memory(ym, eng, nullptr);
+    auto pd = bwd_weights_pd();
+    finish(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), xm, ym);
   }
   conv->user_w = memory(wuser, eng, nullptr);
   conv->reorder_w = w_md != wuser;
@@ -118,10 +122,10 @@ std::unique_ptr<Conv> Make(const Key& key, int64_t wo) {
   return conv;
 }
 
-Conv& Get(const Key& key, int64_t wo) {
-  thread_local std::map<std::pair<Key, int64_t>, std::unique_ptr<Conv>> cache;
-  auto& slot = cache[{key, wo}];
-  if (!slot) slot = Make(key, wo);
+Conv& Get(const Key& key) {
+  thread_local std::map<Key, std::unique_ptr<Conv>> cache;
+  auto& slot = cache[key];
+  if (!slot) slot = Make(key);
   return *slot;
 }
 
@@ -131,10 +135,10 @@ ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
                void* a, void* b, void* w, int64_t stride, int64_t pad, int64_t threads) {
   if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4)
     return ffi::Error::InvalidArgument("jaxnas oneDNN conv: operands must be rank 4");
-  Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3],
-          w_dims[3], w_dims[0], stride,    pad,       y_dims[1]};
+  Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3],
+          w_dims[0], stride,    pad,       y_dims[1], y_dims[2]};
   try {
-    Conv& conv = Get(key, y_dims[2]);
+    Conv& conv = Get(key);
     omp_set_num_threads(static_cast<int>(threads));
     thread_local dnnl::stream stream(Engine());
     conv.act_a.set_data_handle(a);
