@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -236,14 +235,8 @@ def _conv_gemm(x, kernel, stride, pad):
 
 
 def _onednn_threads() -> int:
-  """OpenMP threads per oneDNN call: ``$JAXNAS_ONEDNN_THREADS``, else this process's cores
-  shared by its local devices (one single-threaded CPU device per core, as
-  ``bench_population.py`` and ``--cpu_devices`` set up, gives 1). oneDNN's kernel gradients
-  split their sums over threads, so results depend on this number at float level."""
-  if os.environ.get("JAXNAS_ONEDNN_THREADS"):
-    return max(1, int(os.environ["JAXNAS_ONEDNN_THREADS"]))
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, (cores or 1) // jax.local_device_count())
+  """OpenMP threads per oneDNN call (``native.onednn_threads``)."""
+  return native.onednn_threads()
 
 
 def _onednn(target, shape, a, b, stride, pad):
@@ -321,18 +314,18 @@ def conv_impl(backend: str | None = None) -> str:
   * ``"gemm"``: forward and both gradients as matmuls (``_conv_gemm``).
   * ``"xla"``: XLA's conv and autodiff's transposed convolutions.
 
-  On CPU without oneDNN the default is ``"taps"``. Off CPU it is ``"im2col"``: the chunk
-  scan of ``"taps"`` is hundreds of tiny serial kernels on a GPU; with ``"im2col"`` the
-  vmapped population of the issue-3 benchmark trains at 740 instead of 445
-  candidate-steps/s on an H200 (BUILD_NOTES.md; the other forms were measured per conv
-  only).
+  On CPU without oneDNN the default is ``"taps"``, and one line on stderr says why (once
+  per process). Off CPU it is ``"im2col"``: the chunk scan of ``"taps"`` is hundreds of
+  tiny serial kernels on a GPU; with ``"im2col"`` the vmapped population of the issue-3
+  benchmark trains at 740 instead of 445 candidate-steps/s on an H200 (BUILD_NOTES.md;
+  the other forms were measured per conv only).
   """
   impl = CONV_IMPL or _SCOPED_CONV_IMPL
   if impl is None:
     if (backend or jax.default_backend()) != "cpu":
       impl = "im2col"
     else:
-      impl = "onednn" if native.onednn_available() else "taps"
+      impl = "onednn" if native.onednn_available(warn=True) else "taps"
   return _check_conv_impl(impl)
 
 

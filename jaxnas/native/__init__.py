@@ -14,6 +14,13 @@ on CPU whenever ``onednn_available()``.
 
   python -m jaxnas.native      # build now (also done lazily at first use) and report
 
+When CPU training would use them but cannot, one line on stderr says why, once per
+process (``onednn_available(warn=True)``, the CPU default of ``conv_impl()``);
+``describe()`` is what a run records about them. The cached library's name hashes the
+source, jaxlib's version, the compile command, the compiler's ``--version`` and
+oneDNN's version (from ``dnnl_version.h``), so upgrading any builds afresh; a cached
+library that does not load is removed and built again once.
+
 oneDNN 2.x (Debian 12) and 3.x (PyPI's ``onednn-devel-cpu-gomp``; Debian 13) both build.
 
 Environment: ``JAXNAS_ONEDNN=0`` turns it off; ``JAXNAS_ONEDNN_ROOT`` names a oneDNN
@@ -21,7 +28,8 @@ installation outside the system's paths (``include/``, ``lib/``; default: this P
 environment when it holds one); ``JAXNAS_ONEDNN_THREADS`` sets the OpenMP
 threads per call (default: cores / local devices); ``JAXNAS_NATIVE_DIR`` (default
 ``$XDG_CACHE_HOME/jaxnas/native``, i.e. ``~/.cache/...``) holds the built
-library; ``CXX`` names the compiler (default ``g++``).
+library; ``CXX`` names the compiler (default ``g++``); ``JAXNAS_NATIVE_BUILD_TIMEOUT``
+limits the build (default 300 s).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,27 +92,112 @@ def onednn_root() -> str | None:
   return None
 
 
-def library_path() -> str:
-  """The cached library for this source, jaxlib and compiler, built if missing.
+def _timeout() -> float:
+  """Seconds a compiler call may take: ``$JAXNAS_NATIVE_BUILD_TIMEOUT``, default 300."""
+  value = os.environ.get("JAXNAS_NATIVE_BUILD_TIMEOUT", "300")
+  try:
+    return float(value)
+  except ValueError:
+    raise NativeBuildError(f"JAXNAS_NATIVE_BUILD_TIMEOUT={value!r} is not a number of "
+                           "seconds") from None
 
-  The name hashes the source, jaxlib's version and the compile command, so an
-  upgrade builds afresh; concurrent builders (test workers) each write a
-  temporary file and rename it into place.
-  """
+
+def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
+  """Runs ``command`` within the time limit; on timeout (or Ctrl-C) kills its whole process
+  group (the compiler's cc1plus, as and ld too) and raises ``NativeBuildError``."""
+  timeout = _timeout()
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except BaseException as e:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass  # all gone already
+    proc.communicate()
+    if isinstance(e, subprocess.TimeoutExpired):
+      raise NativeBuildError(f"{what} timed out after {timeout:g} s "
+                             "(JAXNAS_NATIVE_BUILD_TIMEOUT)") from None
+    raise
+  return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def compiler_version(cxx: str | None = None) -> str | None:
+  """The first line of ``cxx --version`` (default ``$CXX``, else ``g++``; e.g.
+  ``g++ (Debian 12.2.0-14) 12.2.0``), or ``None`` where there is no such compiler; asked
+  once per process and compiler."""
+  return _compiler_version(cxx or os.environ.get("CXX", "g++"))
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str | None:
+  if shutil.which(cxx) is None:
+    return None
+  done = _run([cxx, "--version"], f"{cxx} --version")
+  lines = (done.stdout or done.stderr).splitlines()
+  return lines[0].strip() if lines else None
+
+
+def _include_dirs() -> list[str]:
+  """Where the compiler looks for ``oneapi/dnnl/``: the ``-I`` of ``_compile_command``,
+  then ``CPLUS_INCLUDE_PATH`` and ``CPATH``, then the system's directories."""
+  root = onednn_root()
+  dirs = [os.path.join(root, "include")] if root else []
+  for var in ("CPLUS_INCLUDE_PATH", "CPATH"):
+    dirs += [d for d in os.environ.get(var, "").split(os.pathsep) if d]
+  return dirs + ["/usr/local/include", "/usr/include"]
+
+
+@functools.cache
+def _header_version(dirs: tuple[str, ...]) -> str | None:
+  for d in dirs:
+    try:
+      with open(os.path.join(d, "oneapi", "dnnl", "dnnl_version.h")) as f:
+        text = f.read()
+    except OSError:
+      continue
+    fields = dict(re.findall(r'#define\s+DNNL_VERSION_(MAJOR|MINOR|PATCH|HASH)\s+"?([^\s"]*)',
+                             text))
+    return " ".join([".".join(fields.get(f, "?") for f in ("MAJOR", "MINOR", "PATCH")),
+                     fields.get("HASH", "")]).strip()
+  return None
+
+
+def onednn_header_version() -> str | None:
+  """The oneDNN version the kernels compile against (``DNNL_VERSION_*`` and its commit
+  hash from the first ``oneapi/dnnl/dnnl_version.h`` the compiler would include, e.g.
+  ``2.6.3 N/A``), or ``None`` where there is none (the build then fails and says why)."""
+  return _header_version(tuple(_include_dirs()))
+
+
+def _cached_path() -> str:
+  """Where the library for this source, jaxlib, compile command, compiler (its
+  ``--version``) and oneDNN (its header version) is cached: an upgrade of any builds afresh."""
   import jaxlib
   with open(_SOURCE, "rb") as f:
     source = f.read()
   command = _compile_command("OUT")
-  digest = hashlib.sha256(source + jaxlib.__version__.encode() +
-                          " ".join(command).encode()).hexdigest()[:16]
-  path = os.path.join(native_dir(), f"libjaxnas_onednn-{digest}.so")
+  key = [jaxlib.__version__, " ".join(command), compiler_version(command[0]) or "",
+         onednn_header_version() or ""]
+  digest = hashlib.sha256(source + "\0".join(key).encode()).hexdigest()[:16]
+  return os.path.join(native_dir(), f"libjaxnas_onednn-{digest}.so")
+
+
+def library_path() -> str:
+  """The cached library (``_cached_path``), built if missing.
+
+  Concurrent builders (test workers) each write a temporary file and rename it into
+  place. The build is killed after ``$JAXNAS_NATIVE_BUILD_TIMEOUT`` seconds (300).
+  """
+  path = _cached_path()
   if os.path.exists(path):
     return path
   os.makedirs(native_dir(), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=native_dir())
   os.close(fd)
   try:
-    done = subprocess.run(_compile_command(tmp), capture_output=True, text=True)
+    done = _run(_compile_command(tmp), f"building {os.path.basename(_SOURCE)}")
     if done.returncode != 0:
       errors = [l for l in done.stderr.splitlines() if "error" in l] or done.stderr.splitlines()
       hint = (" (install oneDNN's headers: apt-get install libdnnl-dev, or pip install "
@@ -116,35 +211,114 @@ def library_path() -> str:
   return path
 
 
-@functools.cache
-def _load() -> str | None:
-  """Builds, loads and registers the handlers once per process; ``None`` or why not."""
-  if os.environ.get("JAXNAS_ONEDNN", "1").lower() in ("0", "false", "no", "off"):
-    return "turned off by JAXNAS_ONEDNN"
+def _open(path: str) -> ctypes.CDLL:
+  """Loads the library at ``path`` and checks it has the handlers; ``OSError`` if not."""
+  lib = ctypes.cdll.LoadLibrary(path)
+  missing = [symbol for symbol in _TARGETS.values() if not hasattr(lib, symbol)]
+  if missing:
+    import _ctypes
+    _ctypes.dlclose(lib._handle)  # else loading the rebuilt file at this path gets this one
+    raise OSError(f"{path}: no symbol {missing[0]}")
+  return lib
+
+
+def _open_or_rebuild() -> ctypes.CDLL:
+  """The library, loaded; a cached one that does not load (truncated, from another
+  toolchain, missing symbols) is removed and built again once."""
+  path = library_path()
   try:
-    lib = ctypes.cdll.LoadLibrary(library_path())
+    return _open(path)
+  except OSError:
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass  # another process removed it first
+  path = library_path()
+  try:
+    return _open(path)
+  except OSError as e:
+    raise NativeBuildError(f"the freshly built library does not load: {e}") from None
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+  """Builds, loads and registers the handlers once per process: the library, or why not."""
+  value = os.environ.get("JAXNAS_ONEDNN", "1")
+  if value.lower() in ("0", "false", "no", "off"):
+    return None, f"turned off by JAXNAS_ONEDNN={value}"
+  try:
+    lib = _open_or_rebuild()
   except (NativeBuildError, OSError) as e:
-    return str(e)
+    return None, str(e)
   import jax.ffi
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  return None
+  return lib, None
 
 
 def onednn_status() -> str | None:
   """``None`` when the oneDNN convolutions are ready, else the reason they are not."""
-  return _load()
+  return _load()[1]
 
 
-def onednn_available() -> bool:
-  """Whether ``conv2d(..., impl="onednn")`` can run here (builds the library on first use)."""
-  return _load() is None
+@functools.cache
+def _warn(why: str) -> None:
+  print(f"jaxnas: warning: oneDNN convolutions unavailable ({why}); CPU convolutions use "
+        "XLA's (slower)", file=sys.stderr, flush=True)
+
+
+def onednn_available(warn: bool = False) -> bool:
+  """Whether ``conv2d(..., impl="onednn")`` can run here (builds the library on first use).
+
+  ``warn``: where not, say why in one line on stderr, once per process (the CPU default
+  of ``conv_impl()`` falling back; a caller that asks for another impl is not warned).
+  """
+  why = onednn_status()
+  if why is not None and warn:
+    _warn(why)
+  return why is None
+
+
+def onednn_threads() -> int:
+  """OpenMP threads per oneDNN call: ``$JAXNAS_ONEDNN_THREADS``, else this process's cores
+  shared by its local devices (one single-threaded CPU device per core, as
+  ``bench_population.py`` and ``--cpu_devices`` set up, gives 1). oneDNN's kernel gradients
+  split their sums over threads, so results depend on this number at float level."""
+  if os.environ.get("JAXNAS_ONEDNN_THREADS"):
+    return max(1, int(os.environ["JAXNAS_ONEDNN_THREADS"]))
+  import jax
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, (cores or 1) // jax.local_device_count())
+
+
+class _Version(ctypes.Structure):
+  _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+              ("hash", ctypes.c_char_p)]
+
+
+def describe() -> dict:
+  """What a run records about its CPU convolutions (builds the library on first use):
+  ``onednn`` (whether ``conv_impl()``'s CPU default is oneDNN), ``reason`` (why not, or
+  ``None``) and, when it is, ``onednn_version`` (the loaded library's, e.g. ``"2.6.3"``),
+  ``compiler`` (``compiler_version()``) and ``threads`` (``onednn_threads()``); these
+  three are ``None`` when it is not."""
+  lib, why = _load()
+  if lib is None:
+    return {"onednn": False, "reason": why, "onednn_version": None, "compiler": None,
+            "threads": None}
+  version = lib.dnnl_version  # oneDNN's C API, from the libdnnl this library links
+  version.restype = ctypes.POINTER(_Version)
+  v = version().contents
+  return {"onednn": True, "reason": None, "onednn_version": f"{v.major}.{v.minor}.{v.patch}",
+          "compiler": compiler_version(), "threads": onednn_threads()}
 
 
 def main() -> int:
   why = onednn_status()
   if why is None:
-    print(f"jaxnas oneDNN convolutions ready: {library_path()}")
+    d = describe()
+    print(f"jaxnas oneDNN convolutions ready: {library_path()} (oneDNN {d['onednn_version']}, "
+          f"{d['compiler']}, {d['threads']} threads per call)")
     return 0
   print(f"jaxnas oneDNN convolutions unavailable: {why}", file=sys.stderr)
   return 1

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <string>
@@ -130,14 +131,20 @@ Conv& Get(const Key& key) {
 }
 
 // Runs one convolution; ``a`` and ``b`` are the activations in the order of Conv::act_*.
+// Every exception (oneDNN's, bad_alloc from the caches) becomes an error of the call: one
+// escaping an FFI handler would abort the process.
 ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
                const ffi::Span<const int64_t> w_dims, const ffi::Span<const int64_t> y_dims,
-               void* a, void* b, void* w, int64_t stride, int64_t pad, int64_t threads) {
-  if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4)
-    return ffi::Error::InvalidArgument("jaxnas oneDNN conv: operands must be rank 4");
-  Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3],
-          w_dims[0], stride,    pad,       y_dims[1], y_dims[2]};
+               void* a, void* b, void* w, int64_t stride, int64_t pad,
+               int64_t threads) noexcept {
   try {
+    if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4)
+      return ffi::Error::InvalidArgument("jaxnas oneDNN conv: operands must be rank 4");
+    if (stride < 1 || pad < 0 || threads < 1)
+      return ffi::Error::InvalidArgument(
+          "jaxnas oneDNN conv: needs stride >= 1, pad >= 0 and threads >= 1");
+    Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3],
+            w_dims[0], stride,    pad,       y_dims[1], y_dims[2]};
     Conv& conv = Get(key);
     omp_set_num_threads(static_cast<int>(threads));
     thread_local dnnl::stream stream(Engine());
@@ -163,8 +170,10 @@ ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
       if (conv.reorder_w) conv.w_reorder.execute(stream, conv.prim_w, conv.user_w);
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error is one
     return ffi::Error::Internal(std::string("jaxnas oneDNN conv: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("jaxnas oneDNN conv: unknown C++ exception");
   }
   return ffi::Error::Success();
 }
