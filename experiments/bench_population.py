@@ -14,8 +14,19 @@ and the ``map`` plan runs a slice of the population on each.
 data loading, compilation, training, validation) to all members scored;
 ``compile_s`` is the lowering+compilation time, measured separately with
 ``jit(...).lower(...).compile()`` in the same process (null with
-``--no_compile_timing``); ``candidate_steps_per_s`` is population x steps / steady-state time
-of a second, already-compiled call. The LAST line printed is a JSON object.
+``--no_compile_timing``). ``steady_s`` is a second, already-compiled call, which
+initialises, trains and scores every member:
+``candidate_steps_per_s_incl_init_eval`` is population x steps / ``steady_s``
+(what ``candidate_steps_per_s`` measured until it was split in two: the
+candidate-steps/s of earlier notes and results). The population program
+is one XLA program, so its training steps are timed apart from initialisation
+and evaluation by difference: the same population with ``--short_steps`` steps
+(default steps / 5; its own compile, not timed), ``short_steady_s``, gives
+``candidate_steps_per_s`` = population x (steps - short_steps) /
+(``steady_s`` - ``short_steady_s``), training steps only (as in
+torch_peer_population.py), and ``init_eval_s``, the rest of a steady call
+(initialisation, evaluation, dispatch). ``--short_steps=0`` skips it (then
+``candidate_steps_per_s`` is null). The LAST line printed is a JSON object.
 """
 
 from __future__ import annotations
@@ -130,6 +141,9 @@ def main():
                  help="CPU backend: expose this many single-threaded CPU devices and shard the "
                  "population over them (0: one per core; 1: one multi-threaded device)")
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
+  p.add_argument("--short_steps", type=int, default=-1,
+                 help="steps of the shorter steady-state run that times the training steps "
+                 "apart from init and evaluation (-1: steps // 5; 0: skip it and its compile)")
   p.add_argument("--no_compile_timing", action="store_true",
                  help="skip the fresh compile that times compile_s (sequential_static compiles "
                  "one program per distinct cell)")
@@ -161,6 +175,22 @@ def main():
     jax.block_until_ready(train_lib.train_population(archs, key, data, config))
     steady = time.perf_counter() - t
 
+  # The training steps alone: init and evaluation are the same work at any step count,
+  # so the steady-state difference to a shorter run is (steps - short) steps' time.
+  short = args.steps // 5 if args.short_steps < 0 else args.short_steps
+  short_steady = float("nan")
+  if steady == steady and 0 < short < args.steps:
+    short_config = config._replace(steps=short)
+    jax.block_until_ready(train_lib.train_population(archs, key, data, short_config))
+    t = time.perf_counter()
+    jax.block_until_ready(train_lib.train_population(archs, key, data, short_config))
+    short_steady = time.perf_counter() - t
+  else:
+    short = 0
+  step_s = (steady - short_steady) / (args.steps - short) if short else float("nan")
+  if not step_s > 0:  # timing noise larger than the steps' time: no estimate
+    step_s = float("nan")
+
   compile_s = (None if args.no_compile_timing else
                round(time_compile(config, archs, key, data, args.population), 3))
 
@@ -174,7 +204,13 @@ def main():
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
       "end_to_end_s": round(end_to_end, 3), "compile_s": compile_s,
       "steady_s": round(steady, 3),
-      "candidate_steps_per_s": round(steps_total / steady, 2) if steady == steady else None,
+      "short_steps": short,
+      "short_steady_s": round(short_steady, 3) if short_steady == short_steady else None,
+      "candidate_steps_per_s": (round(args.population / step_s, 2) if step_s == step_s
+                                else None),
+      "init_eval_s": round(steady - args.steps * step_s, 3) if step_s == step_s else None,
+      "candidate_steps_per_s_incl_init_eval": (round(steps_total / steady, 2)
+                                               if steady == steady else None),
       "end_to_end_candidate_steps_per_s": round(steps_total / end_to_end, 2),
       "val_accuracy_mean": float(np.nanmean(acc)), "failed": int(np.isnan(acc).sum()),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),

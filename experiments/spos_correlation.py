@@ -13,11 +13,16 @@ so those ties flatter the correlation), plus both scores' Spearman rho with the
 NAS-Bench-201 12-epoch CIFAR-10 validation accuracy (a reference from long
 training on another dataset) and with the parameter count (the baseline a cheap
 estimator must beat). Under ``--workdir`` the supernet is checkpointed
-(``supernet-<hash of its training settings>``: a rerun resumes or reuses it,
-also with other ``--bn_batches``) and the stand-alone accuracies are cached
-(``standalone-<hash of cells and settings>.json``: a variant of the supernet
-settings does not retrain them). The LAST line printed is a JSON object, also
-written to ``--out`` with per-cell data.
+(``supernet-<hash of its training settings>-k<cache key>``: a rerun resumes or
+reuses it, also with other ``--bn_batches``) and the stand-alone accuracies are
+cached (``standalone-<hash of cells and settings>-k<cache key>.json``: a variant
+of the supernet settings does not retrain them). The cache key
+(``result_cache.py``) covers the jaxnas source, the conv implementation and the
+jax version: an entry made under another key (or by this script before keys) is
+recomputed, not reused, and the output says so. What was reused is printed
+(``[cache] ...`` lines) and recorded (``summary["cache"]``: the key, counts of
+reused, resumed and computed parts, and one record per part). The LAST line
+printed is a JSON object, also written to ``--out`` with per-cell data.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ import time
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
 
+import result_cache  # noqa: E402
 from jaxnas.multifidelity import spearman  # noqa: E402  (average ranks for ties)
 
 flags.DEFINE_integer("num_archs", 32, "Distinct random NB201 cells scored both ways.")
@@ -109,10 +117,17 @@ def main(argv):
       cells.append(arch)
   cells = np.stack(cells).astype(np.int32)
 
+  cache = result_cache.Cache()
   trained_by = {k: v for k, v in config._asdict().items() if k not in ("bn_batches", "plan")}
-  supernet_dir = os.path.join(FLAGS.workdir, f"supernet-{_digest(trained_by)}")
+  supernet_entry = cache.entry(FLAGS.workdir, f"supernet-{_digest(trained_by)}")
+  supernet_dir = supernet_entry.path
+  supernet_log = os.path.join(supernet_dir, "supernet_metrics.jsonl")
+  log_before = result_cache.log_lines(supernet_log)
   evaluator = one_shot.supernet_evaluator(config, supernet_dir)
   t_supernet = time.time() - t0
+  # Unchanged epoch log: the finished supernet was only loaded.
+  cache.record("supernet", supernet_entry, result_cache.status_of(
+      log_before is not None and result_cache.log_lines(supernet_log) == log_before, log_before))
   print(f"supernet ready in {t_supernet:.0f} s", flush=True)
   t1 = time.time()
   supernet = np.asarray(jax.block_until_ready(evaluator.evaluate(None, cells)))
@@ -123,21 +138,24 @@ def main(argv):
                    epochs=FLAGS.standalone_epochs, channels=FLAGS.channels, cells=FLAGS.cells,
                    batch_size=FLAGS.batch_size, train_fraction=FLAGS.train_fraction)
   train_seed = FLAGS.seed if FLAGS.standalone_seed is None else FLAGS.standalone_seed
-  cache = os.path.join(FLAGS.workdir, "standalone-" + _digest(
-      {"spec": spec._asdict(), "seed": train_seed, "cells": cells.tolist()}) + ".json")
+  standalone_entry = cache.entry(FLAGS.workdir, "standalone-" + _digest(
+      {"spec": spec._asdict(), "seed": train_seed, "cells": cells.tolist()}), ".json")
   t1 = time.time()
-  if os.path.exists(cache):
-    with open(cache) as f:
+  if os.path.exists(standalone_entry.path):
+    with open(standalone_entry.path) as f:
       cached = json.load(f)
     standalone = np.asarray(cached["accuracy"], np.float32)
     t_standalone = cached["seconds"]
-    print(f"stand-alone accuracies from {cache} (trained in {t_standalone:.0f} s)", flush=True)
+    cache.record("standalone", standalone_entry, "cached", seconds_when_trained=t_standalone)
+    print(f"stand-alone accuracies reused (trained in {t_standalone:.0f} s by an earlier run)",
+          flush=True)
   else:
     standalone = np.asarray(train_evaluator(spec).evaluate(jax.random.PRNGKey(train_seed), cells))
     t_standalone = time.time() - t1
     os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(cache, "w") as f:
+    with open(standalone_entry.path, "w") as f:
       json.dump({"accuracy": standalone.tolist(), "seconds": round(t_standalone, 1)}, f)
+    cache.record("standalone", standalone_entry, "computed")
     print(f"trained {len(cells)} cells stand-alone in {t_standalone:.0f} s", flush=True)
 
   table = load_table()["val/cifar10"][np.asarray(space.rank(cells))]
@@ -166,10 +184,12 @@ def main(argv):
       "mean_accuracy": {"supernet": round(float(np.nanmean(supernet)), 3),
                         "standalone": round(float(np.nanmean(standalone)), 3)},
       "failed_standalone": int(np.sum(~np.isfinite(standalone))),
+      # standalone_train: the earlier run's training time when cache["parts"] says "cached".
       "seconds": {"supernet_train": round(t_supernet, 1), "supernet_score": round(t_score, 1),
                   "standalone_train": round(t_standalone, 1),
                   "total": round(time.time() - t0, 1)},
       "backend": jax.default_backend(),
+      "cache": {**cache.summary(), "parts": cache.records},
   }
   per_cell = [{"arch": space.encode(c), "supernet": float(s), "standalone": float(a),
                "nb201_cifar10_val12": float(v), "params": int(n), "connected": bool(cn)}
