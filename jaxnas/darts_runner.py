@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import host_loop
+from jaxnas import host_loop, memory
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
@@ -95,7 +95,16 @@ def run(config, workdir: str, darts, data) -> dict:
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   space = darts.supernet.space
-  run_epoch = jax.jit(over_seeds(darts.run_epoch, darts.mesh), compiler_options=options)
+  if darts.mesh is None:
+    # Seeds that do not fit the device together run in chunks that do (same results).
+    run_epoch, chunk = memory.fit_seeds(
+        darts.run_epoch, state, data, what="DARTS search", options=options,
+        knobs="--num_seeds, --channels, --cells or --batch_size")
+    seeds = lambda f: jax.jit(memory.over_seed_chunks(f, n, chunk), compiler_options=options)
+  else:
+    chunk = n
+    seeds = lambda f: jax.jit(over_seeds(f, darts.mesh), compiler_options=options)
+    run_epoch = seeds(darts.run_epoch)
   history = _read_history(metrics_path)
   epochs = darts.config.epochs
 
@@ -115,9 +124,9 @@ def run(config, workdir: str, darts, data) -> dict:
             "val_acc_per_seed": [round(float(v), 6) for v in m["val_acc"]]}
     history.append(line)
     host_loop.append_jsonl(metrics_path, [line])
-    logging.info("epoch %d/%d  train loss %.3f  val acc %.3f  skips %.2f  cell %s (%.1fs)",
-                 epoch, epochs, line["train_loss"], line["val_acc"], line["skip_count"],
-                 line["archs"][0], seconds)
+    logging.info("epoch %d/%d  train loss %.3f  supernet val acc %.3f  skips %.2f  cell %s "
+                 "(%.1fs)", epoch, epochs, line["train_loss"], line["val_acc"],
+                 line["skip_count"], line["archs"][0], seconds)
     if epoch < epochs:
       ckpt.save(epoch, state, {"elapsed_s": elapsed})
 
@@ -125,21 +134,26 @@ def run(config, workdir: str, darts, data) -> dict:
                                         done=lambda epoch: epoch >= epochs,
                                         max_hours=config.max_hours)
   ckpt.close()
-  selected, selection_s = None, None
+  # Part of the search's result, run after its last epoch (whatever stopped it); not
+  # checkpointed: a rerun resumes from the last saved epoch and redoes them, identically.
+  t0 = time.time()
+  selected = None
   if darts.config.selection == "perturbation":
-    # Part of the search's result, run after its last epoch (whatever stopped it); not
-    # checkpointed: a rerun resumes from the last saved epoch and selects again, identically.
-    t0 = time.time()
-    select = jax.jit(over_seeds(darts.select, darts.mesh), compiler_options=options)
-    selected = jax.device_get(select(state, data))
-    selection_s = round(time.time() - t0, 3)
+    selected = jax.device_get(seeds(darts.select)(state, data))
     logging.info("perturbation selection: %s (%.1fs)",
-                 [space.encode(a) for a in _unstack(selected[0], n)], selection_s)
+                 [space.encode(a) for a in _unstack(selected[0], n)], time.time() - t0)
+    cells = selected[0]
+  else:
+    cells = jax.vmap(darts.supernet.derive)(state.alpha)
+  cell_acc = seeds(lambda sc, d: darts.cell_accuracy(sc[0], d, sc[1]))((state, cells), data)
+  cell_acc = np.asarray(jax.device_get(cell_acc), np.float64)
+  logging.info("derived cells' validation accuracy with the supernet's weights: %s",
+               np.round(100 * cell_acc, 2).tolist())
   timing = host_loop.timing(elapsed)
-  if selection_s is not None:
-    timing["selection_s"] = selection_s
+  timing["selection_and_evaluation_s"] = round(time.time() - t0, 3)
+  timing["seeds_per_program"] = chunk
   host_loop.write_json_atomic(os.path.join(workdir, "timing.json"), timing)
-  return _results(config, darts, state, history, stopped, selected)
+  return _results(config, darts, state, history, stopped, cell_acc, selected)
 
 
 def _softmax(alpha):
@@ -155,7 +169,20 @@ def _unstack(tree, n):
   return [jax.tree.map(lambda a: np.asarray(a)[i], tree) for i in range(n)]
 
 
-def _results(config, darts, state, history, stopped, selected=None) -> dict:
+# What the numbers of a DARTS results.json are (its "scores" entry says so to readers).
+SCORES = {
+    "best_score": "validation accuracy (%) of the run's derived cell (best_arch) computed by "
+                  "the trained supernet with that cell's one-hot op weights (inherited "
+                  "weights, BN on batch statistics), over the whole search-validation split",
+    "supernet_val_acc": "validation accuracy (%) of the supernet itself under the search's "
+                        "mixed op weights, averaged over the last epoch's minibatches",
+    "trajectory": "supernet_val_acc after each search epoch",
+}
+TRAJECTORY_AXES = {"x": "search epochs",
+                   "y": "supernet validation accuracy, mixed ops (%)"}
+
+
+def _results(config, darts, state, history, stopped, cell_acc, selected=None) -> dict:
   supernet = darts.supernet
   space = supernet.space
   n = config.num_seeds
@@ -166,8 +193,10 @@ def _results(config, darts, state, history, stopped, selected=None) -> dict:
   runs = []
   for i in range(n):
     arch = jax.tree.map(lambda a: a.astype(np.int32), finals[i])
+    supernet_acc = history[-1]["val_acc_per_seed"][i] * 100.0 if history else 0.0
     run = {"seed": config.seed + i, "best_arch": space.encode(arch),
-           "best_score": history[-1]["val_acc_per_seed"][i] * 100.0 if history else 0.0,
+           "best_score": round(float(cell_acc[i]) * 100.0, 6),
+           "supernet_val_acc": round(supernet_acc, 6),
            "trajectory": [round(h["val_acc_per_seed"][i] * 100.0, 6) for h in history],
            "skip_count": int(supernet.skip_count(arch)),
            "alphas": _round(alphas[i], 6)}
@@ -186,17 +215,22 @@ def _results(config, darts, state, history, stopped, selected=None) -> dict:
       run["nb201_cifar10_test12"] = round(float(table["test/cifar10"][rank]), 4)
     runs.append(run)
   cells = [r["best_arch"] for r in runs]
-  summary = {"best_score_mean": float(np.mean([r["best_score"] for r in runs])),
-             "best_score_std": float(np.std([r["best_score"] for r in runs])),
+  scores = [r["best_score"] for r in runs]
+  supernet_accs = [r["supernet_val_acc"] for r in runs]
+  summary = {"best_score_mean": float(np.mean(scores)),
+             "best_score_std": float(np.std(scores)),
+             "supernet_val_acc_mean": float(np.mean(supernet_accs)),
+             "supernet_val_acc_std": float(np.std(supernet_accs)),
              "skip_count_mean": float(np.mean([r["skip_count"] for r in runs])),
              "distinct_cells": len(set(cells)),
-             "best_run_seed": runs[int(np.argmax([r["best_score"] for r in runs]))]["seed"]}
+             "best_run_seed": runs[int(np.argmax(scores))]["seed"]}
   if table is not None:
     summary["nb201_cifar10_test12_mean"] = float(np.mean([r["nb201_cifar10_test12"]
                                                           for r in runs]))
   summary["best_arch"] = next(r["best_arch"] for r in runs
                               if r["seed"] == summary["best_run_seed"])
-  return {"summary": summary, "runs": runs,
+  return {"summary": summary, "runs": runs, "scores": SCORES,
+          "trajectory_axes": TRAJECTORY_AXES,
           "darts": dict(darts.config._asdict()),
           "budget": {"epochs": darts.config.epochs, "steps": darts.config.epochs *
                      darts.config.steps_per_epoch, "max_hours": config.max_hours,

@@ -25,6 +25,44 @@ from absl import logging
 from jaxnas.checkpoint import Checkpointer, truncate_log
 
 
+def compute_environment(networks: bool) -> dict:
+  """What besides its config decides a run's numbers: the backend, its devices, jax and
+  jaxlib and, for runs that train or score networks (``networks``), the convolution
+  implementation in force and, for oneDNN's, its version and threads per call (its kernel
+  gradients split their sums over the threads, so the count moves results at float level).
+  results.json records it; a run resumed under another is named (``resumed_changes``)."""
+  import jaxlib
+  env = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+         "devices": jax.device_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+  if networks:
+    from jaxnas import native
+    from jaxnas.models import nb201_net
+    env["conv_impl"] = nb201_net.conv_impl()
+    if env["conv_impl"] == "onednn":
+      d = native.describe()
+      env.update(onednn_version=d["onednn_version"], onednn_threads=d["threads"])
+  return env
+
+
+def resumed_changes(before: dict | None, now: dict) -> str | None:
+  """``"key: old -> new; ..."`` of what differs between the environment a run began in
+  (``before``, from its config.json; None for a run recorded without one) and ``now``,
+  warned on stderr in one line; None when nothing does."""
+  if not isinstance(before, dict):
+    return None
+  diffs = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+           if before.get(k) != now.get(k)]
+  if not diffs:
+    return None
+  text = "; ".join(diffs)
+  if primary():
+    import sys
+    print(f"jaxnas: warning: resuming a run begun in another environment ({text}); its "
+          "results can differ at float level from an uninterrupted run's", file=sys.stderr,
+          flush=True)
+  return text
+
+
 def primary() -> bool:
   """Whether this process writes the workdir's JSON files (process 0)."""
   return jax.process_index() == 0

@@ -170,6 +170,11 @@ def _summary(results: dict) -> str:
     proxy = c.get("evaluator_args", {}).get("proxy", "naswot")
     lines.append(f"  {proxy} score of chosen cells: {s['best_score_mean']:.3f} ± "
                  f"{s['best_score_std']:.3f} (a training-free proxy, not an accuracy)")
+  elif "supernet_val_acc_mean" in s:  # a gradient-based search: two different numbers
+    lines.append(f"  supernet validation accuracy (mixed ops, last epoch): "
+                 f"{s['supernet_val_acc_mean']:.2f} ± {s['supernet_val_acc_std']:.2f} %")
+    lines.append(f"  derived cells' validation accuracy (supernet weights, one-hot ops): "
+                 f"{s['best_score_mean']:.2f} ± {s['best_score_std']:.2f} %")
   elif c["evaluator"] == "supernet":
     lines.append(f"  supernet (inherited-weight) validation accuracy of chosen cells: "
                  f"{s['best_score_mean']:.2f} ± {s['best_score_std']:.2f} %")
@@ -185,6 +190,8 @@ def _summary(results: dict) -> str:
     lines.append(line)
   best = next(r for r in results["runs"] if r["seed"] == s["best_run_seed"])
   label, unit = ("score", "") if c["evaluator"] == "zero_cost" else ("val", " %")
+  if "supernet_val_acc_mean" in s:
+    label = "val (supernet weights)"
   extra = f", test {best['test_accuracy']:.2f} %" if "test_accuracy" in best else ""
   if "params" in best:
     extra += f", {best['params']:,.0f} params, {best['flops'] / 1e6:.1f} MFLOPs"

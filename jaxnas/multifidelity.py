@@ -228,6 +228,8 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
                       "best_run_seed": config.seed + best_run,
                       "best_arch": runs[best_run]["best_arch"]},
           "runs": runs,
+          "trajectory_axes": {"x": "trainings, all rungs",
+                              "y": "best validation accuracy so far, any fidelity (%)"},
           "fidelity_correlation": state["correlations"],
           "budget": {"evaluations": config.budget, "evaluations_used": state["evaluations"],
                      "epochs_used": state["epochs_used"], "max_epochs": max_epochs,

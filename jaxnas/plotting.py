@@ -34,8 +34,14 @@ def _save(fig, path: str) -> str:
   return path
 
 
+# Axes of a trajectory whose results.json does not name them (``trajectory_axes``).
+DEFAULT_AXES = {"x": "architectures evaluated", "y": "best validation accuracy so far (%)"}
+
+
 def plot_trajectories(results: dict, path: str) -> str | None:
-  """Best-so-far validation score vs evaluations: mean, ±1 std band and min-max over seeds.
+  """Each run's trajectory (results.json ``runs[i].trajectory``): mean, ±1 std band and
+  min-max over seeds, on the axes ``results["trajectory_axes"]`` names (by default the
+  best-so-far validation score against architectures evaluated).
 
   Returns the path written, or None when matplotlib is not installed.
   """
@@ -54,8 +60,9 @@ def plot_trajectories(results: dict, path: str) -> str | None:
   opt = results.get("summary", {}).get("table_optimum")
   if opt:
     ax.axhline(opt["best_val"], color="k", ls="--", lw=1, label="table optimum")
-  ax.set_xlabel("architectures evaluated")
-  ax.set_ylabel("best validation accuracy so far (%)")
+  axes = {**DEFAULT_AXES, **results.get("trajectory_axes", {})}
+  ax.set_xlabel(axes["x"])
+  ax.set_ylabel(axes["y"])
   ax.set_title(f"{c['strategy']} on {c['evaluator']}/{c['dataset']}")
   lo = np.percentile(traj[:, min(9, traj.shape[1] - 1)], 5)
   ax.set_ylim(lo, (opt["best_val"] if opt else traj.max()) + 0.5)

@@ -284,7 +284,15 @@ def build(c: SearchConfig, workdir: str | None = None):
     raise UserError(str(e)) from None
 
 
-def environment() -> dict:
+def trains_networks(config: SearchConfig) -> bool:
+  """Whether a search trains or scores networks (and so depends on the conv implementation)."""
+  return (config.evaluator != "nb201" or bool(config.prefilter) or
+          config.strategy in ("darts", "hyperband"))
+
+
+def environment(compute: dict | None = None) -> dict:
+  """config.json's record of where a run began: versions, platform, devices, the command and
+  ``compute`` (``host_loop.compute_environment``), which a resume compares with its own."""
   versions = {}
   for pkg in ("jaxnas", "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy",
               "absl-py"):
@@ -294,7 +302,7 @@ def environment() -> dict:
       versions[pkg] = None
   return {"python": sys.version.split()[0], "platform": platform.platform(),
           "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "versions": versions, "command": " ".join(sys.argv)}
+          "versions": versions, "command": " ".join(sys.argv), "compute": compute}
 
 
 def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
@@ -364,6 +372,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  began_in = None  # the compute environment a resumed run began in
   if os.path.exists(config_path):
     record = host_loop.read_json(config_path, "use another --workdir", UserError)
     if isinstance(record, dict) and "arch" in record and "config" not in record:
@@ -375,6 +384,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
       raise UserError(f"workdir {workdir} holds a search with other settings "
                       f"({host_loop.describe_diff(previous, config.to_json())}); "
                       "use another --workdir")
+    began_in = (record.get("environment") or {}).get("compute")
   if os.path.exists(results_path):
     results = host_loop.read_json(results_path, "move it away to rerun the search", UserError)
     if not (isinstance(results, dict) and results.get("config") == config.to_json()
@@ -396,16 +406,22 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   else:
     search = build(config, workdir)
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
+  compute = host_loop.compute_environment(trains_networks(config))
   os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(config_path):
-    write_json_atomic(config_path, {"config": config.to_json(), "environment": environment()})
+    write_json_atomic(config_path, {"config": config.to_json(),
+                                    "environment": environment(compute)})
+  recorded = {"environment": compute}
+  changes = host_loop.resumed_changes(began_in, compute)
+  if changes:
+    recorded["resumed_changes"] = changes
   if config.strategy == "hyperband":
     args = dict(config.strategy_args)
     args["max_epochs"] = dict(config.evaluator_args).get("epochs", ProxySpec().epochs)
-    return _run_host_strategy(config, workdir,
+    return _run_host_strategy(config, workdir, recorded,
                               lambda: multifidelity.run(config, workdir, make_at, space, args))
   if config.strategy == "darts":
-    return _run_host_strategy(config, workdir,
+    return _run_host_strategy(config, workdir, recorded,
                               lambda: darts_runner.run(config, workdir, darts, darts_data))
 
   t_start = time.time()
@@ -446,6 +462,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   ckpt.close()
 
   results = collect_results(search, config, state)
+  results.update(recorded)
   if len(config.objectives) > 1:
     front = collect_front(search, config, state)
     results["pareto_front"] = {"objectives": front["objectives"],
@@ -485,14 +502,15 @@ def _hyperband_evaluators(config: SearchConfig):
   return first.space, at
 
 
-def _run_host_strategy(config: SearchConfig, workdir: str, run) -> dict:
+def _run_host_strategy(config: SearchConfig, workdir: str, recorded: dict, run) -> dict:
   """Runs a host-loop strategy (``run()``: its results without the config) and writes its
-  results.json with the config and the command to retrain its best cell."""
+  results.json with the config, ``recorded`` (the environment) and the command to retrain
+  its best cell."""
   try:
     results = run()
   except ValueError as e:
     raise UserError(str(e)) from None
-  results = {"config": config.to_json(), **results}
+  results = {"config": config.to_json(), **results, **recorded}
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
   write_json_atomic(os.path.join(workdir, "results.json"), results)
   return {**results, "already_finished": False}
@@ -577,5 +595,17 @@ def collect_results(search, config: SearchConfig, state) -> dict:
   if config.evaluator in ("train", "supernet"):
     summary["retrain_command"] = retrain_command(config, summary["best_arch"])
   return {"config": config.to_json(), "summary": summary, "runs": runs,
+          "trajectory_axes": trajectory_axes(config),
           "budget": {"evaluations": config.budget, "steps": search.num_steps,
                      "batch_size": search.strategy.batch_size}}
+
+
+def trajectory_axes(config: SearchConfig) -> dict:
+  """What a run's ``trajectory`` plots: the best score so far, in the evaluator's terms,
+  against the architectures evaluated."""
+  args = dict(config.evaluator_args)
+  y = {"nb201": "best NAS-Bench-201 12-epoch validation accuracy so far (%)",
+       "train": "best validation accuracy so far, proxy training (%)",
+       "supernet": "best validation accuracy so far, supernet weights (%)",
+       "zero_cost": f"best {args.get('proxy', 'naswot')} score so far (zero-cost proxy)"}
+  return {"x": "architectures evaluated", "y": y.get(config.evaluator, "best score so far")}

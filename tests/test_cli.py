@@ -63,11 +63,26 @@ def test_default_run_and_rerun(tmp_path):
   assert env["environment"]["versions"]["jax"]
   assert env["environment"]["versions"]["jaxnas"]
 
+  assert results["environment"] == env["environment"]["compute"]
+  assert results["environment"]["backend"] == "cpu" and "conv_impl" not in results["environment"]
+  assert results["trajectory_axes"]["x"] == "architectures evaluated"
+
   before = (_read(w / "results.json"), os.stat(w / "results.json").st_mtime_ns)
   again = _run(tmp_path, "--workdir=w")
   _assert_ok(again)
   assert "already finished" in again.stdout
   assert (_read(w / "results.json"), os.stat(w / "results.json").st_mtime_ns) == before
+
+  # A run resumed in another environment than it began in says so once and records it.
+  record = json.loads(_read(w / "config.json"))
+  record["environment"]["compute"]["jaxlib"] = "0.0.1"
+  (w / "config.json").write_text(json.dumps(record))
+  os.remove(w / "results.json")
+  resumed = _run(tmp_path, "--workdir=w")
+  _assert_ok(resumed)
+  warning = [l for l in resumed.stderr.splitlines() if l.startswith("jaxnas: warning: resum")]
+  assert len(warning) == 1 and "jaxlib: 0.0.1 -> " in warning[0], resumed.stderr[-2000:]
+  assert json.loads(_read(w / "results.json"))["resumed_changes"].startswith("jaxlib: 0.0.1")
 
 
 def test_compilation_cache_is_filled_then_loaded_with_identical_results(tmp_path):

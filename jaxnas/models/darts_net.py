@@ -622,6 +622,18 @@ def derive_darts(alpha: dict) -> DartsArch:
   return DartsArch(n_ops, n_in, r_ops, r_in)
 
 
+def darts_weights(arch: DartsArch) -> dict:
+  """The mixed-op weights under which the supernet computes the discrete cells of ``arch``
+  (jittable): per cell ``float[14, 8]``, one-hot at each chosen (input edge, op), zero on
+  the edges no node takes (they add nothing, as DARTS' derived network has no such edge)."""
+  def cell(ops, inputs):
+    node = jnp.arange(2 * NUM_NODES) // 2
+    edges = jnp.asarray(OFFSETS, jnp.int32)[node] + inputs
+    return jnp.zeros((NUM_EDGES, NUM_OPS), jnp.float32).at[edges, ops].add(1.0)
+  return {"normal": cell(arch.normal_ops, arch.normal_inputs),
+          "reduce": cell(arch.reduce_ops, arch.reduce_inputs)}
+
+
 def darts_cost(arch: DartsArch, channels: int = 16, layers: int = 8, num_classes: int = 10,
                in_channels: int = 3, image_size: int = 32, stem_multiplier: int = 3):
   """Exact parameter count and FLOPs of the specialised ``DartsNetwork`` of ``arch``

@@ -60,7 +60,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxnas.datasets import make_preprocess
-from jaxnas.models.darts_net import DartsNetwork, derive_darts
+from jaxnas.models.darts_net import DartsNetwork, darts_weights, derive_darts
 from jaxnas.models.darts_net import NUM_EDGES as DARTS_EDGES
 from jaxnas.models.nb201_net import batch_sharded
 from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
@@ -86,6 +86,7 @@ class SuperNet(NamedTuple):
   skip: int                  # index of skip_connect among the space's ops
   derive: Callable           # alpha -> architecture pytree (jittable)
   skip_count: Callable       # architecture -> number of skip connections (normal cell)
+  weights_of: Callable       # architecture -> one-hot op weights (alpha's pytree): its cell
 
 
 def supernet_of(space: str, channels: int, cells: int, num_classes: int,
@@ -93,7 +94,8 @@ def supernet_of(space: str, channels: int, cells: int, num_classes: int,
   if space == "nb201":
     net = NB201SuperNet(channels=channels, cells=cells, num_classes=num_classes, remat=remat)
     return SuperNet(nb201_space(), net, (NUM_EDGES, NUM_OPS), SKIP, derive_nb201,
-                    lambda arch: jnp.sum(arch == SKIP))
+                    lambda arch: jnp.sum(arch == SKIP),
+                    lambda arch: jax.nn.one_hot(arch, NUM_OPS, dtype=jnp.float32))
   if space == "darts":
     net = DartsNetwork(channels=channels, layers=cells, num_classes=num_classes, cell="mixed",
                        affine=False, remat=remat)
@@ -101,7 +103,7 @@ def supernet_of(space: str, channels: int, cells: int, num_classes: int,
     skip = darts_lib.OPS.index("skip_connect")
     return SuperNet(darts_space(), net, {"normal": (DARTS_EDGES, n_ops),
                                          "reduce": (DARTS_EDGES, n_ops)}, skip, derive_darts,
-                    lambda arch: jnp.sum(arch.normal_ops == skip))
+                    lambda arch: jnp.sum(arch.normal_ops == skip), darts_weights)
   raise ValueError(f"unknown DARTS space {space!r}; choose one of {', '.join(SPACES)}")
 
 
@@ -162,6 +164,7 @@ class Darts(NamedTuple):
   mixed_hvp: Callable
   losses: Callable
   select: Callable
+  cell_accuracy: Callable
 
 
 def over_seeds(f, mesh: Mesh | None):
@@ -485,7 +488,34 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     (_, _, _, chosen), (accs, base) = jax.lax.scan(decide, carry, jnp.arange(n_edges))
     return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
 
-  fns = (init, step, run_epoch, edge_weights, mixed_hvp, losses, select)
+  def cell_accuracy(state: DartsState, data: DartsData, arch):
+    """Validation accuracy of the discrete cell ``arch`` with the supernet's trained weights
+    (its one-hot op weights, ``SuperNet.weights_of``): the derived cell's own inherited-weight
+    accuracy, as one-shot methods score a subnetwork (Bender et al. 2018; Guo et al. 2020),
+    not the mixed supernet's that the search optimises. Over the whole search-validation
+    split in order, in minibatches of ``batch_size`` (a last partial one dropped), BN on
+    each batch's statistics as in the search and the perturbation selection. Pure and
+    deterministic; vmappable over seeds."""
+    weights = supernet.weights_of(arch)
+    n = data.val_labels.shape[0]
+    size = min(c.batch_size, n)
+    prep = make_preprocess(data.mean, data.std)
+
+    def one(i):
+      x = jax.lax.dynamic_slice_in_dim(data.val_images, i * size, size)
+      y = jax.lax.dynamic_slice_in_dim(data.val_labels, i * size, size)
+      x = prep(None, x)
+      if mesh is not None:
+        split = NamedSharding(mesh, P(DATA_AXIS))
+        x, y = (jax.lax.with_sharding_constraint(a, split) for a in (x, y))
+      logits, _ = net.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                            weights, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.argmax(logits, -1) == y)
+
+    correct = jax.lax.map(one, jnp.arange(n // size))
+    return jnp.sum(correct) / ((n // size) * size)
+
+  fns = (init, step, run_epoch, edge_weights, mixed_hvp, losses, select, cell_accuracy)
   if mesh is not None:  # traced for a batch split over the mesh (the context as decorator)
     fns = tuple(batch_sharded()(f) for f in fns)
   return Darts(c, supernet, mesh, *fns)
