@@ -239,26 +239,9 @@ def main(argv):
   if FLAGS.mode == "retrain":
     _compilation_cache(FLAGS.compilation_cache)
     return _retrain()
-  evaluator = FLAGS.evaluator
-  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
-    evaluator = "train"  # they only make sense with real training
-  dataset = FLAGS.dataset or ("cifar10" if evaluator == "nb201" else "fashion_mnist")
-  strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
-                               _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))
-  evaluator_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
-                                _PROXY_FLAGS.items() if getattr(FLAGS, flag) is not None))
   if FLAGS.arch is not None:
     _fail("--arch applies only to --mode=retrain")
-  checkpoint_every = FLAGS.checkpoint_every
-  if checkpoint_every is None:
-    checkpoint_every = runner.DEFAULT_CHECKPOINT_EVERY.get(evaluator, 10)
-  config = runner.SearchConfig(
-      evaluator=evaluator, dataset=dataset, strategy=FLAGS.strategy,
-      budget=FLAGS.budget, num_seeds=FLAGS.num_seeds, seed=FLAGS.seed,
-      checkpoint_every=checkpoint_every, strategy_args=strategy_args,
-      evaluator_args=evaluator_args, max_hours=FLAGS.max_hours,
-      objectives=tuple(FLAGS.objectives), prefilter=FLAGS.prefilter or "",
-      prefilter_factor=FLAGS.prefilter_factor, space=FLAGS.space)
+  config = search_config()
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
     runner.validate(config)
@@ -291,6 +274,29 @@ def main(argv):
   if os.path.exists(plot):
     files.append("trajectory.png")
   print(f"  workdir: {workdir} ({', '.join(files)})")
+
+
+def search_config():
+  """The ``runner.SearchConfig`` the parsed flags ask for (not yet validated)."""
+  from jaxnas import runner
+  evaluator = FLAGS.evaluator
+  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
+    evaluator = "train"  # they only make sense with real training
+  dataset = FLAGS.dataset or ("cifar10" if evaluator == "nb201" else "fashion_mnist")
+  strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
+                               _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))
+  evaluator_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
+                                _PROXY_FLAGS.items() if getattr(FLAGS, flag) is not None))
+  checkpoint_every = FLAGS.checkpoint_every
+  if checkpoint_every is None:
+    checkpoint_every = runner.DEFAULT_CHECKPOINT_EVERY.get(evaluator, 10)
+  return runner.SearchConfig(
+      evaluator=evaluator, dataset=dataset, strategy=FLAGS.strategy,
+      budget=FLAGS.budget, num_seeds=FLAGS.num_seeds, seed=FLAGS.seed,
+      checkpoint_every=checkpoint_every, strategy_args=strategy_args,
+      evaluator_args=evaluator_args, max_hours=FLAGS.max_hours,
+      objectives=tuple(FLAGS.objectives), prefilter=FLAGS.prefilter or "",
+      prefilter_factor=FLAGS.prefilter_factor, space=FLAGS.space)
 
 
 def default_compilation_cache() -> str:

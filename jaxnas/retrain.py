@@ -88,7 +88,8 @@ def space_of(arch: str):
   return darts_space() if arch.lstrip().startswith("Genotype") else nb201_space()
 
 
-def _check(c: RetrainConfig):
+def check(c: RetrainConfig):
+  """``(space, arch)`` of a retrain config, or ``RetrainError`` saying what is wrong."""
   space = space_of(c.arch)
   try:
     arch = space.decode(c.arch)
@@ -124,7 +125,7 @@ def _check_same(workdir: str, previous, c: RetrainConfig) -> None:
 
 def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
   """Trains ``c.arch`` on the full training set, tests it, saves everything; returns results."""
-  space, arch = _check(c)
+  space, arch = check(c)
   workdir = os.path.abspath(workdir or default_workdir(c))
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path):
@@ -276,6 +277,11 @@ def load_variables(workdir: str) -> dict:
 
 
 def run_from_flags(flags) -> dict:
+  return retrain(config_from_flags(flags), flags.workdir)
+
+
+def config_from_flags(flags) -> RetrainConfig:
+  """The ``RetrainConfig`` of parsed CLI flags (the architecture not yet checked: ``check``)."""
   if flags.arch is None:
     raise RetrainError("--mode=retrain needs --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' "
                        "(NAS-Bench-201) or --arch=\"Genotype(normal=[...], ...)\" (DARTS)")
@@ -290,9 +296,7 @@ def run_from_flags(flags) -> dict:
                                           ("batch_size", "batch_size"),
                                           ("learning_rate", "train_learning_rate"))
         if getattr(flags, f) is not None}
-  c = RetrainConfig(arch=flags.arch, dataset=dataset, seed=flags.seed,
-                    **kw)
-  return retrain(c, flags.workdir)
+  return RetrainConfig(arch=flags.arch, dataset=dataset, seed=flags.seed, **kw)
 
 
 def summary(r: dict) -> str:
