@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -12,13 +11,12 @@ import numpy as np
 import pytest
 
 from jaxnas import retrain, runner
-from jaxnas.datasets import FASHION_MNIST_DIR
 from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, avg_pool_3x3,
                                      max_pool_3x3, max_pool_reference, depthwise_reference, depthwise_taps, derive_darts,
                                      edge_index, fixed_genotype, specialise_variables)
 from jaxnas.spaces import darts_space
 
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, FASHION_MNIST_SUBSET
 
 
 def _compile(f, *args):
@@ -135,7 +133,6 @@ def test_darts_space_needs_the_darts_strategy_or_training():
                                         dataset="fashion_mnist"))
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
 def test_evolution_with_real_training_in_the_darts_space(tmp_path):
   """--space=darts --evaluator=train --strategy=evolution: DARTS-space populations trained as
   one program per generation; results name Genotype cells with their exact cost."""
@@ -144,8 +141,10 @@ def test_evolution_with_real_training_in_the_darts_space(tmp_path):
       budget=4, num_seeds=1, checkpoint_every=1,
       strategy_args=(("batch_size", 2), ("population_size", 2), ("tournament_size", 2)),
       # One cell (a reduction cell) keeps the compile short (393 s -> 148 s under load).
-      evaluator_args=(("batch_size", 16), ("cells", 1), ("channels", 2), ("epochs", 0.2),
-                      ("train_fraction", 0.004)))
+      # 216 training, 24 validation images of the subset's 2700 / 300.
+      evaluator_args=(("batch_size", 16), ("cells", 1), ("channels", 2),
+                      ("data_dir", FASHION_MNIST_SUBSET), ("epochs", 0.2),
+                      ("train_fraction", 0.08)))
   results = runner.run(config, str(tmp_path / "search"))
   best = results["summary"]["best_arch"]
   arch = darts_space().decode(best)
@@ -158,13 +157,14 @@ def test_evolution_with_real_training_in_the_darts_space(tmp_path):
   assert "--cells=1" in results["summary"]["retrain_command"]
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Fashion-MNIST")
 def test_darts_space_search_then_retrain_its_cell(tmp_path):
   config = runner.SearchConfig(
       evaluator="train", dataset="fashion_mnist", strategy="darts", num_seeds=2,
       checkpoint_every=1, space="darts",
-      evaluator_args=(("batch_size", 16), ("cells", 1), ("channels", 2), ("epochs", 1.0),
-                      ("train_fraction", 0.002)))
+      # 60 training, 60 validation images of the subset's 1500 / 1500 (DARTS halves it).
+      evaluator_args=(("batch_size", 16), ("cells", 1), ("channels", 2),
+                      ("data_dir", FASHION_MNIST_SUBSET), ("epochs", 1.0),
+                      ("train_fraction", 0.04)))
   runner.validate(config)
   results = runner.run(config, str(tmp_path / "search"))
   space = darts_space()
@@ -176,8 +176,8 @@ def test_darts_space_search_then_retrain_its_cell(tmp_path):
   command = results["summary"]["retrain_command"]
   assert "--cells=1" in command and "Genotype(" in command
 
-  c = retrain.RetrainConfig(arch=results["summary"]["best_arch"], epochs=0.02, channels=2,
-                            cells=1, batch_size=32)
+  c = retrain.RetrainConfig(arch=results["summary"]["best_arch"], data_dir=FASHION_MNIST_SUBSET,
+                            epochs=0.4, channels=2, cells=1, batch_size=32)  # 38 steps
   out = retrain.retrain(c, str(tmp_path / "retrain"))
   assert 0.0 <= out["test_accuracy"] <= 100.0 and out["params"] > 0 and out["flops"] > 0
   with open(tmp_path / "retrain" / "arch.json") as f:

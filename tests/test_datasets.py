@@ -1,6 +1,7 @@
 """Dataset loaders: IDX and CIFAR parsing, splits, preprocessing, and one-line errors."""
 
 import gzip
+import importlib.util
 import os
 import pickle
 
@@ -12,6 +13,8 @@ import pytest
 
 from jaxnas import datasets
 from jaxnas.datasets import DatasetError
+
+from conftest import FASHION_MNIST_SUBSET
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -243,3 +246,25 @@ def test_real_fashion_mnist():
   assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
   assert np.bincount(ds.train_labels).tolist() == [6000] * 10
   assert abs(ds.train_images.mean() / 255 - ds.mean[0]) < 1e-3
+  # The tests' subset is what its script makes of this set (the IDX data; the gzip bytes
+  # also match where zlib compresses as it did: make_fashion_mnist_subset.py --check).
+  path = os.path.join(os.path.dirname(FASHION_MNIST_SUBSET), "make_fashion_mnist_subset.py")
+  spec = importlib.util.spec_from_file_location("make_fashion_mnist_subset", path)
+  make = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make)
+  for name, data in make.subset_files(datasets.FASHION_MNIST_DIR).items():
+    with open(os.path.join(FASHION_MNIST_SUBSET, name), "rb") as f:
+      assert gzip.decompress(f.read()) == gzip.decompress(data), name
+
+
+def test_the_tests_fashion_mnist_subset():
+  """The Fashion-MNIST every other test trains on (tests/data/fashion-mnist-subset): real
+  images, class-balanced, read by the loader as the full set is; its search split holds
+  1/20 of the full set's 54000 images (the tests' train fractions are 20x the full set's)."""
+  ds = datasets.load_fashion_mnist(FASHION_MNIST_SUBSET)
+  assert ds.train_images.shape == (3000, 28, 28, 1) and ds.test_images.shape == (1000, 28, 28, 1)
+  assert np.bincount(ds.train_labels).tolist() == [300] * 10
+  assert np.bincount(ds.test_labels).tolist() == [100] * 10
+  assert abs(ds.train_images.mean() / 255 - ds.mean[0]) < 1e-3  # 0.2863: the full set's stats
+  tx, ty, vx, vy = datasets.train_val_split(ds.train_images, ds.train_labels, 0.1, seed=0)
+  assert len(ty) == 2700 and len(vy) == 300  # 1/20 of the full set's 54000 / 6000

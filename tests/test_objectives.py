@@ -9,7 +9,7 @@ import pytest
 
 from jaxnas import runner
 
-from conftest import run_child
+from conftest import FASHION_MNIST_SUBSET, run_child
 
 
 def _brute_force_front(points, objectives):
@@ -49,13 +49,17 @@ def test_bad_objectives_are_refused(objectives):
 ZERO_COST_CHILD = """
 import sys
 from jaxnas import runner
-root = sys.argv[1]
+from jaxnas.datasets import loaders
+root, data_dir = sys.argv[1:3]
 # The params "proxy" is exact and cheap: evolution maximising it heads for the all-3x3 cell.
 runner.run(runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
                                strategy="evolution", budget=100, num_seeds=2,
-                               evaluator_args=(("channels", 4), ("proxy", "params"))),
+                               evaluator_args=(("channels", 4), ("data_dir", data_dir),
+                                               ("proxy", "params"))),
            root + "/zc")
 runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4), root + "/plain")
+# A table search's prefilter scores Fashion-MNIST from the default folder (no --data_dir).
+loaders.FASHION_MNIST_DIR = data_dir
 runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4, prefilter="params",
                                prefilter_factor=8), root + "/filtered")
 """
@@ -63,7 +67,7 @@ runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4, prefil
 
 def test_zero_cost_evaluator_and_prefilter_from_the_runner(tmp_path):
   # In a child process: the zero-cost program compiles for a minute at XLA's defaults.
-  run_child(ZERO_COST_CHILD, tmp_path)
+  run_child(ZERO_COST_CHILD, tmp_path, FASHION_MNIST_SUBSET)
   results = {}
   for name in ("zc", "plain", "filtered"):
     with open(tmp_path / name / "results.json") as f:

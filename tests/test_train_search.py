@@ -1,8 +1,9 @@
 """Searches driven by real training (``--evaluator=train``), time limits, and retrain/export.
 
-Networks are tiny (C=4, one cell per stage) and train for a few steps on a
-small slice of the real Fashion-MNIST, so each program compiles once per test
-module (the runner and the trainer cache compiled programs per config).
+Networks are tiny (C=4, one cell per stage) and train for a few steps on the
+tests' subset of the real Fashion-MNIST (conftest.FASHION_MNIST_SUBSET), so each
+program compiles once per test module (the runner and the trainer cache
+compiled programs per config).
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import numpy as np
 import pytest
 
 from jaxnas import retrain, runner
-from jaxnas.datasets import FASHION_MNIST_DIR, load_fashion_mnist
-from jaxnas.datasets import make_preprocess
+from jaxnas.datasets import load_fashion_mnist, make_preprocess
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
-                                reason="Debian's dataset-fashion-mnist is not installed")
+from conftest import FASHION_MNIST_SUBSET
 
-PROXY = (("batch_size", 32), ("cells", 1), ("channels", 4), ("epochs", 1.0),
-         ("train_fraction", 0.03))
+# 1620 of the subset's 2700 search-training images, 180 of its 300 validation images.
+PROXY = (("batch_size", 32), ("cells", 1), ("channels", 4), ("data_dir", FASHION_MNIST_SUBSET),
+         ("epochs", 1.0), ("train_fraction", 0.6))
 
 
 def _config(**kw):
@@ -52,7 +52,7 @@ def test_train_search_results_and_exact_resume(tmp_path):
   for r in results["runs"]:
     assert len(r["trajectory"]) == 6 and r["failed_evaluations"] == 0
     assert r["duplicate_evaluations"] == 0
-    # 12 candidates trained for ~53 steps: well above chance (10 %) for the best.
+    # 12 candidates trained for 51 steps: well above chance (10 %) for the best.
     assert 20.0 < r["best_score"] <= 100.0
     assert r["params"] > 0 and r["flops"] > 0
   assert "--mode=retrain" in results["summary"]["retrain_command"]
@@ -88,7 +88,8 @@ def test_max_hours_stops_between_generations_and_is_recorded(tmp_path):
 
 def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
   arch = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|skip_connect~0|none~1|avg_pool_3x3~2|"
-  c = retrain.RetrainConfig(arch=arch, epochs=0.05, channels=4, cells=1, batch_size=64)
+  c = retrain.RetrainConfig(arch=arch, data_dir=FASHION_MNIST_SUBSET, epochs=1.0, channels=4,
+                            cells=1, batch_size=64)  # 47 steps
   result = retrain.retrain(c, str(tmp_path / "r"))
   assert 30.0 < result["test_accuracy"] <= 100.0
   with open(tmp_path / "r" / "arch.json") as f:
@@ -96,7 +97,7 @@ def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
   assert arch_json["arch"] == arch and arch_json["params"] == result["params"]
   net = retrain.network_of(arch_json)
   variables = retrain.load_variables(str(tmp_path / "r"))
-  ds = load_fashion_mnist()
+  ds = load_fashion_mnist(FASHION_MNIST_SUBSET)
   x = make_preprocess(jnp.asarray(ds.mean), jnp.asarray(ds.std))(None, ds.test_images)
   logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, x)
   acc = 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == ds.test_labels))
@@ -106,8 +107,9 @@ def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
 
 def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, monkeypatch):
   arch = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|skip_connect~0|none~1|avg_pool_3x3~2|"
-  # 47 steps: one chunk (less than an epoch) uninterrupted, chunks of 16 when cut.
-  base = retrain.RetrainConfig(arch=arch, epochs=0.05, channels=4, cells=1, batch_size=64)
+  # 47 steps (an epoch): one chunk uninterrupted, chunks of 16 when cut.
+  base = retrain.RetrainConfig(arch=arch, data_dir=FASHION_MNIST_SUBSET, epochs=1.0, channels=4,
+                               cells=1, batch_size=64)
   full = retrain.retrain(base, str(tmp_path / "full"))
   cut = dataclasses.replace(base, checkpoint_every=16)
   real_save, saved = retrain.Checkpointer.save, []
@@ -145,7 +147,8 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
     (["--evaluator=train", "--plan=foo"], "--plan must be one of auto, map"),
     (["--evaluator=train", "--train_learning_rate=nan"], "--train_learning_rate must be > 0"),
     (["--evaluator=train", "--population=0"], "--population must be > 0"),
-    (["--evaluator=train", "--batch_size=100000"], "--batch_size=100000 is more than the 54000 search-training"),
+    (["--evaluator=train", f"--data_dir={FASHION_MNIST_SUBSET}", "--batch_size=100000"],
+     "--batch_size=100000 is more than the 2700 search-training"),
     (["--max_hours=nan"], "--max_hours must be >= 0 and finite"),
     (["--strategy=hyperband", "--budget=4"], "smaller than Hyperband's first rung (9 cells"),
     (["--strategy=hyperband", "--eta=1"], "--eta must be >= 2"),

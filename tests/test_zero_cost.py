@@ -18,7 +18,7 @@ from jaxnas.estimators import zero_cost as zc
 from jaxnas.models import nb201_net
 from jaxnas.spaces import nb201_space
 
-from conftest import FAST_COMPILE, tiny_evaluator, tiny_space
+from conftest import FAST_COMPILE, FASHION_MNIST_SUBSET, tiny_evaluator, tiny_space
 
 C, B, NUM_CLASSES = 4, 8, 10
 ARCHS = np.array([
@@ -37,15 +37,11 @@ def _compile(f, *args):
 
 @pytest.fixture(scope="module")
 def batch():
-  """B real Fashion-MNIST images cropped to 24x24 and average-pooled to 8x8 (random ones if not installed)."""
-  try:
-    ds = datasets.load_fashion_mnist()
-    x = np.asarray(datasets.normalize(ds.train_images[:B], ds.mean, ds.std))
-    x = x[:, 2:26, 2:26].reshape(B, 8, 3, 8, 3, 1).mean((2, 4))
-    y = ds.train_labels[:B].astype(np.int32)
-  except datasets.DatasetError:
-    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (B, 8, 8, 1)))
-    y = np.arange(B, dtype=np.int32) % NUM_CLASSES
+  """B real Fashion-MNIST images (the tests' subset) cropped to 24x24 and average-pooled to 8x8."""
+  ds = datasets.load_fashion_mnist(FASHION_MNIST_SUBSET)
+  x = np.asarray(datasets.normalize(ds.train_images[:B], ds.mean, ds.std))
+  x = x[:, 2:26, 2:26].reshape(B, 8, 3, 8, 3, 1).mean((2, 4))
+  y = ds.train_labels[:B].astype(np.int32)
   return jnp.asarray(x, jnp.float32), jnp.asarray(y)
 
 
@@ -170,10 +166,7 @@ def test_prefilter_keeps_the_best_distinct(jit):
 
 def test_evaluator_params_proxy_is_a_fixed_function_of_the_cell():
   """The cheap proxy exercises the evaluator's plumbing; real proxies are in the slow test."""
-  try:
-    ev = zc.zero_cost_evaluator("params", batch_size=4, channels=C)
-  except datasets.DatasetError:
-    pytest.skip("Fashion-MNIST not installed")
+  ev = zc.zero_cost_evaluator("params", data_dir=FASHION_MNIST_SUBSET, batch_size=4, channels=C)
   assert ev.jittable and ev.name == "zero_cost/params/fashion_mnist"
   archs = jnp.asarray(ARCHS)
   a = jax.jit(ev.evaluate)(jax.random.PRNGKey(0), archs)
@@ -188,7 +181,7 @@ def test_evaluator_params_proxy_is_a_fixed_function_of_the_cell():
 def test_evaluator_in_the_scanned_search_loop():
   from jaxnas.search import make_search, results_of
   from jaxnas.strategies import random_search
-  ev = zc.zero_cost_evaluator("naswot", batch_size=8, channels=C)
+  ev = zc.zero_cost_evaluator("naswot", data_dir=FASHION_MNIST_SUBSET, batch_size=8, channels=C)
   space = nb201_space()
   search = make_search(random_search(space, batch_size=4), ev, budget=8)
   state = search.init(jax.random.PRNGKey(0))
