@@ -137,7 +137,9 @@ def validate(c: SearchConfig) -> None:
     raise UserError(f"unknown dataset {c.dataset!r} for {c.evaluator}; choose one of "
                     f"{', '.join(TRAIN_DATASETS)}")
   accepting = {"train": ProxySpec._fields, "supernet": one_shot.SupernetConfig._fields,
-               "zero_cost": ZERO_COST_ARGS}
+               "zero_cost": ZERO_COST_ARGS,
+               # a prefiltered table search scores its proxy on Fashion-MNIST images
+               "nb201": ("data_dir",) if c.prefilter else ()}
   for k, v in c.evaluator_args:
     flag = cli_flag(k)
     if k not in accepting.get(c.evaluator, ()) or k in ("dataset", "space"):

@@ -49,7 +49,6 @@ def test_bad_objectives_are_refused(objectives):
 ZERO_COST_CHILD = """
 import sys
 from jaxnas import runner
-from jaxnas.datasets import loaders
 root, data_dir = sys.argv[1:3]
 # The params "proxy" is exact and cheap: evolution maximising it heads for the all-3x3 cell.
 runner.run(runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
@@ -58,10 +57,10 @@ runner.run(runner.SearchConfig(evaluator="zero_cost", dataset="fashion_mnist",
                                                ("proxy", "params"))),
            root + "/zc")
 runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4), root + "/plain")
-# A table search's prefilter scores Fashion-MNIST from the default folder (no --data_dir).
-loaders.FASHION_MNIST_DIR = data_dir
+# A table search's prefilter scores Fashion-MNIST images from --data_dir.
 runner.run(runner.SearchConfig(strategy="random", budget=30, num_seeds=4, prefilter="params",
-                               prefilter_factor=8), root + "/filtered")
+                               prefilter_factor=8, evaluator_args=(("data_dir", data_dir),)),
+           root + "/filtered")
 """
 
 

@@ -5,7 +5,6 @@ is compiled once per module at XLA optimisation level 0: compiling the whole
 proxy program dominates, running it takes well under a second.
 """
 
-import os
 
 import chex
 import jax
@@ -16,7 +15,6 @@ import pytest
 from jaxnas import datasets
 from jaxnas.estimators import zero_cost as zc
 from jaxnas.models import nb201_net
-from jaxnas.spaces import nb201_space
 
 from conftest import FAST_COMPILE, FASHION_MNIST_SUBSET, tiny_evaluator, tiny_space
 
@@ -177,19 +175,7 @@ def test_evaluator_params_proxy_is_a_fixed_function_of_the_cell():
   np.testing.assert_array_equal(a, np.where(CONNECTED, params, zc.floor("params", 4)))
 
 
-@pytest.mark.skipif(not os.environ.get("JAXNAS_SLOW_TESTS"), reason="set JAXNAS_SLOW_TESTS=1")
-def test_evaluator_in_the_scanned_search_loop():
-  from jaxnas.search import make_search, results_of
-  from jaxnas.strategies import random_search
-  ev = zc.zero_cost_evaluator("naswot", data_dir=FASHION_MNIST_SUBSET, batch_size=8, channels=C)
-  space = nb201_space()
-  search = make_search(random_search(space, batch_size=4), ev, budget=8)
-  state = search.init(jax.random.PRNGKey(0))
-  state, metrics = jax.jit(search.run_chunk, static_argnums=2)(state, 0, search.num_steps)
-  res = results_of(search, state)
-  assert np.isfinite(res["best_score"])
-  assert set(res["report"]) == set(zc.PROXIES)
-  np.testing.assert_allclose(res["report"]["naswot"], res["best_score"], rtol=1e-5)
+# The evaluator inside the scanned, seed-vectorised search: tests/test_accelerator_path.py.
 
 
 def test_prefiltered_strategy_keeps_the_best_inner_proposals():
