@@ -36,8 +36,15 @@ def test_darts_search_resumes_bit_identically(tmp_path):
   with open(tmp_path / "full" / "results.json") as f:
     results = json.load(f)
   assert len(results["runs"]) == 2
+  # Two numbers, each named: the derived cell's own accuracy (supernet weights, one-hot ops)
+  # and the mixed supernet's, whose per-epoch values are the trajectory.
+  assert set(results["scores"]) == {"best_score", "supernet_val_acc", "trajectory"}
+  assert results["trajectory_axes"]["x"] == "search epochs"
+  assert results["environment"]["conv_impl"] in ("onednn", "taps")
   for r in results["runs"]:
     assert len(r["trajectory"]) == 3 and r["best_arch"].count("~") == 6
+    assert r["supernet_val_acc"] == r["trajectory"][-1]
+    assert 0.0 <= r["best_score"] <= 100.0
     assert np.allclose(np.sum(r["alphas"], 1), 1.0, atol=1e-4)
     sel = r["selection"]
     assert sorted(sel["order"]) == list(range(6)) and len(sel["removal_acc"]) == 6

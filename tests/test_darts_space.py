@@ -13,6 +13,7 @@ import pytest
 from jaxnas import retrain, runner
 from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, avg_pool_3x3,
                                      max_pool_3x3, max_pool_reference, depthwise_reference, depthwise_taps, derive_darts,
+                                     darts_weights,
                                      edge_index, fixed_genotype, specialise_variables)
 from jaxnas.spaces import darts_space
 
@@ -120,6 +121,16 @@ def test_supernet_with_one_hot_weights_runs_and_derive_picks_the_strongest_edges
       arch.normal_ops.tolist()
   assert arch.normal_inputs[6:].tolist() == [1, 4]
   assert arch.normal_ops[6:].tolist() == [1, 5]
+  # darts_weights: the one-hot op weights of a cell (how a DARTS run scores its derived
+  # cell), two edges per node, and derive() reads the cell back from them.
+  for k in jax.random.split(jax.random.PRNGKey(2), 5):
+    arch = space.sample(k)  # derive() never picks "none" (op 0), so none are sampled here
+    arch = arch._replace(normal_ops=jnp.maximum(arch.normal_ops, 1),
+                         reduce_ops=jnp.maximum(arch.reduce_ops, 1))
+    w = darts_weights(arch)
+    assert float(w["normal"].sum()) == float(w["reduce"].sum()) == 8.0
+    again = derive_darts(jax.tree.map(lambda a: 10.0 * a, w))
+    assert all(np.array_equal(a, b) for a, b in zip(again, arch)), (again, arch)
 
 
 def test_darts_space_needs_the_darts_strategy_or_training():
