@@ -7,7 +7,8 @@ parses and validates; this script is the slow, complete check (a few of the comm
 train networks for many minutes on a 2-core CPU).
 
   python experiments/readme_commands.py --timeout=3600 --out=experiments/results/readme_commands.json
-  python experiments/readme_commands.py --only=darts   # commands containing "darts"
+  python experiments/readme_commands.py --only=darts   # commands matching a regex
+  python experiments/readme_commands.py --skip='darts|retrain|evaluator=train'
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ def readme_commands(path: str = os.path.join(ROOT, "README.md")) -> list[list[st
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
-  parser.add_argument("--only", default="", help="run only commands containing this text")
+  parser.add_argument("--only", default="", help="run only commands matching this regex")
+  parser.add_argument("--skip", default=None, help="skip commands matching this regex")
   parser.add_argument("--out", default=None, help="JSON file of the outcomes")
   a = parser.parse_args()
   outcomes = []
   for args in readme_commands():
     line = " ".join(shlex.quote(x) for x in ["python", "-m", "jaxnas.main", *args])
-    if a.only not in line:
+    if not re.search(a.only, line) or (a.skip and re.search(a.skip, line)):
       continue
     with tempfile.TemporaryDirectory() as cwd:
       t0 = time.time()
