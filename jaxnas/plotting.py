@@ -60,12 +60,19 @@ def plot_trajectories(results: dict, path: str) -> str | None:
   opt = results.get("summary", {}).get("table_optimum")
   if opt:
     ax.axhline(opt["best_val"], color="k", ls="--", lw=1, label="table optimum")
+  from matplotlib.ticker import MaxNLocator
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # evaluations, epochs: counts
   axes = {**DEFAULT_AXES, **results.get("trajectory_axes", {})}
   ax.set_xlabel(axes["x"])
   ax.set_ylabel(axes["y"])
+  summary = results.get("summary", {})
+  if "supernet_val_acc_mean" in summary:  # a gradient-based search: its cells' own number too
+    ax.axhline(summary["best_score_mean"], color="C3", ls=":", lw=1.5,
+               label="derived cells, supernet weights (mean)")
   ax.set_title(f"{c['strategy']} on {c['evaluator']}/{c['dataset']}")
-  lo = np.percentile(traj[:, min(9, traj.shape[1] - 1)], 5)
-  ax.set_ylim(lo, (opt["best_val"] if opt else traj.max()) + 0.5)
+  if traj.shape[1] > 10:  # a long best-so-far curve: start the axis after its first climb
+    lo = np.percentile(traj[:, 9], 5)
+    ax.set_ylim(lo, (opt["best_val"] if opt else traj.max()) + 0.5)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
   return _save(fig, path)
