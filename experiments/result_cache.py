@@ -2,9 +2,10 @@
 
 A reused result is only as good as the code and numerics that made it, so an
 entry's name ends in ``-k<digest>`` of ``cache_key()``: a hash of the jaxnas
-source files (not git's commit: an installed copy may have no ``.git``), the
-backend, the convolution implementation in force (and oneDNN's thread count,
-which changes its kernel gradients at float level), and the jax/jaxlib versions.
+source files (not git's commit: an installed copy may have no ``.git``) and the
+compute environment that results.json records (``host_loop.compute_environment``:
+backend, devices, jax/jaxlib, the convolution implementation in force and oneDNN's
+version and thread count, which changes its kernel gradients at float level).
 The key is also written beside the entry (``<entry>.cache_key.json``) so that an
 entry made under another key, or by a script before keys (no ``-k`` suffix), is
 never reused silently: it is recomputed under the new name, and the output says
@@ -53,16 +54,12 @@ def code_version() -> str:
 
 
 def cache_key() -> dict:
-  """What, besides an experiment's own settings, changes its results (call after any
-  ``nb201_net.CONV_IMPL`` override and device setup: both decide the conv numerics)."""
-  import jax
-  import jaxlib
-  from jaxnas.models import nb201_net
-  impl = nb201_net.conv_impl()
-  return {"code": code_version(), "backend": jax.default_backend(), "conv_impl": impl,
-          # Only oneDNN's results depend on its thread count (split kernel-gradient sums).
-          "onednn_threads": nb201_net._onednn_threads() if impl == "onednn" else None,
-          "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+  """What, besides an experiment's own settings, changes its results: the code version and
+  the compute environment a run's results.json records (``host_loop.compute_environment``:
+  backend, devices, jax/jaxlib, conv impl and oneDNN's version and threads). Call it after
+  any ``nb201_net.CONV_IMPL`` override and device setup: both decide the conv numerics."""
+  from jaxnas import host_loop
+  return {"code": code_version(), **host_loop.compute_environment(networks=True)}
 
 
 class Entry(NamedTuple):

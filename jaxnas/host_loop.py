@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -56,7 +57,6 @@ def resumed_changes(before: dict | None, now: dict) -> str | None:
     return None
   text = "; ".join(diffs)
   if primary():
-    import sys
     print(f"jaxnas: warning: resuming a run begun in another environment ({text}); its "
           "results can differ at float level from an uninterrupted run's", file=sys.stderr,
           flush=True)
