@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxnas.datasets import DatasetError, load_fashion_mnist, train_val_split  # noqa: E402
-from jaxnas.models import nb201_net, train as train_lib  # noqa: E402
+from jaxnas import ops  # noqa: E402
+from jaxnas.models import train as train_lib  # noqa: E402
 from jaxnas.spaces import nb201_space  # noqa: E402
 
 
@@ -129,9 +130,9 @@ def main():
   p.add_argument("--op_impl", default="auto", help="auto, switch, onehot, kernel")
   p.add_argument("--map_batch", type=int, default=1)
   p.add_argument("--conv_impl", default="auto",
-                 help="auto (per backend), " + ", ".join(nb201_net.CONV_IMPLS))
+                 help="auto (per backend), " + ", ".join(ops.CONV_IMPLS))
   p.add_argument("--pool_impl", default="auto",
-                 help="auto (per backend), " + ", ".join(nb201_net.POOL_IMPLS))
+                 help="auto (per backend), " + ", ".join(ops.POOL_IMPLS))
   p.add_argument("--val_examples", type=int, default=1000)
   p.add_argument("--val_fraction", type=float, default=1 / 12)
   p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
@@ -149,17 +150,14 @@ def main():
                  "one program per distinct cell)")
   args = p.parse_args()
   cpu_devices = setup_cpu_devices(args.cpu_devices)
-  if args.conv_impl != "auto":
-    nb201_net.CONV_IMPL = args.conv_impl
-  if args.pool_impl != "auto":
-    nb201_net.POOL_IMPL = args.pool_impl
 
   source, arrays = load_data(args)
   data = train_lib.make_data(*arrays)
   archs = population(args)
   config = train_lib.resolve_plan(train_lib.TrainConfig(
       steps=args.steps, batch_size=args.batch, channels=args.channels, cells=args.cells,
-      num_classes=10, plan=args.plan, op_impl=args.op_impl, map_batch=args.map_batch))
+      num_classes=10, plan=args.plan, op_impl=args.op_impl, map_batch=args.map_batch,
+      execution=ops.Execution(args.conv_impl, args.pool_impl)))
   key = jax.random.PRNGKey(args.seed + 1)
 
   metrics = train_lib.train_population_metrics(archs, key, data, config)
@@ -198,7 +196,7 @@ def main():
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
       "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
-      "conv_impl": nb201_net.conv_impl(), "pool_impl": nb201_net.pool_impl(),
+      "conv_impl": config.execution.conv, "pool_impl": config.execution.pool,
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,

@@ -35,7 +35,7 @@ def main():
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--arch", default="", help="one cell for every member, e.g. 222222 (all 1x1)")
-  p.add_argument("--conv_impl", default="auto", help="nb201_net.CONV_IMPLS, or auto")
+  p.add_argument("--conv_impl", default="auto", help="jaxnas.ops.CONV_IMPLS, or auto")
   args = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false").strip()
@@ -44,11 +44,10 @@ def main():
   jax.config.update("jax_num_cpu_devices", args.devices)
   import jax.numpy as jnp
   import numpy as np
-  from jaxnas.models import nb201_net, train as train_lib
+  from jaxnas.models import train as train_lib
+  from jaxnas.ops import Execution
   from jaxnas.spaces import nb201_space
 
-  if args.conv_impl != "auto":
-    nb201_net.CONV_IMPL = args.conv_impl
   rng = np.random.default_rng(0)
   tx = rng.integers(0, 256, (5000, 28, 28, 1), dtype=np.uint8)
   ty = rng.integers(0, 10, 5000).astype(np.int32)
@@ -60,7 +59,8 @@ def main():
   n = args.population * args.steps
   for plan in args.plans.split(","):
     config = train_lib.resolve_plan(train_lib.TrainConfig(
-        steps=args.steps, batch_size=128, channels=16, cells=1, eval_batch_size=500, plan=plan))
+        steps=args.steps, batch_size=128, channels=16, cells=1, eval_batch_size=500, plan=plan,
+        execution=Execution(conv=args.conv_impl)))
     run = lambda: jax.block_until_ready(train_lib.train_population_metrics(
         archs, jax.random.PRNGKey(1), data, config))
     t0 = time.perf_counter()

@@ -34,7 +34,8 @@ CASES = {"3x3_28x28x16": (28, 16, 16, 1, 3), "3x3_14x14x32": (14, 32, 32, 1, 3),
 def time_jax(case, impl, reps):
   import jax
   import jax.numpy as jnp
-  from jaxnas.models import nb201_net, train
+  from jaxnas.models import train
+  from jaxnas.ops import conv2d
   h, ci, co, s, k = case
   ho = (h - 1) // s + 1
   x = jax.random.normal(jax.random.PRNGKey(0), (128, h, h, ci))
@@ -43,7 +44,7 @@ def time_jax(case, impl, reps):
 
   def body(carry, _):
     xx, kk = carry
-    f = lambda a, b: jnp.sum(nb201_net.conv2d(jax.nn.relu(a), b, s, impl=impl) * g)
+    f = lambda a, b: jnp.sum(conv2d(jax.nn.relu(a), b, s, impl=impl) * g)
     gx, gk = jax.grad(f, (0, 1))(xx, kk)
     return (xx + 1e-3 * gx, kk + 1e-3 * gk), None
 
@@ -79,7 +80,7 @@ def time_torch(case, reps):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--impls", default="onednn,taps", help="nb201_net.CONV_IMPLS, comma-separated")
+  p.add_argument("--impls", default="onednn,taps", help="jaxnas.ops.CONV_IMPLS, comma-separated")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--no_torch", action="store_true")
   args = p.parse_args()

@@ -53,13 +53,14 @@ def code_version() -> str:
   return h.hexdigest()[:12]
 
 
-def cache_key() -> dict:
+def cache_key(execution=None) -> dict:
   """What, besides an experiment's own settings, changes its results: the code version and
   the compute environment a run's results.json records (``host_loop.compute_environment``:
-  backend, devices, jax/jaxlib, conv impl and oneDNN's version and threads). Call it after
-  any ``nb201_net.CONV_IMPL`` override and device setup: both decide the conv numerics."""
+  backend, devices, jax/jaxlib, the conv impl of ``execution`` (a ``jaxnas.ops.Execution``;
+  None: the backend's default) and oneDNN's version and threads). Call it after device
+  setup, which decides the conv numerics too."""
   from jaxnas import host_loop
-  return {"code": code_version(), **host_loop.compute_environment(networks=True)}
+  return {"code": code_version(), **host_loop.compute_environment(True, execution)}
 
 
 class Entry(NamedTuple):

@@ -118,8 +118,8 @@ def main(argv):
   cells = np.stack(cells).astype(np.int32)
 
   cache = result_cache.Cache()
-  trained_by = {k: v for k, v in config._asdict().items() if k not in ("bn_batches", "plan")}
-  supernet_entry = cache.entry(FLAGS.workdir, f"supernet-{_digest(trained_by)}")
+  supernet_entry = cache.entry(FLAGS.workdir,
+                               f"supernet-{_digest(one_shot.trained_by(config))}")
   supernet_dir = supernet_entry.path
   supernet_log = os.path.join(supernet_dir, "supernet_metrics.jsonl")
   log_before = result_cache.log_lines(supernet_log)

@@ -26,19 +26,21 @@ from absl import logging
 from jaxnas.checkpoint import Checkpointer, truncate_log
 
 
-def compute_environment(networks: bool) -> dict:
+def compute_environment(networks: bool, execution=None) -> dict:
   """What besides its config decides a run's numbers: the backend, its devices, jax and
   jaxlib and, for runs that train or score networks (``networks``), the convolution
-  implementation in force and, for oneDNN's, its version and threads per call (its kernel
-  gradients split their sums over the threads, so the count moves results at float level).
-  results.json records it; a run resumed under another is named (``resumed_changes``)."""
+  implementation of their ``execution`` (a ``jaxnas.ops.Execution``; None: the backend's
+  default, what the CLI's networks use) and, for oneDNN's, its version and threads per call
+  (its kernel gradients split their sums over the threads, so the count moves results at
+  float level). results.json records it; a run resumed under another is named
+  (``resumed_changes``)."""
   import jaxlib
   env = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
          "devices": jax.device_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
   if networks:
     from jaxnas import native
-    from jaxnas.models import nb201_net
-    env["conv_impl"] = nb201_net.conv_impl()
+    from jaxnas.ops import Execution
+    env["conv_impl"] = (execution or Execution()).resolve().conv
     if env["conv_impl"] == "onednn":
       d = native.describe()
       env.update(onednn_version=d["onednn_version"], onednn_threads=d["threads"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from jaxnas.models import nb201_net
+from jaxnas import ops
 from jaxnas.models import train as train_lib
 
 from conftest import FASHION_MNIST_SUBSET, run_child
@@ -19,19 +19,21 @@ from conftest import FASHION_MNIST_SUBSET, run_child
 
 def test_accelerator_defaults_are_what_was_measured():
   for backend in ("gpu", "tpu"):
-    assert nb201_net.conv_impl(backend) == "im2col"
-    assert nb201_net.pool_impl(backend) == "window"
+    assert ops.conv_impl(backend) == "im2col"
+    assert ops.pool_impl(backend) == "window"
     resolved = train_lib.resolve_plan(train_lib.TrainConfig(), backend)
     assert (resolved.plan, resolved.op_impl) == ("vmap", "kernel")
+    assert resolved.execution == ops.Execution("im2col", "window")
     assert train_lib.eval_batch_size(backend) == 500
   resolved = train_lib.resolve_plan(train_lib.TrainConfig(), "cpu")
   assert (resolved.plan, resolved.op_impl) == ("map", "switch")
-  assert nb201_net.pool_impl("cpu") == "sum"
+  assert ops.pool_impl("cpu") == "sum"
 
 
 PLANS_CHILD = """
 import json, jax, numpy as np
-from jaxnas.models import nb201_net, train as train_lib
+from jaxnas.models import train as train_lib
+from jaxnas.ops import Execution
 from jaxnas.spaces import nb201_space
 rng = np.random.default_rng(1)
 x = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
@@ -48,9 +50,10 @@ out["map"] = np.asarray(m["losses"]).tolist()
 m = train_lib.train_population_metrics(archs, jax.random.PRNGKey(0), data,
                                        base._replace(plan="sequential", op_impl="onehot"))
 out["sequential"] = np.asarray(m["losses"]).tolist()
-nb201_net.CONV_IMPL, nb201_net.POOL_IMPL = "im2col", "window"
+accelerator = Execution(conv="im2col", pool="window")
 m = train_lib.train_population_metrics(archs, jax.random.PRNGKey(0), data,
-                                       base._replace(plan="vmap", op_impl="kernel"))
+                                       base._replace(plan="vmap", op_impl="kernel",
+                                                     execution=accelerator))
 out["vmap"] = np.asarray(m["losses"]).tolist()
 out["vmap_acc"] = np.asarray(m["val_accuracy"]).tolist()
 print(json.dumps(out))

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from jaxnas import retrain, runner
-from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, avg_pool_3x3,
-                                     max_pool_3x3, max_pool_reference, depthwise_reference, depthwise_taps, derive_darts,
-                                     darts_weights,
-                                     edge_index, fixed_genotype, specialise_variables)
+from jaxnas.models.darts_net import (DartsNetwork, MixedCell, OpSet, ReLUConvBN, darts_weights,
+                                     derive_darts, edge_index, fixed_genotype,
+                                     specialise_variables)
+from jaxnas.ops import (Execution, avg_pool_3x3, depthwise_reference, depthwise_taps,
+                        max_pool_3x3, max_pool_reference)
 from jaxnas.spaces import darts_space
 
 from conftest import FAST_COMPILE, FASHION_MNIST_SUBSET
@@ -60,14 +61,13 @@ def test_max_pool_and_its_gradient_match_reduce_window(shape, stride):
 
 @pytest.mark.parametrize("impl", ["sum", "window"])
 @pytest.mark.parametrize("size", [7, 8])
-def test_avg_pool_excludes_padding(size, impl, monkeypatch):
-  from jaxnas.models import nb201_net
-  monkeypatch.setattr(nb201_net, "POOL_IMPL", impl)
+def test_avg_pool_excludes_padding(size, impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
   for stride in (1, 2):
     ref = lambda x: nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
                                 count_include_pad=False)
-    (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (lambda x: avg_pool_3x3(x, stride), ref))
+    ours = lambda x: avg_pool_3x3(x, stride, impl=impl)
+    (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (ours, ref))
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     g = jax.random.normal(jax.random.PRNGKey(1), y.shape)
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
@@ -320,14 +320,13 @@ def test_darts_cost_is_exact(layers, image, monkeypatch):
   """darts_cost's parameters equal the specialised network's tree; its FLOPs equal the
   multiply-accumulates of every conv and matmul in the network's forward jaxpr (depthwise
   as XLA's grouped conv, and the stem as XLA's conv, so that each one is a conv primitive)."""
-  from jaxnas.models import darts_net, nb201_net
-  monkeypatch.setattr(darts_net, "depthwise", darts_net.depthwise_reference)
-  monkeypatch.setattr(nb201_net, "CONV_IMPL", "xla")
+  from jaxnas.models import darts_net
+  monkeypatch.setattr(darts_net, "depthwise", depthwise_reference)
   space = darts_space()
   for seed in range(3):
     arch = space.sample(jax.random.PRNGKey(seed))
     net = DartsNetwork(channels=4, layers=layers, num_classes=10,
-                       fixed_arch=fixed_genotype(arch))
+                       fixed_arch=fixed_genotype(arch), execution=Execution(conv="xla"))
     x = jnp.zeros((1, image, image, 1))
     v = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, None, False))
     params, flops = jax.jit(darts_net.darts_cost, static_argnums=range(1, 6))(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxnas import native
-from jaxnas.models import nb201_net as net_lib
+from jaxnas.ops import conv as net_lib
 
 from conftest import run_child, run_python, skip_unless_onednn
 
@@ -58,7 +58,7 @@ def test_onednn_calls_run_inside_scan_and_switch():
 
 
 def test_without_a_compiler_cpu_falls_back_to_taps_and_says_why(tmp_path, monkeypatch):
-  code = ("from jaxnas import native; from jaxnas.models import nb201_net as n; "
+  code = ("from jaxnas import native; from jaxnas.ops import conv as n; "
           "print(n.conv_impl('cpu')); print(native.onednn_status())")
   monkeypatch.setenv("JAXNAS_NATIVE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
@@ -115,7 +115,7 @@ def test_a_onednn_outside_the_system_paths_is_compiled_and_linked_against(monkey
 # A child that trains a conv at two shapes (two traces) through conv_impl()'s CPU default,
 # then names that default.
 _TRAIN_TWICE = (
-    "import jax, jax.numpy as jnp; from jaxnas.models import nb201_net as n\n"
+    "import jax, jax.numpy as jnp; from jaxnas.ops import conv as n\n"
     "loss = lambda x, w: jnp.sum(n.conv2d(x, w) ** 2)\n"
     "for size in (5, 6):\n"
     "  jax.jit(jax.grad(loss, 1))(jnp.ones((1, size, size, 2)), jnp.ones((3, 3, 2, 2)))\n"
@@ -231,7 +231,7 @@ def test_an_exception_in_onednn_is_an_error_not_an_abort():
   # An output shape the conv cannot have: oneDNN throws creating the primitive.
   skip_unless_onednn()
   code = ("import jax.numpy as jnp; from jaxnas import native\n"
-          "from jaxnas.models import nb201_net as n\n"
+          "from jaxnas.ops import conv as n\n"
           "assert native.onednn_available()  # registers the handlers\n"
           "x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1))\n"
           "for shape, stride in (((1, 1, 1, 1), 1), ((1, 4, 4, 1), 0)):\n"

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import runner
+from jaxnas import ops, runner
 from jaxnas.estimators import one_shot
 from jaxnas.estimators.training import search_split
 from jaxnas.models import nb201_net
@@ -128,7 +128,7 @@ def test_bn_recalibration_is_the_exact_batch_average_and_beats_stale_statistics(
   # The stem BN sees conv(images): its statistics are the mean over the two batches of
   # each batch's mean and biased variance (not the variance of the union, not a momentum).
   x = (np.asarray(calib, np.float32) / 255.0 - np.asarray(d.mean)) / np.asarray(d.std)
-  y = np.stack([np.asarray(nb201_net.conv2d(jnp.asarray(b), state.params["stem"])) for b in x])
+  y = np.stack([np.asarray(ops.conv2d(jnp.asarray(b), state.params["stem"])) for b in x])
   y = y.astype(np.float64)
   means, variances = y.mean(axis=(1, 2, 3)), y.var(axis=(1, 2, 3))  # per batch and channel
   stem = recal["stem_bn"]["bn"]
@@ -165,13 +165,13 @@ def test_one_spos_step_updates_only_the_sampled_path(data):
   assert np.asarray(metrics["live"]).tolist() == [True] + [False] * (spe - 1)
   arch = np.asarray(SPACE.sample(jax.random.fold_in(jax.random.fold_in(state.key, 0), 0)))
   trace_new, trace_old = new.opt_state[1][0].trace, state.opt_state[1][0].trace
-  ops = {"nor_conv_1x1": nb201_net.CONV1, "nor_conv_3x3": nb201_net.CONV3}
+  conv_ops = {"nor_conv_1x1": nb201_net.CONV1, "nor_conv_3x3": nb201_net.CONV3}
   checked = 0
   for stage_cell, cell in new.params.items():
     if not stage_cell.startswith("cell"):
       continue
     for edge, sub in cell.items():
-      for op, code in ops.items():
+      for op, code in conv_ops.items():
         on_path = arch[int(edge[4:])] == code
         leaves = zip(jax.tree.leaves(sub[op]), jax.tree.leaves(state.params[stage_cell][edge][op]),
                      jax.tree.leaves(trace_new[stage_cell][edge][op]),

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from jaxnas.models import nb201_net  # noqa: E402
+from jaxnas import ops  # noqa: E402
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--channels", type=int, default=16)
   p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--impls", default=",".join(nb201_net.CONV_IMPLS))
+  p.add_argument("--impls", default=",".join(ops.CONV_IMPLS))
   args = p.parse_args()
   c, h, n, pop = args.channels, args.image, args.batch, args.population
   lead = (pop,) if pop else ()
@@ -44,7 +44,7 @@ def main():
     w = jnp.asarray(rng.standard_normal(lead + (k, k, c, cout), np.float32) * 0.1)
     for impl in args.impls.split(","):
       def loss(x, w, impl=impl):
-        y = nb201_net.conv2d(x, w, stride, impl=impl)
+        y = ops.conv2d(x, w, stride, impl=impl)
         return jnp.sum(y * y)
       f = jax.value_and_grad(loss, argnums=(0, 1))
       f = jax.jit(jax.vmap(f) if pop else f)

@@ -62,6 +62,7 @@ from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.training import ProxySpec, search_split, validate_spec
 from jaxnas.models import TrainConfig, TrainData, cost, make_optimizer, resolve_plan
 from jaxnas.models.nb201_net import CONV1, CONV3, NB201Network
+from jaxnas.ops import Execution
 from jaxnas.spaces import nb201_space
 
 SUPERNET_PLANS = ("auto", "map", "vmap")
@@ -79,6 +80,8 @@ class SupernetConfig(NamedTuple):
     statistics replace every scored cell's BN statistics; 0 scores with the
     supernet's running statistics (stale: a baseline, not recommended).
   supernet_seed: the supernet's initialisation and path/minibatch sampling.
+  execution: the conv and pool implementations (``jaxnas.ops.Execution``; "auto": the
+    backend's defaults).
   Other fields as ``training.ProxySpec``.
   """
   dataset: str = "fashion_mnist"
@@ -96,6 +99,19 @@ class SupernetConfig(NamedTuple):
   bn_batches: int = 4
   supernet_seed: int = 0
   plan: str = "auto"
+  execution: Execution = Execution()
+
+
+# Fields that change how a supernet computes or scores, not which supernet is trained: a
+# workdir's supernet serves them all (``trained_by``).
+_NOT_TRAINED_BY = ("bn_batches", "plan", "execution")
+
+
+def trained_by(config: SupernetConfig) -> dict:
+  """The fields of ``config`` that decide the trained supernet (a workdir's identity):
+  all but ``bn_batches`` and ``plan`` (scoring only) and ``execution`` (float rounding;
+  results.json's environment records the conv implementation)."""
+  return {k: v for k, v in config._asdict().items() if k not in _NOT_TRAINED_BY}
 
 
 def validate_config(config: SupernetConfig, flag=str) -> SupernetConfig:
@@ -143,7 +159,7 @@ def train_config(config: SupernetConfig, num_classes: int, num_train: int) -> Tr
   return TrainConfig(steps=steps, batch_size=config.batch_size,
                      learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                      channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     augment=augment, plan="map", op_impl="switch")
+                     augment=augment, plan="map", op_impl="switch", execution=config.execution)
 
 
 def path_mask(params, arch):
@@ -193,7 +209,7 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
   validate_config(config)
   tc = train_config(config, num_classes, num_train)
   net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl="switch", bn_momentum=tc.bn_momentum)
+                     op_impl="switch", bn_momentum=tc.bn_momentum, execution=config.execution)
   tx = make_optimizer(tc)
   space = nb201_space()
   bs, total = config.batch_size, tc.steps
@@ -284,7 +300,7 @@ def make_recalibrate(config: SupernetConfig, num_classes: int, op_impl: str = "s
   """
   # Momentum 0: a train-mode forward leaves exactly this batch's statistics in batch_stats.
   net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl=op_impl, bn_momentum=0.0)
+                     op_impl=op_impl, bn_momentum=0.0, execution=config.execution)
   bn_batches = config.bn_batches
 
   def recalibrate(params, stats, arch, calib, data: TrainData):
@@ -320,7 +336,7 @@ def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto"):
     raise ValueError(f"plan {resolved.plan!r} does not apply to the supernet scorer")
   recalibrate = make_recalibrate(config, num_classes, resolved.op_impl)
   net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl=resolved.op_impl)
+                     op_impl=resolved.op_impl, execution=config.execution)
 
   def score_one(params, stats, arch, calib, data: TrainData):
     stats = recalibrate(params, stats, arch, calib, data)
@@ -354,7 +370,8 @@ def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto"):
 @functools.lru_cache(maxsize=16)
 def _programs(config: SupernetConfig, num_classes: int, image_shape: tuple, num_train: int,
               compiler_options: tuple):
-  """Jitted SPOS and scoring programs, cached so that in-process reruns compile once."""
+  """Jitted SPOS and scoring programs, cached so that in-process reruns compile once
+  (``config.execution`` resolved by the callers, so the key names the programs' convs)."""
   options = dict(compiler_options) or None
   spos = make_spos(config, num_classes, image_shape, num_train)
   return (spos, jax.jit(spos.init, compiler_options=_INIT_COMPILE),
@@ -380,6 +397,7 @@ def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
 def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
                     workdir: str | None, compiler_options: dict | None):
   """``train_supernet`` plus its training wall time (seconds, over every run of ``workdir``)."""
+  config = config._replace(execution=config.execution.resolve())
   num_train = int(data.train_labels.shape[0])
   spos, init, run_epoch, _ = _programs(config, num_classes, tuple(data.train_images.shape[1:]),
                                        num_train, tuple(sorted((compiler_options or {}).items())))
@@ -389,8 +407,7 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     # Scoring settings (bn_batches, plan) do not change the supernet: a workdir serves them all.
-    trained_by = {k: v for k, v in config._asdict().items() if k not in ("bn_batches", "plan")}
-    described = {"config": trained_by, "num_classes": num_classes, "num_train": num_train}
+    described = {"config": trained_by(config), "num_classes": num_classes, "num_train": num_train}
     config_path = os.path.join(workdir, "supernet_config.json")
     if os.path.exists(config_path):
       with open(config_path) as f:
@@ -444,6 +461,7 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
   weights passed as arguments.
   """
   validate_config(config)
+  config = config._replace(execution=config.execution.resolve())
   ds, data = search_split(proxy_spec(config))
   calib = calibration_batches(config, data)
   state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options)

@@ -57,6 +57,7 @@ import numpy as np
 
 from jaxnas.estimators.base import Evaluator
 from jaxnas.models import nb201_net
+from jaxnas.ops import BatchNorm, Execution
 from jaxnas.spaces import Space, nb201_space
 
 PROXIES = ("naswot", "synflow", "grad_norm", "snip", "jacov", "params", "flops")
@@ -128,7 +129,7 @@ def _collect_relu_codes(kernels: list, units: list):
       kernels.append(_code_kernel(args[0]))
       units.append(float(np.prod(args[0].shape[1:])))
     out = next_fun(*args, **kwargs)
-    if isinstance(m, nb201_net.BatchNorm) and m.name == "last_bn":
+    if isinstance(m, BatchNorm) and m.name == "last_bn":
       kernels.append(_code_kernel(out))
       units.append(float(np.prod(out.shape[1:])))
     return out
@@ -228,7 +229,7 @@ def member_scores(net, variables, arch, images, labels, proxies: Sequence[str] =
 
 def make_scorer(proxies: Sequence[str] = PROXIES, channels: int = 16, cells: int = 1,
                 num_classes: int = 10, op_impl: str = "onehot", shared_init: bool = True,
-                chunk: int | None = None) -> Callable:
+                chunk: int | None = None, execution: Execution = Execution()) -> Callable:
   """``score(archs, key, images, labels) -> {proxy: float32[P]}`` for ``archs`` ``int32[P, 6]``.
 
   Pure and jittable. ``images`` is one float32 NHWC minibatch (already
@@ -238,14 +239,15 @@ def make_scorer(proxies: Sequence[str] = PROXIES, channels: int = 16, cells: int
   under ``vmap``, so each conv of the population is one ordinary conv over
   ``P * B`` images; ``"kernel"`` gives the same numbers with grouped convs
   (cheaper where those are fast: accelerators). ``chunk`` bounds memory: the
-  population is vmapped ``chunk`` members at a time with ``lax.map``.
+  population is vmapped ``chunk`` members at a time with ``lax.map``. ``execution``: the
+  conv and pool implementations (``jaxnas.ops.Execution``).
   Disconnected cells and non-finite values score ``WORST`` (module docstring).
   """
   proxies = check_proxies(proxies)
   if op_impl not in ("onehot", "kernel"):
     raise ValueError(f"op_impl {op_impl!r} does not vmap into one program; use onehot or kernel")
   net = nb201_net.NB201Network(channels=channels, cells=cells, num_classes=num_classes,
-                               op_impl=op_impl)
+                               op_impl=op_impl, execution=execution)
 
   def init(key, images):
     # Drawn with XLA's RngBitGenerator, seeded from ``key``: flax's per-parameter
@@ -280,14 +282,15 @@ def _jitted_scorer(*args):
 def zero_cost_scores(archs, key, images, labels, proxies: Sequence[str] = PROXIES,
                      channels: int = 16, cells: int = 1, num_classes: int = 10,
                      op_impl: str = "onehot", shared_init: bool = True,
-                     chunk: int | None = None) -> dict:
+                     chunk: int | None = None, execution: Execution = Execution()) -> dict:
   """Every requested proxy of every cell of ``archs`` (``int32[P, 6]``): ``{name: float32[P]}``.
 
-  One compiled, vmapped program per configuration (cached); see ``make_scorer``
-  for the arguments. Inside your own ``jit``, call ``make_scorer(...)`` instead.
+  One compiled, vmapped program per configuration, execution resolved (cached); see
+  ``make_scorer`` for the arguments. Inside your own ``jit``, call ``make_scorer(...)``
+  instead.
   """
   score = _jitted_scorer(check_proxies(proxies), channels, cells, num_classes, op_impl,
-                         shared_init, chunk)
+                         shared_init, chunk, execution.resolve())
   return score(archs, key, images, labels)
 
 
@@ -327,7 +330,8 @@ def fixed_minibatch(dataset: str = "fashion_mnist", data_dir: str | None = None,
 def zero_cost_evaluator(proxy: str = "naswot", dataset: str = "fashion_mnist",
                         data_dir: str | None = None, batch_size: int = 64, channels: int = 16,
                         cells: int = 1, seed: int = 0, resample: bool = False,
-                        op_impl: str = "onehot", chunk: int | None = None) -> Evaluator:
+                        op_impl: str = "onehot", chunk: int | None = None,
+                        execution: Execution = Execution()) -> Evaluator:
   """Fitness = one zero-cost proxy of the NB201 cell (higher is better); report = all proxies.
 
   Disconnected cells get the finite ``floor(proxy, batch_size)`` as fitness
@@ -346,7 +350,8 @@ def zero_cost_evaluator(proxy: str = "naswot", dataset: str = "fashion_mnist",
   images, labels, num_classes = fixed_minibatch(dataset, data_dir, batch_size, seed, pool)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   fixed_key = jax.random.PRNGKey(seed)
-  kw = dict(channels=channels, cells=cells, num_classes=num_classes, op_impl=op_impl, chunk=chunk)
+  kw = dict(channels=channels, cells=cells, num_classes=num_classes, op_impl=op_impl, chunk=chunk,
+            execution=execution.resolve())
   score_one = make_scorer((proxy,), **kw)
   score_all = make_scorer(PROXIES, **kw)
 

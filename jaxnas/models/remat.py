@@ -104,7 +104,7 @@ class PureEdges(nn.Module):
 
 def fan_in_uniform(rng, shapes, lead: tuple[int, ...] = ()):
   """Conv kernels (HWIO) drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's default
-  and ``nb201_net.conv_init``, all from ONE uniform draw (a ``PureEdges`` ``param_init``).
+  and ``ops.conv_init``, all from ONE uniform draw (a ``PureEdges`` ``param_init``).
 
   Each flax initialiser is its own RNG computation (a threefry loop, plus a
   ``fold_in`` of its name): the DARTS-space supernet has ~1000 of them, which

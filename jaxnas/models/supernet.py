@@ -22,8 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnas.models.nb201_net import ReLUConvBN, avg_pool_3x3, skeleton
+from jaxnas.models.nb201_net import ReLUConvBN, skeleton
 from jaxnas.models.remat import PureEdges
+from jaxnas.ops import Execution, avg_pool_3x3
 from jaxnas.spaces.nb201 import EDGES, NUM_NODES, OPS
 
 
@@ -31,28 +32,31 @@ class MixedEdge(nn.Module):
   """``sum_k w[k] * op_k(x)`` over none, skip, conv1x1, conv3x3, avg_pool."""
   features: int
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, x, w, train: bool):
-    conv1 = ReLUConvBN(self.features, self.features, 1, bn_momentum=self.bn_momentum,
-                       name="nor_conv_1x1")(x, train)
-    conv3 = ReLUConvBN(self.features, self.features, 3, bn_momentum=self.bn_momentum,
-                       name="nor_conv_3x3")(x, train)
+    c, m, ex = self.features, self.bn_momentum, self.execution.resolve()
+    conv1 = ReLUConvBN(c, c, 1, bn_momentum=m, execution=ex, name="nor_conv_1x1")(x, train)
+    conv3 = ReLUConvBN(c, c, 3, bn_momentum=m, execution=ex, name="nor_conv_3x3")(x, train)
     # "none" contributes w[0] * 0.
-    return w[1] * x + w[2] * conv1 + w[3] * conv3 + w[4] * avg_pool_3x3(x)
+    return w[1] * x + w[2] * conv1 + w[3] * conv3 + w[4] * avg_pool_3x3(x, impl=ex.pool)
 
 
 class SuperCell(nn.Module):
+  """The NAS-Bench-201 cell with a ``MixedEdge`` on every edge (``weights[6, 5]``)."""
   features: int
   bn_momentum: float = 0.9
   remat: bool = False
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, x, weights, train: bool):
     nodes = [x]
     incoming = [[] for _ in range(NUM_NODES)]
+    ex = self.execution.resolve()
     for e, (j, i) in enumerate(EDGES):
-      edge = PureEdges(MixedEdge(self.features, self.bn_momentum), (train,), None, train,
+      edge = PureEdges(MixedEdge(self.features, self.bn_momentum, ex), (train,), None, train,
                        self.remat, name=f"edge{e}")
       incoming[j].append((edge, i, e))
       if len(incoming[j]) == j:
@@ -61,17 +65,21 @@ class SuperCell(nn.Module):
 
 
 class NB201SuperNet(nn.Module):
-  """NAS-Bench-201 skeleton with mixed edges; ``__call__(images, weights[6, 5], train)``."""
+  """NAS-Bench-201 skeleton with mixed edges; ``__call__(images, weights[6, 5], train)``.
+
+  ``execution``: the conv and pool implementations (``jaxnas.ops.Execution``)."""
   channels: int = 16
   cells: int = 1
   num_classes: int = 10
   bn_momentum: float = 0.9
   remat: bool = False
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, images, weights, train: bool = False):
+    ex = self.execution.resolve()
     return skeleton(self, images, train, lambda x, c, name: SuperCell(
-        c, self.bn_momentum, self.remat, name=name)(x, weights, train))
+        c, self.bn_momentum, self.remat, ex, name=name)(x, weights, train))
 
 
 NUM_OPS = len(OPS)

@@ -9,13 +9,13 @@ convs 2-4x faster. ``onednn_conv.cc`` wraps its forward, input-gradient and
 kernel-gradient primitives as XLA FFI handlers; this module compiles it once
 per machine (a C++ compiler and oneDNN's headers, Debian's ``libdnnl-dev``),
 caches the library, registers the handlers and reports why when it cannot.
-``nb201_net.conv2d(..., impl="onednn")`` calls them; ``conv_impl()`` picks it
+``ops.conv2d(..., impl="onednn")`` calls them; ``ops.conv_impl()`` picks it
 on CPU whenever ``onednn_available()``.
 
   python -m jaxnas.native      # build now (also done lazily at first use) and report
 
 When CPU training would use them but cannot, one line on stderr says why, once per
-process (``onednn_available(warn=True)``, the CPU default of ``conv_impl()``);
+process (``onednn_available(warn=True)``, the CPU default of ``ops.conv_impl()``);
 ``describe()`` is what a run records about them. The cached library's name hashes the
 source, jaxlib's version, the compile command, the compiler's ``--version`` and
 oneDNN's version (from ``dnnl_version.h``), so upgrading any builds afresh; a cached
