@@ -93,8 +93,9 @@ def make_search(strategy: Strategy, evaluator: Evaluator, budget: int,
     raise ValueError(f"strategy searches {strategy.space.name!r} but evaluator scores {space.name!r}")
   if budget < 1:
     raise ValueError(f"budget must be >= 1, got {budget}")
-  if budget > space.size:
-    raise ValueError(f"budget {budget} exceeds the {space.size} architectures of {space.name}")
+  networks = space.size if space.active is None else space.num_networks()
+  if networks is not None and budget > networks:
+    raise ValueError(f"budget {budget} exceeds the {networks} architectures of {space.name}")
   batch = strategy.batch_size
   num_steps = math.ceil(budget / batch)
   # Step t writes archive rows t*B .. t*B+B-1 (the last step's rows past the

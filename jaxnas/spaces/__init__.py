@@ -2,6 +2,7 @@
 
 from jaxnas.spaces.base import Arch, InvalidArchitecture, Space
 from jaxnas.spaces.darts import DartsArch, darts_space
+from jaxnas.spaces.declared import Choice, choice, declare
 from jaxnas.spaces.nb201 import nb201_space
 
 SPACES = {
@@ -9,5 +10,5 @@ SPACES = {
     "darts": darts_space,
 }
 
-__all__ = ["Arch", "DartsArch", "InvalidArchitecture", "SPACES", "Space", "darts_space",
-           "nb201_space"]
+__all__ = ["Arch", "Choice", "DartsArch", "InvalidArchitecture", "SPACES", "Space", "choice",
+           "darts_space", "declare", "nb201_space"]

@@ -46,6 +46,10 @@ class Space(NamedTuple):
   # Optional jittable int32[D] -> float32[F] encoding for predictors (e.g. the
   # BANANAS path encoding); the one-hot of the decisions when None.
   features: Callable[[jax.Array], jax.Array] | None = None
+  # Optional jittable int32[D] -> bool[D]: which decisions exist for this vector (a
+  # conditional space, ``spaces.declared``); None: all, always. Inactive decisions are
+  # fixed to 0 in the canonical vector, so equal networks have equal vectors.
+  active: Callable[[jax.Array], jax.Array] | None = None
 
   # ------------------------------------------------------------------ sizes
   @property
@@ -56,6 +60,16 @@ class Space(NamedTuple):
   def size(self) -> int:
     """Number of distinct architectures (an exact Python int)."""
     return math.prod(self.cardinalities)
+
+  def num_networks(self) -> int | None:
+    """Distinct networks: ``size`` in an unconditional space; in a conditional one the
+    number of canonical vectors, counted by enumeration (None above 2**22 vectors)."""
+    if self.active is None:
+      return self.size
+    if self.size > 2**22:
+      return None
+    vectors = jax.jit(jax.vmap(lambda i: self.canonical(self.unrank(i))))(jnp.arange(self.size))
+    return int(np.unique(np.asarray(self.rank(vectors))).size)
 
   @property
   def max_cardinality(self) -> int:
@@ -73,6 +87,12 @@ class Space(NamedTuple):
   def _cards(self) -> jax.Array:
     return jnp.asarray(self.cardinalities, jnp.int32)
 
+  def canonical(self, vector: jax.Array) -> jax.Array:
+    """``vector`` with its inactive decisions set to 0 (itself in an unconditional space)."""
+    if self.active is None:
+      return vector
+    return jnp.where(self.active(vector), vector, 0).astype(vector.dtype)
+
   # ------------------------------------------------------ vector operations
   def sample_vector(self, key: PRNGKey) -> jax.Array:
     """Uniform sample of a decision vector."""
@@ -81,33 +101,42 @@ class Space(NamedTuple):
   def sample_from_uniform(self, u: jax.Array) -> jax.Array:
     """Decision vector from D uniforms in [0, 1) (lets callers batch their RNG draws)."""
     v = jnp.floor(u * self._cards()).astype(jnp.int32)
-    return jnp.minimum(v, self._cards() - 1)
+    return self.canonical(jnp.minimum(v, self._cards() - 1))
 
   def mutate_vector(self, key: PRNGKey, vector: jax.Array) -> jax.Array:
     """Change exactly one decision to a different value, uniformly at random.
 
     The decision is drawn uniformly among those with more than one choice, and
     its new value uniformly among the other choices (the one-edge mutation of
-    Real et al. 2019 / Dong & Yang 2020 for NAS-Bench-201).
+    Real et al. 2019 / Dong & Yang 2020 for NAS-Bench-201). In a conditional space
+    only active decisions are drawn, and the result is canonical.
     """
     return self.mutate_from_uniform(vector, jax.random.uniform(key, (2,)))
 
   def mutate_from_uniform(self, vector: jax.Array, u: jax.Array) -> jax.Array:
     """``mutate_vector`` driven by two uniforms ``u`` in [0, 1)."""
-    mutable = np.nonzero(np.asarray(self.cardinalities) > 1)[0].astype(np.int32)
-    j = jnp.minimum(jnp.floor(u[0] * len(mutable)).astype(jnp.int32), len(mutable) - 1)
-    d = jnp.asarray(mutable)[j]
+    if self.active is None:
+      mutable = np.nonzero(np.asarray(self.cardinalities) > 1)[0].astype(np.int32)
+      j = jnp.minimum(jnp.floor(u[0] * len(mutable)).astype(jnp.int32), len(mutable) - 1)
+      d = jnp.asarray(mutable)[j]
+    else:  # the j-th active decision with more than one choice
+      mutable = self.active(vector) & (self._cards() > 1)
+      n = jnp.sum(mutable, dtype=jnp.int32)
+      j = jnp.minimum(jnp.floor(u[0] * n).astype(jnp.int32), n - 1)
+      d = jnp.argmax(jnp.cumsum(mutable.astype(jnp.int32)) > j).astype(jnp.int32)
     k = self._cards()[d]
     shift = jnp.minimum(1 + jnp.floor(u[1] * (k - 1)).astype(jnp.int32), k - 1)
-    return vector.at[d].set((vector[d] + shift) % k)
+    return self.canonical(vector.at[d].set((vector[d] + shift) % k))
 
   def key_of(self, vector: jax.Array) -> jax.Array:
     """int32 identity of a decision vector, for cheap membership tests.
 
     The exact rank when the space has fewer than 2^31 architectures; otherwise a
     32-bit hash, so equal keys mean "probably equal" and callers that need
-    certainty compare the vectors as well.
+    certainty compare the vectors as well. Computed on the canonical vector, so two
+    vectors of one network share a key.
     """
+    vector = self.canonical(vector)
     if self.size < 2**31:
       return self.rank(vector)
     h = jnp.uint32(2166136261)
@@ -118,7 +147,7 @@ class Space(NamedTuple):
   def crossover_vector(self, key: PRNGKey, a: jax.Array, b: jax.Array) -> jax.Array:
     """Uniform crossover: each decision taken from ``a`` or ``b`` with p=1/2."""
     take_a = jax.random.bernoulli(key, 0.5, (self.num_decisions,))
-    return jnp.where(take_a, a, b)
+    return self.canonical(jnp.where(take_a, a, b))
 
   def neighbour_table(self) -> tuple[np.ndarray, np.ndarray]:
     """Static (decision, shift) pairs enumerating the one-decision neighbourhood."""
@@ -133,7 +162,7 @@ class Space(NamedTuple):
     """The ``j``-th one-decision neighbour of ``vector`` (0 <= j < num_neighbours)."""
     dims, shifts = (jnp.asarray(t) for t in self.neighbour_table())
     d, s = dims[j], shifts[j]
-    return vector.at[d].set((vector[d] + s) % self._cards()[d])
+    return self.canonical(vector.at[d].set((vector[d] + s) % self._cards()[d]))
 
   def neighbour_vectors(self, vector: jax.Array) -> jax.Array:
     """All one-decision neighbours, int32[num_neighbours, D]."""

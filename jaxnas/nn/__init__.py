@@ -1,0 +1,30 @@
+"""Choice blocks: flax (Linen) layers that take their architecture decision as data.
+
+A model written from these blocks is one function of ``(variables, x, arch)``
+for every member of its search space, so ``vmap``, ``lax.map`` and
+``shard_map`` run a whole population of different architectures as one
+compiled program (``jaxnas.models.train``). Called with Python ints instead of
+arrays, the same blocks build the *specialised* network of one architecture,
+whose variables are slices of the elastic ones (``extract``): weight sharing
+(Guo et al. 2020, SPOS; Cai et al. 2020, Once-for-All) and export come from
+the same code.
+
+* ``OpChoice``: one of several ops (NNI's ``LayerChoice``; the NB201 edge, the
+  DARTS slot); ``weights=`` gives the DARTS mixed op (Liu et al. 2019).
+* ``ElasticConv`` / ``ElasticDense`` / ``BatchNorm``: active width by prefix
+  slice and active kernel by centre crop of max-shape parameters (NNI's
+  ``MixedConv2d``, Once-for-All's elastic kernel without its transform);
+  inactive channels are exact zeros forward and get zero gradients.
+* ``ElasticDepth``: a stack of max-depth blocks, blocks past the chosen depth
+  exact identity (and skipped by ``lax.cond`` where members run one at a time).
+* ``input_choice``: which earlier tensor feeds a node (NNI's ``InputChoice``).
+"""
+
+from jaxnas.nn.choice import (ElasticDepth, OpChoice, identity, input_choice, is_static,
+                              zero)
+from jaxnas.nn.elastic import BatchNorm, ElasticConv, ElasticDense, channel_mask
+from jaxnas.nn.extract import extract, specialised_shapes
+
+__all__ = ["BatchNorm", "ElasticConv", "ElasticDense", "ElasticDepth", "OpChoice",
+           "channel_mask", "extract", "identity", "input_choice", "is_static",
+           "specialised_shapes", "zero"]

@@ -1,0 +1,118 @@
+"""Choices among modules and tensors: ``OpChoice``, ``ElasticDepth``, ``input_choice``.
+
+Every block takes its decision as an argument. An int32 array (possibly a
+tracer) selects at run time: every candidate's variables exist and one program
+serves all members. A Python int builds only the chosen candidate (the
+specialised network), under the same names, so its variables are a sub-tree of
+the elastic ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OP_IMPLS = ("switch", "onehot")
+
+
+def is_static(choice) -> bool:
+  """Whether ``choice`` is a Python/numpy integer (the specialised form) rather than data."""
+  return isinstance(choice, (int, np.integer)) and not isinstance(choice, bool)
+
+
+def identity(x):
+  """The skip op."""
+  return x
+
+
+def zero(x):
+  """The ``none`` op: no connection (exact zeros)."""
+  return jnp.zeros_like(x)
+
+
+def _call(op, x, args, kwargs):
+  return op(x, *args, **kwargs) if isinstance(op, nn.Module) else op(x)
+
+
+class OpChoice(nn.Module):
+  """One of ``ops`` applied to ``x``, the index given as data.
+
+  ``ops`` are flax modules (called as ``op(x, *args, **kwargs)``: the extra
+  arguments of ``__call__``, e.g. ``train=``) or parameter-free functions of ``x``
+  (``identity``, ``zero``, a pool). All ops
+  map ``x`` to the same shape. ``impl``:
+
+  * ``"switch"``: ``lax.switch`` (``nn.switch``); where members run one at a
+    time (``lax.map``) each pays only for its own op; under ``vmap`` JAX turns
+    it into a select over every op, the batched form.
+  * ``"onehot"``: the sum of every op weighted by the one-hot of the choice.
+
+  ``weights`` (float ``[len(ops)]``) instead returns ``sum_k weights[k] * op_k(x)``:
+  the DARTS mixed op (Liu et al. 2019), the softmax of the architecture weights.
+  """
+  ops: Sequence[Any]
+  impl: str = "switch"
+
+  def __call__(self, x, choice=None, *args, weights=None, **kwargs):
+    if weights is not None:
+      return sum(weights[k] * _call(op, x, args, kwargs) for k, op in enumerate(self.ops))
+    if is_static(choice):
+      if not 0 <= choice < len(self.ops):
+        raise ValueError(f"OpChoice: choice {choice} not in [0, {len(self.ops)})")
+      return _call(self.ops[int(choice)], x, args, kwargs)
+    if self.impl not in OP_IMPLS:
+      raise ValueError(f"unknown OpChoice impl {self.impl!r}; choose one of {OP_IMPLS}")
+    if self.is_initializing() or self.impl == "onehot":
+      # At init every op creates its variables, so all branches share one structure.
+      w = jax.nn.one_hot(choice, len(self.ops), dtype=x.dtype)
+      return sum(w[k] * _call(op, x, args, kwargs) for k, op in enumerate(self.ops))
+    branches = [lambda mdl, x, k=k: _call(mdl.ops[k], x, args, kwargs) for k in range(len(self.ops))]
+    return nn.switch(jnp.asarray(choice, jnp.int32), branches, self, x)
+
+
+class ElasticDepth(nn.Module):
+  """``blocks`` applied in order, the first ``depth`` of them; the rest are exact identity.
+
+  ``__call__(x, depth, choices=None, **kwargs)`` runs block ``i`` as
+  ``blocks[i](x, choices[i], **kwargs)`` (or without ``choices[i]`` when
+  ``choices`` is None); every block maps ``x`` to the same shape. With a traced
+  ``depth`` block ``i`` runs under ``nn.cond(i < depth)``: a member running alone
+  skips it, a vmapped population computes it and selects (BN statistics of a
+  skipped block stay as they were). A Python int ``depth`` builds only the
+  first ``depth`` blocks (the specialised network). Blocks before ``min_depth``
+  always run.
+  """
+  blocks: Sequence[nn.Module]
+  min_depth: int = 0
+
+  def __call__(self, x, depth, choices=None, **kwargs):
+    def run(block, i, x):
+      if choices is None:
+        return block(x, **kwargs)
+      return block(x, choices[i], **kwargs)
+
+    for i, block in enumerate(self.blocks):
+      if is_static(depth):
+        if i < depth:
+          x = run(block, i, x)
+      elif i < self.min_depth:
+        x = run(block, i, x)
+      elif self.is_initializing():
+        x = jnp.where(i < depth, run(block, i, x), x)
+      else:
+        # The block itself is the lifted module: its variables (wherever it was created)
+        # are what the conditional reads and updates.
+        x = nn.cond(i < depth, lambda blk, x, i=i: run(blk, i, x), lambda blk, x: x, block, x)
+    return x
+
+
+def input_choice(inputs: Sequence[jax.Array], choice):
+  """``inputs[choice]``: one of several same-shape tensors feeds a node (the DARTS cell's
+  input edges). A traced ``choice`` selects (gradients reach the chosen input only)."""
+  if is_static(choice):
+    return inputs[int(choice)]
+  return jax.lax.select_n(jnp.asarray(choice, jnp.int32), *inputs)

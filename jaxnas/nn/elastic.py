@@ -1,0 +1,160 @@
+"""Elastic width and kernel size: max-shape parameters, the active part chosen by data.
+
+Convention (NNI's ``MixedConv2d``/``MixedLinear``; Once-for-All, Cai et al. 2020):
+the active channels are the *first* ``width`` of the max width (prefix slice),
+the active ``k x k`` kernel is the *centre* of the max kernel. Inactive channels
+are exact zeros in the forward pass and their parameters get exact zero
+gradients (the parameters are multiplied by a 0/1 mask). A layer that follows
+an elastic one sees exact zeros in the inactive channels, so its own input
+dimension is elastic for free; use ``BatchNorm`` here (not ``nn.BatchNorm``)
+after an elastic layer, so that BN's bias does not refill them.
+
+Called with Python ints the layers build the specialised parameters
+(``k x k x c_in x width``) under the same names: ``extract`` slices them out
+of the elastic ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas.nn.choice import is_static
+from jaxnas.ops import conv2d, depthwise
+
+BN_EPSILON = 1e-5
+
+
+def channel_mask(width, features: int, dtype=jnp.float32):
+  """``float[features]``: 1 for the first ``width`` channels, 0 after."""
+  return (jnp.arange(features) < width).astype(dtype)
+
+
+def _kernel_mask(size, max_size: int, dtype):
+  """``float[K, K]``: 1 on the centre ``size x size`` taps of a ``K x K`` kernel."""
+  r = jnp.abs(jnp.arange(max_size) - max_size // 2)
+  on = (r <= size // 2).astype(dtype)
+  return on[:, None] * on[None, :]
+
+
+def fan_in_init(key, shape, dtype=jnp.float32):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of a ``HWIO`` kernel: PyTorch's conv default."""
+  fan_in = int(np.prod(shape[:-1]))
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class ElasticConv(nn.Module):
+  """2-D convolution (NHWC, ``HWIO`` kernel, PyTorch-style symmetric padding ``k // 2``).
+
+  Attributes:
+    features: the max number of output channels (``depthwise``: ignored, the
+      output has the input's channels).
+    kernel_size: the max (odd) kernel size.
+    strides: the stride.
+    depthwise: one ``k x k`` filter per channel (``feature_group_count`` = channels).
+    use_bias: adds a bias (masked like the kernel).
+    conv: how a full convolution computes, one of ``jaxnas.ops.CONV_IMPLS`` or ``"auto"``
+      (the backend's measured default: oneDNN on CPU where it builds, im2col on
+      accelerators); a depthwise one runs ``jaxnas.ops.depthwise``.
+  ``__call__(x, width=None, kernel_size=None)``: ``width`` active output channels
+  (None: all), ``kernel_size`` the active kernel (None: the max); either may be
+  an int32 array (elastic) or a Python int (specialised).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  depthwise: bool = False
+  use_bias: bool = False
+  kernel_init: Callable = fan_in_init
+  conv: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, width=None, kernel_size=None):
+    c_in = x.shape[-1]
+    fixed_k = kernel_size is None or is_static(kernel_size)
+    fixed_w = width is None or is_static(width)
+    if self.depthwise:
+      out = c_in  # a depthwise conv's width is its input's
+    else:
+      out = self.features if width is None or not fixed_w else int(width)
+    k = int(kernel_size) if kernel_size is not None and fixed_k else self.kernel_size
+    if k % 2 == 0 or k > self.kernel_size:
+      raise ValueError(f"ElasticConv: kernel size {k} must be odd and <= {self.kernel_size}")
+    shape = (k, k, 1 if self.depthwise else c_in, out)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
+    if not fixed_k:
+      kernel = kernel * _kernel_mask(kernel_size, k, kernel.dtype)[:, :, None, None]
+    if not fixed_w:
+      m = channel_mask(width, out, kernel.dtype)
+      kernel = kernel * m
+      bias = None if bias is None else bias * m
+    kernel = kernel.astype(x.dtype)
+    if self.depthwise:
+      y = depthwise(x, kernel, self.strides)
+    else:
+      y = conv2d(x, kernel, self.strides, k // 2, None if self.conv == "auto" else self.conv)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+class ElasticDense(nn.Module):
+  """``x @ kernel + bias`` with ``width`` of the max ``features`` outputs active.
+
+  The input may itself be elastic (exact zeros in its inactive features).
+  """
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, width=None):
+    fixed = width is None or is_static(width)
+    out = (self.features if width is None else int(width)) if fixed else self.features
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], out), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
+    if not fixed:
+      m = channel_mask(width, out, kernel.dtype)
+      kernel = kernel * m
+      bias = None if bias is None else bias * m
+    y = x @ kernel.astype(x.dtype)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over all but the last axis that keeps inactive channels at zero.
+
+  PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5), as
+  ``nn.BatchNorm``: ``scale``/``bias`` params, ``mean``/``var`` batch statistics.
+  ``__call__(x, train, width=None)``: with an int32 ``width`` the output is
+  masked to the first ``width`` channels (the normalised zeros of an inactive
+  channel would otherwise become ``bias``).
+  """
+  momentum: float = 0.9
+  epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x, train: bool, width=None):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    if train:
+      mean = jnp.mean(x, axes)
+      var = jnp.maximum(0.0, jnp.mean(jax.lax.square(x), axes) - jax.lax.square(mean))
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+        ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    if width is not None and not is_static(width):
+      y = y * channel_mask(width, c, y.dtype)
+    return y

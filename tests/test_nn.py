@@ -1,0 +1,208 @@
+"""The choice blocks (``jaxnas.nn``): elastic forms equal the specialised network sliced out
+of them, inactive parts are exact zeros with exact zero gradients, and one program serves
+every member under ``vmap``/``lax.map``."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import nn as jnn
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, choice=None, train=False):
+    kernel, width = (None, None) if choice is None else choice
+    y = jnn.ElasticConv(16, 5, name="conv")(nn.relu(x), width=width, kernel_size=kernel)
+    return x + jnn.BatchNorm(name="bn")(y, train, width=width)
+
+
+class Net(nn.Module):
+  """Every block at once: elastic width, kernels, depth, an op choice and a dense head."""
+
+  @nn.compact
+  def __call__(self, x, arch, train=False):
+    w = arch["width"]
+    x = jnn.BatchNorm(name="stem_bn")(jnn.ElasticConv(16, 3, name="stem")(x, width=w), train,
+                                      width=w)
+    pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(1, 1), padding="SAME")
+    x = jnn.OpChoice([jnn.zero, jnn.identity, pool, Block(name="op_block")], name="op")(
+        x, arch["op"], (3, w), train=train)
+    x = jnn.ElasticDepth([Block(name=f"b{i}") for i in range(3)], min_depth=1, name="body")(
+        x, arch["depth"], [(k, w) for k in arch["kernels"]], train=train)
+    x = jnn.input_choice([x, jnp.flip(x, 1)], arch["input"])
+    return jnn.ElasticDense(10, name="head")(x.mean((1, 2)))
+
+
+def _arch(width, op, depth, kernels, inp=0, as_data=True):
+  arch = {"width": width, "op": op, "depth": depth, "kernels": list(kernels), "input": inp}
+  return jax.tree.map(jnp.int32, arch) if as_data else arch
+
+
+X = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 2))
+NET = Net()
+VARIABLES = NET.init(jax.random.PRNGKey(0), X, _arch(16, 3, 3, (5, 5, 5)))
+
+ARCHS = [(12, 3, 2, (3, 5, 3), 0), (16, 2, 1, (5, 3, 3), 1), (8, 0, 3, (3, 3, 5), 0),
+         (16, 1, 3, (5, 5, 5), 1)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("choice", ARCHS)
+def test_specialised_network_equals_the_elastic_one(choice, train):
+  """The network built for Python ints, with variables ``extract``ed from the elastic ones,
+  computes what the elastic network computes for the same choice given as data, and its
+  variables are the chosen slices (only the chosen op, blocks and channels)."""
+  data, static = _arch(*choice), _arch(*choice, as_data=False)
+  shapes = jnn.specialised_shapes(NET, X, static)
+  small = jnn.extract(VARIABLES, shapes)
+  kw = dict(train=train, mutable=["batch_stats"]) if train else dict(train=False)
+  big_out, small_out = NET.apply(VARIABLES, X, data, **kw), NET.apply(small, X, static, **kw)
+  if train:  # the running statistics move the same way on the active channels
+    (big_out, big_stats), (small_out, small_stats) = big_out, small_out
+    chex.assert_trees_all_close(jnn.extract(big_stats, small_stats), small_stats, atol=1e-5)
+  chex.assert_trees_all_close(big_out, small_out, atol=2e-5, rtol=1e-5)
+  width, op, depth = choice[:3]
+  params = small["params"]
+  assert params["stem"]["kernel"].shape == (3, 3, 2, width)
+  assert ("op_block" in params) == (op == 3)
+  # Blocks live where they are created (here: in Net's scope, beside "body").
+  assert sorted(k for k in params if k[0] == "b" and k[1:].isdigit()) == [
+      f"b{i}" for i in range(depth)]
+  for i in range(depth):
+    k = choice[3][i]
+    assert params[f"b{i}"]["conv"]["kernel"].shape == (k, k, width, width)
+
+
+def test_inactive_parameters_get_exact_zero_gradients():
+  """Channels past the width, taps outside the kernel and blocks past the depth: zero."""
+  arch = _arch(12, 3, 1, (3, 5, 5))
+
+  def loss(p):
+    out, _ = NET.apply({**VARIABLES, "params": p}, X, arch, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+
+  g = jax.grad(loss)(VARIABLES["params"])
+  assert float(jnp.abs(g["stem"]["kernel"][..., 12:]).max()) == 0.0
+  assert float(jnp.abs(g["stem"]["kernel"][..., :12]).max()) > 0.0
+  k0 = g["b0"]["conv"]["kernel"]  # kernel 3 of max 5: the outer ring is inactive
+  assert float(jnp.abs(k0[0]).max()) == float(jnp.abs(k0[:, 0]).max()) == 0.0
+  assert float(jnp.abs(k0[1:4, 1:4, :12, :12]).max()) > 0.0
+  for i in (1, 2):
+    assert all(float(jnp.abs(t).max()) == 0.0 for t in jax.tree.leaves(g[f"b{i}"]))
+  assert float(jnp.abs(g["head"]["kernel"][12:]).max()) == 0.0
+
+
+class ConvBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, width, train):
+    y = jnn.ElasticConv(16, 5, use_bias=True)(x, width=width, kernel_size=3)
+    return jnn.BatchNorm()(y, train, width=width)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_inactive_channels_are_exact_zeros(train):
+  m = ConvBN()
+  v = m.init(jax.random.PRNGKey(0), X, jnp.int32(16), False)
+  v = {**v, "params": jax.tree.map(lambda a: a + 0.5, v["params"])}  # non-zero biases
+  out = m.apply(v, X, jnp.int32(8), train, mutable=["batch_stats"])[0]
+  assert float(jnp.abs(out[..., 8:]).max()) == 0.0 and float(jnp.abs(out[..., :8]).max()) > 0
+
+
+def test_skipped_blocks_keep_their_statistics():
+  _, state = NET.apply(VARIABLES, X, _arch(8, 1, 1, (3, 3, 3)), train=True,
+                       mutable=["batch_stats"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["batch_stats"],
+                         VARIABLES["batch_stats"])
+  assert changed["b0"]["bn"]["mean"]  # depth 1: block 0 ran ...
+  for i in (1, 2):  # ... blocks 1 and 2 did not, their BN statistics are untouched
+    assert not any(jax.tree.leaves(changed[f"b{i}"]))
+
+
+def test_one_program_serves_a_population():
+  """``vmap`` and ``lax.map`` over members of different architectures give each member's
+  own output (OpChoice under vmap becomes a select over every op)."""
+  net = Net()
+  archs = jax.tree.map(lambda *xs: jnp.stack(xs), *[_arch(*c) for c in ARCHS])
+  one = jnp.stack([net.apply(VARIABLES, X, _arch(*c)) for c in ARCHS])
+  vm = jax.jit(jax.vmap(lambda a: net.apply(VARIABLES, X, a)))(archs)
+  lm = jax.jit(lambda a: jax.lax.map(lambda b: net.apply(VARIABLES, X, b), a))(archs)
+  chex.assert_trees_all_close(vm, one, atol=1e-5)
+  chex.assert_trees_all_close(lm, one, atol=1e-5)
+
+
+def test_op_choice_forms_and_mixed_weights():
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 3))
+  ops = [jnn.zero, jnn.identity, lambda x: 2.0 * x]
+  for impl in ("switch", "onehot"):
+    m = jnn.OpChoice(ops, impl=impl)
+    for k in range(3):
+      out = m.apply({}, x, jnp.int32(k))
+      chex.assert_trees_all_close(out, ops[k](x))
+      chex.assert_trees_all_close(m.apply({}, x, k), ops[k](x))
+  w = jnp.asarray([0.2, 0.3, 0.5])
+  chex.assert_trees_all_close(jnn.OpChoice(ops).apply({}, x, weights=w), 1.3 * x, rtol=1e-6)
+  with pytest.raises(ValueError, match="not in"):
+    jnn.OpChoice(ops).apply({}, x, 3)
+
+
+def test_extract_refuses_what_is_not_a_slice():
+  with pytest.raises(ValueError, match="have no params/conv"):
+    jnn.extract({"params": {}}, {"params": {"conv": jnp.zeros((3,))}})
+  with pytest.raises(ValueError, match="cannot slice"):
+    jnn.extract({"params": {"w": jnp.zeros((3,))}}, {"params": {"w": jnp.zeros((4,))}})
+  with pytest.raises(ValueError, match="centre-crop"):
+    jnn.extract({"params": {"k": jnp.zeros((5, 5, 1, 1))}},
+                {"params": {"k": jnp.zeros((4, 4, 1, 1))}})
+
+
+def test_an_nnx_model_trains_as_a_population_through_flax_bridge():
+  """NNX users adapt their model with ``flax.nnx.bridge.to_linen``: its variables become
+  the ``params``/``batch_stats`` collections, and the population trains as one program,
+  ``map`` and ``vmap`` alike."""
+  from flax import nnx
+  from flax.nnx import bridge
+
+  import jaxnas
+  from jaxnas.models import train
+
+  space = jaxnas.declare({"width": jaxnas.choice(8, 16), "pool": jaxnas.choice("avg", "max")})
+
+  class NNXCNN(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.conv = nnx.Conv(1, 16, (3, 3), strides=(2, 2), rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+      self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x, arch, train=False):
+      self.bn.use_running_average = not train
+      mask = jnn.channel_mask(arch["width"], 16)
+      x = nnx.relu(self.bn(self.conv(x) * mask)) * mask
+      x = jnp.where(arch["pool"] == 0, nnx.avg_pool(x, (2, 2), (2, 2)),
+                    nnx.max_pool(x, (2, 2), (2, 2)))
+      return self.head(x.mean((1, 2)))
+
+  class Adapted(nn.Module):
+    @nn.compact
+    def __call__(self, x, arch, train=False):
+      return bridge.to_linen(NNXCNN)(x, arch, train=train)
+
+  model = jaxnas.searchable(Adapted(), space)
+  rng = np.random.default_rng(0)
+  data = train.make_data(rng.integers(0, 255, (256, 28, 28, 1)), rng.integers(0, 10, 256),
+                         rng.integers(0, 255, (50, 28, 28, 1)), rng.integers(0, 10, 50),
+                         [0.5], [0.25])
+  archs = jax.vmap(space.sample)(jax.random.split(jax.random.PRNGKey(0), 4))
+  out = {plan: train.train_population_metrics(
+      archs, jax.random.PRNGKey(1), data,
+      train.TrainConfig(steps=3, batch_size=32, model=model, plan=plan)) for plan in ("map",
+                                                                                  "vmap")}
+  chex.assert_trees_all_close(out["map"]["losses"], out["vmap"]["losses"], rtol=1e-4)
+  assert np.isfinite(np.asarray(out["map"]["val_accuracy"])).all()
