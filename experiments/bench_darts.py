@@ -97,7 +97,6 @@ def run_one(remat: bool) -> dict:
   import numpy as np
 
   from jaxnas.darts_runner import compile_once
-  from jaxnas.models import darts_net
   from jaxnas.strategies.darts import DartsConfig, DartsData, make_darts
 
   n = 4 * FLAGS.batch
@@ -114,7 +113,7 @@ def run_one(remat: bool) -> dict:
   darts = make_darts(config)
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  options = darts_net.compiler_options(FLAGS.space)  # as the CLI does it
+  options = darts.supernet.compiler_options  # as the CLI does it
   state = compile_once(darts.init, key, data, options=options)(key, data)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0

@@ -25,11 +25,11 @@ from absl import logging
 
 from jaxnas import host_loop, memory
 from jaxnas.checkpoint import Checkpointer, CheckpointError
-from jaxnas.estimators.nb201 import load_table
 from jaxnas.estimators.training import ProxySpec, search_split
-from jaxnas.models import darts_net
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxnas.models.registry import builtin, model_of
+from jaxnas.models.train import TrainConfig
 from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts, over_seeds
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
@@ -37,17 +37,16 @@ DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "rema
               "alpha_learning_rate": "alpha_lr", "darts_warmup_epochs": "warmup_epochs",
               "darts_selection": "selection", "darts_selection_batches": "selection_batches",
               "darts_tune_steps": "tune_steps"}
-# Cells of the DARTS-space supernet unless --cells says otherwise (DARTS itself: 8;
-# 5 = normal, reduce, normal, reduce, normal keeps a CPU search to minutes).
-DARTS_SPACE_CELLS = 5
+# Cells of the DARTS-space supernet unless --cells says otherwise (``registry.BUILTINS``).
+DARTS_SPACE_CELLS = builtin("darts").cells
 
 
 def build(config) -> tuple:
   """``(darts, data, dataset)`` of a SearchConfig with ``strategy="darts"``."""
   args = dict(config.evaluator_args)
   # DARTS splits the training set in halves: weights on one, alphas on the other.
-  if config.space == "darts":
-    args.setdefault("cells", DARTS_SPACE_CELLS)
+  if builtin(config.space).cells:
+    args.setdefault("cells", builtin(config.space).cells)
   spec = ProxySpec(dataset=config.dataset, val_fraction=0.5, **args)
   ds, data = search_split(spec)
   n_train = int(data.train_labels.shape[0])
@@ -73,7 +72,7 @@ ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 
 def compile_once(f, *args, options: dict | None = None):
   """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
-  more XLA options (``darts_net.compiler_options``)."""
+  more XLA options (the supernet's ``compiler_options``)."""
   lowered = (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
   options = {**(ONCE if jax.default_backend() == "cpu" else {}), **(options or {})}
   return lowered.compile(compiler_options=options or None)
@@ -86,7 +85,7 @@ def run(config, workdir: str, darts, data) -> dict:
   # With a mesh the state lives replicated on every device.
   init = jax.jit(init, out_shardings=None if darts.mesh is None else
                  NamedSharding(darts.mesh, P()))
-  options = darts_net.compiler_options(darts.config.space)
+  options = darts.supernet.compiler_options
   state = compile_once(init, keys, data, options=options)(keys, data)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -189,7 +188,8 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
   magnitude = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
   finals = magnitude if selected is None else _unstack(selected[0], n)
   alphas = _unstack(_softmax(state.alpha), n)
-  table = load_table() if space.name == "nb201" else None
+  table_of = model_of(TrainConfig(space=config.space)).table
+  table = table_of() if table_of else None
   runs = []
   for i in range(n):
     arch = jax.tree.map(lambda a: a.astype(np.int32), finals[i])
@@ -231,7 +231,7 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
                               if r["seed"] == summary["best_run_seed"])
   return {"summary": summary, "runs": runs, "scores": SCORES,
           "trajectory_axes": TRAJECTORY_AXES,
-          "darts": dict(darts.config._asdict()),
+          "darts": {**darts.config._asdict(), "execution": darts.config.execution._asdict()},
           "budget": {"epochs": darts.config.epochs, "steps": darts.config.epochs *
                      darts.config.steps_per_epoch, "max_hours": config.max_hours,
                      "stopped_early": stopped}}

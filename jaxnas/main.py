@@ -337,16 +337,15 @@ def _compilation_cache(path: str | None) -> None:
 
 def _retrain():
   from jaxnas import retrain
+  from jaxnas.spaces import SPACES
   for name in _SEARCH_ONLY_FLAGS:
     if FLAGS[name].present:
       _fail(f"--{name} does not apply to --mode=retrain")
   if FLAGS["space"].present and FLAGS.arch is not None:
-    found = retrain.space_of(FLAGS.arch).name
-    if found != FLAGS.space:
-      takes = ("a NAS-Bench-201 cell, --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|'"
-               if FLAGS.space == "nb201" else
-               "a DARTS genotype, --arch=\"Genotype(normal=[...], ...)\"")
-      _fail(f"--space={FLAGS.space} retrains {takes}; got --arch={FLAGS.arch!r}")
+    try:
+      SPACES[FLAGS.space]().decode(FLAGS.arch)
+    except ValueError as e:
+      _fail(f"--space={FLAGS.space} does not take --arch={FLAGS.arch!r}: {e}")
   try:
     result = retrain.run_from_flags(FLAGS)
   except (retrain.RetrainError, OSError) as e:

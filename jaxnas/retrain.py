@@ -17,9 +17,12 @@ Workdir layout:
   checkpoints/  the training state between chunks (orbax; unfinished retrains)
   metrics.jsonl one line per chunk: step, epoch, mean loss, seconds
   arch.json     the architecture (string and op list) and the network's size
-  params/       trained params and BN statistics (orbax; restore with
-                ``load_variables``, apply with ``network_of(arch_json)``)
+  export/       the trained specialised network (``jaxnas.export``: network.json and
+                orbax variables; ``export.load(workdir + "/export")`` runs it)
   results.json  test accuracy, parameter count, FLOPs, the full config
+
+``retrain(config, workdir, model=...)`` retrains an architecture of a user's
+searchable model (``models.protocol.searchable``) the same way.
 """
 
 from __future__ import annotations
@@ -33,18 +36,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxnas import export, host_loop
 from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
 from jaxnas.estimators.training import check_fields
-from jaxnas import host_loop
 from jaxnas.runner import cli_flag
 from jaxnas.checkpoint import Checkpointer, CheckpointError
-from jaxnas.models import TrainConfig, cost, darts_net, fixed_genotype, make_data
-from jaxnas.models.train import make_network, make_train_parts
-from jaxnas.spaces import darts_space, nb201_space
-from jaxnas.spaces.nb201 import OPS
+from jaxnas.models import TrainConfig, make_data
+from jaxnas.models.protocol import SearchableModel
+from jaxnas.models.registry import model_of
+from jaxnas.models.train import compiler_options, make_network, make_train_parts
+from jaxnas.spaces import SPACES
 
 
 class RetrainError(ValueError):
@@ -84,13 +87,23 @@ def default_workdir(c: RetrainConfig) -> str:
 
 
 def space_of(arch: str):
-  """The space an architecture string belongs to: DARTS genotypes read ``Genotype(...)``."""
-  return darts_space() if arch.lstrip().startswith("Genotype") else nb201_space()
+  """The built-in space (``spaces.SPACES``) whose string form ``arch`` is; RetrainError
+  naming each space's objection when none decodes it."""
+  errors = []
+  for name, make in SPACES.items():
+    space = make()
+    try:
+      space.decode(arch)
+      return space
+    except ValueError as e:
+      errors.append(f"{name}: {e}")
+  raise RetrainError(f"--arch is not an architecture of any built-in space ({'; '.join(errors)})")
 
 
-def check(c: RetrainConfig):
-  """``(space, arch)`` of a retrain config, or ``RetrainError`` saying what is wrong."""
-  space = space_of(c.arch)
+def check(c: RetrainConfig, model: SearchableModel | None = None):
+  """``(space, arch)`` of a retrain config (of ``model``'s space when given), or
+  ``RetrainError`` saying what is wrong."""
+  space = space_of(c.arch) if model is None else model.space
   try:
     arch = space.decode(c.arch)
   except ValueError as e:
@@ -123,9 +136,11 @@ def _check_same(workdir: str, previous, c: RetrainConfig) -> None:
                        f"({host_loop.describe_diff(there, now)}); use another --workdir")
 
 
-def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
-  """Trains ``c.arch`` on the full training set, tests it, saves everything; returns results."""
-  space, arch = check(c)
+def retrain(c: RetrainConfig, workdir: str | None = None,
+            model: SearchableModel | None = None) -> dict:
+  """Trains ``c.arch`` (of ``model``, default the built-in network of its space) on the
+  full training set, tests it, exports it; returns results."""
+  space, arch = check(c, model)
   workdir = os.path.abspath(workdir or default_workdir(c))
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path):
@@ -152,33 +167,31 @@ def retrain(c: RetrainConfig, workdir: str | None = None) -> dict:
                        batch_size=c.batch_size, learning_rate=c.learning_rate,
                        weight_decay=c.weight_decay, channels=c.channels, cells=c.cells,
                        num_classes=ds.num_classes, augment=augment,
-                       plan="sequential_static", op_impl="switch", space=space.name)
+                       plan="sequential_static", op_impl="switch", space=space.name,
+                       model=model)
+  model = model_of(config)
   # The test set takes the validation slot: it is scored once, never selected on.
   data = make_data(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, ds.mean,
                    ds.std)
-  fixed = _fixed(space, arch)
+  fixed = model.static(arch)
   out, seconds = _train(c, config, fixed, arch, data, workdir, len(ds.train_labels))
   if bool(out["failed"]):
     raise RetrainError(f"training of {c.arch} diverged (non-finite loss); try a lower "
                        "--train_learning_rate")
-  image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
-  if space.name == "nb201":
-    params, flops = cost(arch, c.channels, c.cells, ds.num_classes, in_channels, image)
-    ops = [OPS[o] for o in fixed]
-  else:
-    params, flops = measured_cost(make_network(config, fixed), out["variables"],
-                                  (1, image, image, in_channels))
-    ops = None
-  arch_json = {"arch": space.encode(arch), "ops": ops,
-               "network": space.name, "channels": c.channels, "cells": c.cells,
-               "num_classes": ds.num_classes, "in_channels": int(in_channels),
+  image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
+  params, flops = jax.jit(model.cost, static_argnums=(1, 2))(arch, image_shape, ds.num_classes)
+  image, in_channels = image_shape[0], image_shape[-1]
+  test_accuracy = round(100.0 * float(out["val_accuracy"]), 4)
+  arch_json = {"arch": space.encode(arch), "network": model.name, "channels": c.channels,
+               "cells": c.cells, "num_classes": ds.num_classes, "in_channels": int(in_channels),
                "image_size": int(image), "params": int(params), "flops": int(flops)}
   host_loop.write_json_atomic(os.path.join(workdir, "arch.json"), arch_json)
-  params_dir = os.path.join(workdir, "params")
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir, jax.device_get(out["variables"]), force=True)
+  export.save(os.path.join(workdir, "export"), make_network(config, fixed),
+              model.call_arch(fixed), out["variables"], image_shape=image_shape, mean=ds.mean,
+              std=ds.std, metadata={"arch": arch_json["arch"], "dataset": c.dataset,
+                                    "test_accuracy": test_accuracy})
   results = {"config": dataclasses.asdict(c), "arch": arch_json["arch"],
-             "test_accuracy": round(100.0 * float(out["val_accuracy"]), 4),
+             "test_accuracy": test_accuracy,
              "params": int(params), "flops": int(flops), "steps": config.steps,
              "final_loss": float(out["final_loss"]), "train_seconds": round(seconds, 2),
              "workdir": workdir}
@@ -194,7 +207,7 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
   loop: a checkpoint and a metrics.jsonl line per chunk, resumed after a kill. Returns the
   evaluation (test set in the validation slot) and the training seconds (resumes included)."""
   parts = make_train_parts(config, fixed_arch=fixed)
-  jit = functools.partial(jax.jit, compiler_options=darts_net.compiler_options(config.space))
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(model_of(config)))
   init, run = jit(parts.init), jit(parts.run, static_argnums=5)
   init_key, data_key = jax.random.split(jax.random.PRNGKey(c.seed))
   steps = config.steps
@@ -231,49 +244,24 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
 
   _, elapsed, _ = host_loop.drive(step, elapsed, advance, commit, done=lambda s: s >= steps)
   ckpt.close()
-  evaluate = jax.jit(parts.evaluate, compiler_options=darts_net.compiler_options(config.space))
+  evaluate = jax.jit(parts.evaluate, compiler_options=compiler_options(model_of(config)))
   out = jax.block_until_ready(evaluate(carry, arch, data))
   out["final_loss"] = last_loss
   return out, elapsed
 
 
-def _fixed(space, arch):
-  """The hashable ``fixed_arch`` of a decoded architecture."""
-  if space.name == "darts":
-    return fixed_genotype(arch)
-  return tuple(int(o) for o in np.asarray(arch))
-
-
-def measured_cost(net, variables, image_shape) -> tuple[int, int]:
-  """Trainable parameters (BN statistics excluded) and multiply-accumulates of one image.
-
-  The FLOPs are XLA's cost analysis of the inference forward pass, halved
-  (XLA counts a multiply-add as 2) to match NAS-Bench-201's MAC convention;
-  unlike ``cost`` this includes BN, pooling and elementwise work.
-  """
-  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-  x = jax.ShapeDtypeStruct(image_shape, np.float32)
-  options = darts_net.compiler_options(
-      "darts" if isinstance(net, darts_net.DartsNetwork) else "nb201")
-  compiled = jax.jit(lambda v, x: net.apply(v, x, None, train=False),
-                     compiler_options=options).lower(variables, x).compile()
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return params, int(float(analysis.get("flops", 0.0)) // 2)
-
-
 def network_of(arch_json: dict):
-  """The specialised flax module described by an ``arch.json``."""
+  """The specialised flax module described by a built-in network's ``arch.json``."""
   space = space_of(arch_json["arch"])
   config = TrainConfig(channels=arch_json["channels"], cells=arch_json["cells"],
                        num_classes=arch_json["num_classes"], op_impl="switch", space=space.name)
-  return make_network(config, fixed_arch=_fixed(space, space.decode(arch_json["arch"])))
+  model = model_of(config)
+  return model.network(model.static(space.decode(arch_json["arch"])))
 
 
 def load_variables(workdir: str) -> dict:
   """Trained ``{"params", "batch_stats"}`` of a finished retrain workdir."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(os.path.abspath(workdir), "params"))
+  return export.load(os.path.join(os.path.abspath(workdir), "export")).variables
 
 
 def run_from_flags(flags) -> dict:
@@ -304,4 +292,4 @@ def summary(r: dict) -> str:
   return (f"retrained {r['arch']} on {r['config']['dataset']}{done}\n"
           f"  test accuracy {r['test_accuracy']:.2f} %, {r['params']:,} params, "
           f"{r['flops'] / 1e6:.1f} MFLOPs, {r['steps']} steps\n"
-          f"  workdir: {r['workdir']} (results.json, arch.json, params/)")
+          f"  workdir: {r['workdir']} (results.json, arch.json, export/)")

@@ -42,6 +42,7 @@ from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
+from jaxnas.models.registry import BUILTINS, builtin
 
 EVALUATORS = ("nb201", "train", "zero_cost", "supernet")
 # Evaluators that train or score networks on an image dataset (not the tabular benchmark).
@@ -50,10 +51,10 @@ TRAIN_DATASETS = tuple(_DATASETS)
 HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 # Strategies with their own host loop (not init/ask/tell): Hyperband and DARTS.
 HOST_STRATEGIES = ("hyperband", "darts")
-SPACES = ("nb201", "darts")
-# Strategies that train DARTS-space populations (--space=darts --evaluator=train).
-DARTS_SPACE_STRATEGIES = ("random", "evolution", "local", "reinforce", "predictor", "nsga2",
-                          "hyperband")
+SPACES = tuple(BUILTINS)
+DEFAULT_SPACE = "nb201"
+# Strategies that train DARTS-space populations (--space=darts --evaluator=train): all.
+DARTS_SPACE_STRATEGIES = tuple(STRATEGIES) + ("hyperband",)
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
 DEFAULT_CHECKPOINT_EVERY = {"nb201": 10, "train": 1, "zero_cost": 10, "supernet": 1}
 # --evaluator_args the zero-cost evaluator takes (its factory's keyword arguments).
@@ -113,7 +114,7 @@ class SearchConfig:
 def default_workdir(c: SearchConfig) -> str:
   args = "".join(f"-{k}{v}" for k, v in c.strategy_args + c.evaluator_args
                  if k not in ("data_dir", "plan"))
-  space = "" if c.space == "nb201" else f"-{c.space}"
+  space = f"-{c.space}" if c.space != DEFAULT_SPACE else ""
   return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{space}{args}"
                               f"-b{c.budget}-n{c.num_seeds}-s{c.seed}")
 
@@ -122,14 +123,12 @@ def validate(c: SearchConfig) -> None:
   """Checks a config at the edge; raises UserError with one clear line."""
   if c.space not in SPACES:
     raise UserError(f"unknown space {c.space!r}; choose one of {', '.join(SPACES)}")
-  if c.space == "darts" and c.strategy != "darts" and not (
-      c.evaluator == "train" and c.strategy in DARTS_SPACE_STRATEGIES):
-    raise UserError(f"--space=darts is searched by --strategy=darts, or by "
-                    f"--strategy={'|'.join(DARTS_SPACE_STRATEGIES)} with --evaluator=train")
   if c.evaluator not in EVALUATORS:
     raise UserError(f"unknown evaluator {c.evaluator!r}; choose one of {', '.join(EVALUATORS)}")
-  if c.evaluator == "supernet" and c.space != "nb201":
-    raise UserError("--evaluator=supernet (a NAS-Bench-201 SPOS supernet) needs --space=nb201")
+  scorers = builtin(c.space).evaluators  # DARTS trains its own supernet, whatever these are
+  if c.strategy != "darts" and c.evaluator not in scorers:
+    raise UserError(f"--space={c.space} is searched by --strategy=darts, or scored by "
+                    f"--evaluator={'|'.join(scorers)}; not by --evaluator={c.evaluator}")
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
                     f"{', '.join(estimators.NB201_DATASETS)}")
@@ -188,9 +187,10 @@ def validate(c: SearchConfig) -> None:
       if not 0 <= v < epochs:
         raise UserError(f"--darts_warmup_epochs must be in [0, {epochs}) (--epochs), got {v}")
     elif k == "darts_selection":
-      if v == "perturbation" and c.space != "nb201":
-        raise UserError("--darts_selection=perturbation is implemented for the NB201 space "
-                        "only; use --darts_selection=magnitude with --space=darts")
+      if v not in builtin(c.space).darts_selections:
+        takers = [n for n in SPACES if v in builtin(n).darts_selections]
+        raise UserError(f"--darts_selection={v} is implemented for the {' and '.join(takers)} "
+                        f"space only; use --darts_selection=magnitude with --space={c.space}")
     elif k == "darts_tune_steps":
       if v < 0:
         raise UserError(f"--darts_tune_steps must be >= 0, got {v}")
@@ -230,8 +230,8 @@ def make_evaluator(c: SearchConfig, workdir: str | None = None):
   try:
     if c.evaluator == "train":
       args = dict(c.evaluator_args)
-      if c.space == "darts":
-        args.setdefault("cells", darts_runner.DARTS_SPACE_CELLS)
+      if builtin(c.space).cells:
+        args.setdefault("cells", builtin(c.space).cells)
       return train_evaluator(ProxySpec(dataset=c.dataset, space=c.space, **args))
     if c.evaluator == "zero_cost":
       return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args))
@@ -362,6 +362,72 @@ def make_advance(search, chunk: int, root_key: jax.Array):
   return advance
 
 
+def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: int,
+                 max_hours: float = 0.0, checkpoint: bool = True):
+  """Runs ``num_seeds`` seeds (``seed + i``) of ``search`` to the end in chunks of ``chunk``
+  steps; returns ``(state, elapsed_s, stopped)``.
+
+  With a ``workdir``, each chunk appends its per-step lines to metrics.jsonl and (with
+  ``checkpoint``) saves the state, and a rerun resumes from the newest verified checkpoint
+  (UserError where none is readable). ``stopped`` says whether ``max_hours`` ended it early.
+  """
+  n, num_steps = num_seeds, search.num_steps
+  keys = jax.vmap(jax.random.PRNGKey)(seed + jnp.arange(n))
+  state = jax.jit(jax.vmap(search.init))(keys)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints")) if workdir else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  step, elapsed = 0, 0.0
+  if ckpt is not None:
+    try:
+      step, state, elapsed = host_loop.resume(ckpt, state, metrics_path)
+    except CheckpointError as e:
+      raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh"
+                      ) from None
+  # Time spent building the evaluator (the SPOS supernet's training) counts
+  # against --max_hours; a resumed search's checkpoint already includes it.
+  if step == 0:
+    elapsed = float(search.evaluator.setup_s)
+  advance = make_advance(search, chunk, jax.random.PRNGKey(seed))
+
+  def run_chunk(step):
+    new_state, metrics = advance(state, step)
+    return int(new_state.step[0]), (new_state, jax.device_get(metrics))
+
+  def commit(step, out, seconds, elapsed):
+    nonlocal state
+    state, metrics = out
+    lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
+    if metrics_path:
+      host_loop.append_jsonl(metrics_path, lines)
+    last = lines[-1]
+    logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
+                 step, num_steps, last["evaluations"], search.budget, last["best"],
+                 last["best_std"], last["diversity"], seconds)
+    if ckpt is not None and checkpoint and step < num_steps:
+      ckpt.save(step, state, {"elapsed_s": elapsed})
+
+  step, elapsed, stopped = host_loop.drive(step, elapsed, run_chunk, commit,
+                                           done=lambda step: step >= num_steps,
+                                           max_hours=max_hours)
+  if ckpt is not None:
+    ckpt.close()
+  return state, elapsed, stopped
+
+
+def run_search(search, num_seeds: int = 1, seed: int = 0, workdir: str | None = None,
+               checkpoint_every: int = 1) -> dict:
+  """Runs a ``Search`` of any evaluator (a user's model included) from a library: seeds
+  ``seed .. seed + num_seeds - 1``, checkpointed every ``checkpoint_every`` steps into
+  ``workdir`` (None: in memory) and resumed from it. Returns ``search_results`` (per run
+  the best architecture's string, score, report and trajectory) with the final ``state``."""
+  chunk = min(checkpoint_every or search.num_steps, search.num_steps)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+  state, _, _ = drive_search(search, num_seeds, seed, workdir, chunk,
+                             checkpoint=bool(checkpoint_every))
+  return {**search_results(search, state, seed), "state": state}
+
+
 def run(config: SearchConfig, workdir: str | None = None) -> dict:
   """Runs (or resumes, or reports) the search of ``config`` in ``workdir``; returns results.
 
@@ -373,7 +439,6 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   workdir = workdir or default_workdir(config)
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   began_in = None  # the compute environment a resumed run began in
   if os.path.exists(config_path):
     record = host_loop.read_json(config_path, "use another --workdir", UserError)
@@ -427,42 +492,9 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
                               lambda: darts_runner.run(config, workdir, darts, darts_data))
 
   t_start = time.time()
-  n, num_steps = config.num_seeds, search.num_steps
-  chunk = min(config.checkpoint_every or num_steps, num_steps)
-  keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
-  state = jax.jit(jax.vmap(search.init))(keys)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step, state, elapsed = host_loop.resume(ckpt, state, metrics_path)
-  except CheckpointError as e:
-    raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
-  # Time spent building the evaluator (the SPOS supernet's training) counts
-  # against --max_hours; a resumed search's checkpoint already includes it.
-  if step == 0:
-    elapsed = float(search.evaluator.setup_s)
-  advance = make_advance(search, chunk, jax.random.PRNGKey(config.seed))
-
-  def run_chunk(step):
-    new_state, metrics = advance(state, step)
-    return int(new_state.step[0]), (new_state, jax.device_get(metrics))
-
-  def commit(step, out, seconds, elapsed):
-    nonlocal state
-    state, metrics = out
-    lines = _aggregate(metrics, np.asarray(metrics["live"][0]))
-    host_loop.append_jsonl(metrics_path, lines)
-    last = lines[-1]
-    logging.info("step %d/%d  evaluations %d/%d  best %.3f ± %.3f  diversity %.2f  (%.2fs)",
-                 step, num_steps, last["evaluations"], config.budget, last["best"],
-                 last["best_std"], last["diversity"], seconds)
-    if config.checkpoint_every and step < num_steps:
-      ckpt.save(step, state, {"elapsed_s": elapsed})
-
-  step, elapsed, stopped = host_loop.drive(step, elapsed, run_chunk, commit,
-                                           done=lambda step: step >= num_steps,
-                                           max_hours=config.max_hours)
-  ckpt.close()
-
+  chunk = min(config.checkpoint_every or search.num_steps, search.num_steps)
+  state, elapsed, stopped = drive_search(search, config.num_seeds, config.seed, workdir, chunk,
+                                         config.max_hours, checkpoint=bool(config.checkpoint_every))
   results = collect_results(search, config, state)
   results.update(recorded)
   if len(config.objectives) > 1:
@@ -557,8 +589,8 @@ def collect_front(search, config: SearchConfig, state) -> dict:
 def retrain_command(config: SearchConfig, arch: str) -> str:
   """The CLI line that retrains ``arch`` from scratch on the search's data and network size."""
   args = dict(config.evaluator_args)
-  if config.space == "darts":
-    args.setdefault("cells", darts_runner.DARTS_SPACE_CELLS)
+  if builtin(config.space).cells:
+    args.setdefault("cells", builtin(config.space).cells)
   parts = ["python -m jaxnas.main --mode=retrain", f"--arch={shlex.quote(arch)}",
            f"--dataset={config.dataset}"]
   for k in ("data_dir", "channels", "cells"):
@@ -567,15 +599,17 @@ def retrain_command(config: SearchConfig, arch: str) -> str:
   return " ".join(parts)
 
 
-def collect_results(search, config: SearchConfig, state) -> dict:
-  """The results.json object of a finished batched state."""
+def search_results(search, state, seed: int = 0) -> dict:
+  """``{"summary", "runs"}`` of a finished batched state (seeds ``seed + i``): per run the
+  best architecture's string, its score and report, the trajectory and the counts of
+  failed and duplicate evaluations; the summary's means and the best run."""
   r = jax.device_get(jax.jit(jax.vmap(lambda s: results_of(search, s)))(state))
   space = search.evaluator.space
   runs = []
   count = np.asarray(jax.device_get(state.archive.count))
-  for i in range(config.num_seeds):
+  for i in range(count.shape[0]):
     arch = jax.tree.map(lambda x: x[i], r["best_arch"])
-    run_i = {"seed": config.seed + i,
+    run_i = {"seed": seed + i,
              "best_arch": space.encode(arch),
              "best_score": round(float(r["best_score"][i]), 6),
              "trajectory": [round(float(x), 6) for x in r["trajectory"][i][:int(count[i])]],
@@ -590,13 +624,22 @@ def collect_results(search, config: SearchConfig, state) -> dict:
     summary[f"{k}_mean"] = float(np.mean(v))
     summary[f"{k}_std"] = float(np.std(v))
   best_run = int(np.argmax(r["best_score"]))
-  summary["best_run_seed"] = config.seed + best_run
+  summary["best_run_seed"] = seed + best_run
   summary["best_arch"] = runs[best_run]["best_arch"]
+  return {"summary": summary, "runs": runs}
+
+
+def collect_results(search, config: SearchConfig, state) -> dict:
+  """The results.json object of a finished batched state: ``search_results`` with the
+  config, what the evaluator adds (the table's optimum, the retrain command), the
+  trajectory's axes and the budget."""
+  out = search_results(search, state, config.seed)
+  summary = out["summary"]
   if config.evaluator == "nb201":
     summary["table_optimum"] = estimators.nb201.oracle(config.dataset)
   if config.evaluator in ("train", "supernet"):
     summary["retrain_command"] = retrain_command(config, summary["best_arch"])
-  return {"config": config.to_json(), "summary": summary, "runs": runs,
+  return {"config": config.to_json(), "summary": summary, "runs": out["runs"],
           "trajectory_axes": trajectory_axes(config),
           "budget": {"evaluations": config.budget, "steps": search.num_steps,
                      "batch_size": search.strategy.batch_size}}

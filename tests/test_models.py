@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import datasets, native
+from jaxnas import datasets, native, ops
 from jaxnas.models import nb201_net as net_lib
 from jaxnas.models import train as train_lib
 
@@ -91,7 +91,7 @@ def test_balanced_order():
   np.testing.assert_array_equal(train_lib.balanced_order(np.zeros(4), 2), np.arange(4))
 
 
-@pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
+@pytest.mark.parametrize("impl", ops.CONV_IMPLS)
 def test_conv_vjp_matches_autodiff(impl):
   skip_unless_onednn(impl)
   # Covers the forward of tiny convs as one im2col matmul (k*k*cin <= 64, <= 16 channels)
@@ -110,24 +110,38 @@ def test_conv_vjp_matches_autodiff(impl):
     p = k // 2
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: net_lib.conv2d(x, w, stride, impl=impl)
+    ours = lambda x, w: ops.conv2d(x, w, stride, impl=impl)
     g = rng.standard_normal(jax.eval_shape(ref, x, w).shape, np.float32)
     expected, got = (_compile(functools.partial(_value_and_vjp, conv), x, w, g)(x, w, g)
                      for conv in (ref, ours))
     chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_batch_sharded_traces_pick_im2col_unless_an_impl_is_set(monkeypatch):
-  default = net_lib.conv_impl()
-  with net_lib.batch_sharded():
-    assert net_lib.conv_impl() == "im2col"
-    monkeypatch.setattr(net_lib, "CONV_IMPL", "gemm")
-    assert net_lib.conv_impl() == "gemm"
-    monkeypatch.setattr(net_lib, "CONV_IMPL", None)
-  assert net_lib.conv_impl() == default
+def test_data_parallel_darts_builds_im2col_convs_unless_a_conv_is_set():
+  from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
+  c = DartsConfig(channels=2, batch_size=8)
+  default = ops.Execution().resolve()
+  assert make_darts(c).config.execution == default
+  assert make_darts(c, data_mesh()).config.execution == default._replace(conv="im2col")
+  assert make_darts(c, data_mesh()).supernet.net.execution.conv == "im2col"
+  gemm = c._replace(execution=ops.Execution(conv="gemm"))
+  assert make_darts(gemm, data_mesh()).config.execution.conv == "gemm"
 
 
-@pytest.mark.parametrize("impl", net_lib.CONV_IMPLS)
+def test_execution_travels_in_the_config_and_keys_the_program_cache():
+  default = ops.Execution().resolve()
+  assert train_lib.resolve_plan(train_lib.TrainConfig()).execution == default
+  assert train_lib.resolve_plan(train_lib.TrainConfig(), "gpu").execution == (
+      ops.Execution("im2col", "window"))
+  xla = train_lib.TrainConfig(execution=ops.Execution(conv="xla"))
+  assert train_lib.resolve_plan(xla).execution == default._replace(conv="xla")
+  assert train_lib.make_network(xla).execution.conv == "xla"
+  assert hash(train_lib.resolve_plan(xla)) != hash(train_lib.resolve_plan(train_lib.TrainConfig()))
+  with pytest.raises(ValueError, match="unknown conv impl"):
+    train_lib.resolve_plan(train_lib.TrainConfig(execution=ops.Execution(conv="fft")))
+
+
+@pytest.mark.parametrize("impl", ops.CONV_IMPLS)
 def test_conv_impls_agree_under_vmap(impl):
   skip_unless_onednn(impl)
   # A population's per-member kernels: vmap over (x, w) as the vmap plan does.
@@ -135,34 +149,36 @@ def test_conv_impls_agree_under_vmap(impl):
   x = rng.standard_normal((3, 4, 7, 7, 6), np.float32)
   w = rng.standard_normal((3, 3, 3, 6, 5), np.float32)
   for stride in (1, 2):
-    f = lambda impl: jax.vmap(functools.partial(_value_and_vjp, lambda x, w: net_lib.conv2d(
+    f = lambda impl: jax.vmap(functools.partial(_value_and_vjp, lambda x, w: ops.conv2d(
         x, w, stride, impl=impl)))
-    y = jax.eval_shape(jax.vmap(lambda x, w: net_lib.conv2d(x, w, stride, impl="xla")), x, w)
+    y = jax.eval_shape(jax.vmap(lambda x, w: ops.conv2d(x, w, stride, impl="xla")), x, w)
     g = rng.standard_normal(y.shape, np.float32)
     chex.assert_trees_all_close(jax.jit(f(impl))(x, w, g), jax.jit(f("xla"))(x, w, g),
                                 atol=1e-4, rtol=1e-5)
 
 
 def test_conv_impl_choice():
-  assert net_lib.conv_impl("cpu") == ("onednn" if native.onednn_available() else "taps")
-  assert net_lib.conv_impl("gpu") == net_lib.conv_impl("tpu") == "im2col"
-  assert (net_lib.pool_impl("cpu"), net_lib.pool_impl("gpu")) == ("sum", "window")
+  assert ops.conv_impl("cpu") == ("onednn" if native.onednn_available() else "taps")
+  assert ops.conv_impl("gpu") == ops.conv_impl("tpu") == "im2col"
+  assert (ops.pool_impl("cpu"), ops.pool_impl("gpu")) == ("sum", "window")
+  assert ops.Execution().resolve("gpu") == ops.Execution("im2col", "window")
+  assert ops.Execution(conv="gemm").resolve("gpu") == ops.Execution("gemm", "window")
   with pytest.raises(ValueError, match="unknown pool impl"):
-    with pytest.MonkeyPatch.context() as m:
-      m.setattr(net_lib, "POOL_IMPL", "max")
-      net_lib.avg_pool_3x3(jnp.zeros((1, 4, 4, 1)))
+    ops.avg_pool_3x3(jnp.zeros((1, 4, 4, 1)), impl="max")
+  with pytest.raises(ValueError, match="unknown pool impl"):
+    ops.Execution(pool="max").resolve()
   with pytest.raises(ValueError, match="unknown conv impl"):
-    net_lib.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
+    ops.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
 
 
 @pytest.mark.parametrize("size", [7, 8])
-def test_avg_pool_2x2_equals_flax(size, monkeypatch):
-  monkeypatch.setattr(net_lib, "POOL_IMPL", "sum")  # "window" is flax's pool itself
+def test_avg_pool_2x2_equals_flax(size):
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, size, size + 1, 3), np.float32)
   g = rng.standard_normal((2, size // 2, (size + 1) // 2, 3), np.float32)
   ref = lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))
-  (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (net_lib.avg_pool_2x2, ref))
+  ours = lambda x: ops.avg_pool_2x2(x, impl="sum")  # "window" is flax's pool itself
+  (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x) for f in (ours, ref))
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
 
@@ -181,7 +197,12 @@ def test_darts_gpu_compiler_options(monkeypatch):
   from jaxnas.models import darts_net
   monkeypatch.setenv("XLA_FLAGS", "")
   assert darts_net.compiler_options(backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
-  assert darts_net.compiler_options("nb201", backend="gpu") is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert train_lib.model_of(train_lib.TrainConfig(space="darts")).compiler_options() == {
+      "xla_gpu_enable_triton_gemm": False}
+  assert train_lib.model_of(train_lib.TrainConfig(space="nb201")).compiler_options() is None
+  monkeypatch.undo()
+  monkeypatch.setenv("XLA_FLAGS", "")
   assert darts_net.compiler_options(backend="cpu") is None
   assert train_lib.compiler_options("darts") == train_lib.compiler_options("nb201")
   # An unknown option name is an error, so this proves the name: XLA:CPU ignores its value.
@@ -214,12 +235,13 @@ def _jaxpr_macs(jaxpr):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cost_matches_flax_and_jaxpr(arch, monkeypatch):
+def test_cost_matches_flax_and_jaxpr(arch):
   # The jaxpr's convs as the network defines them: XLA's conv, not the CPU's forms (the
   # stem as an im2col matmul, 16-channel convs with a 17th zero channel).
-  monkeypatch.setattr(net_lib, "CONV_IMPL", "xla")
   c, n, k, cin, hw = 8, 2, 10, 3, 16
-  spec = net_lib.specialise(net_lib.NB201Network(channels=c, cells=n, num_classes=k), arch)
+  net = net_lib.NB201Network(channels=c, cells=n, num_classes=k,
+                             execution=ops.Execution(conv="xla"))
+  spec = net_lib.specialise(net, arch)
   x = jnp.zeros((1, hw, hw, cin))
   v = spec.init(jax.random.PRNGKey(0), x)
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(v["params"]))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import retrain, runner
+from jaxnas import export, retrain, runner
 from jaxnas.datasets import load_fashion_mnist, make_preprocess
 
 from conftest import FASHION_MNIST_SUBSET
@@ -102,6 +102,11 @@ def test_retrain_exports_a_network_that_reproduces_its_test_accuracy(tmp_path):
   logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, x)
   acc = 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == ds.test_labels))
   assert acc == pytest.approx(result["test_accuracy"], abs=0.02)
+  # The export alone (network.json + variables, no search code) gives the same accuracy.
+  exported = export.load(str(tmp_path / "r" / "export"))
+  assert exported.metadata["test_accuracy"] == result["test_accuracy"]
+  assert exported.accuracy(ds.test_images, ds.test_labels) == pytest.approx(
+      result["test_accuracy"], abs=0.02)
   assert retrain.retrain(c, str(tmp_path / "r"))["already_finished"]
 
 
@@ -155,7 +160,7 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
     (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
       "--budget=7"], "--budget does not apply to --mode=retrain"),
     (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
-      "--space=darts"], "--space=darts retrains a DARTS genotype"),
+      "--space=darts"], "--space=darts does not take --arch="),
     (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
       "--epochs=nan"], "--epochs must be > 0 and finite"),
     (["--mode=retrain", "--arch=|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
@@ -167,7 +172,7 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
     (["--max_hours=-1"], "--max_hours must be >= 0"),
     (["--strategy=darts", "--augment"], "--augment does not apply to --strategy=darts"),
     (["--strategy=darts", "--space=darts", "--darts_selection=perturbation"],
-     "NB201 space only"),
+     "nb201 space only"),
     (["--strategy=darts", "--darts_tune_steps=-1"], "--darts_tune_steps must be >= 0"),
     (["--mode=retrain"], "needs --arch"),
     (["--mode=retrain", "--arch=|conv~0|"], "conv"),

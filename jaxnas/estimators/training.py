@@ -25,11 +25,11 @@ import numpy as np
 
 from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
-from jaxnas.models import (PLANS, TrainConfig, cost, make_data, resolve_plan,
+from jaxnas.models import (PLANS, TrainConfig, make_data, resolve_plan,
                            train_population_metrics)
+from jaxnas.models.protocol import SearchableModel
+from jaxnas.models.registry import model_of
 from jaxnas.models.sharded import population_mesh, train_population_sharded
-from jaxnas.models.darts_net import darts_cost
-from jaxnas.spaces import darts_space, nb201_space
 
 
 class ProxySpec(NamedTuple):
@@ -47,7 +47,7 @@ class ProxySpec(NamedTuple):
   augment: bool | None = None  # None: crop + flip for CIFAR, nothing for (Fashion-)MNIST
   split_seed: int = 0
   plan: str = "auto"
-  space: str = "nb201"  # "darts": DARTS-space networks with ``cells`` cells in all
+  space: str = "nb201"  # a built-in model (``registry.MODELS``); "darts": ``cells`` in all
 
 
 def _finite(v) -> bool:
@@ -116,30 +116,28 @@ def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> Tra
                      num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space)
 
 
-def train_evaluator(spec: ProxySpec = ProxySpec()) -> Evaluator:
-  """Scores cells by short real training (validation accuracy, %).
+def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None = None
+                    ) -> Evaluator:
+  """Scores architectures by short real training (validation accuracy, %).
 
-  ``evaluate(key, archs)`` trains the whole batch ``archs`` (NAS-Bench-201:
-  ``int32[P, 6]``; ``spec.space="darts"``: a ``DartsArch`` of ``int32[P, 8]``,
-  trained as ``DartsNetwork`` with ``spec.cells`` cells in all) as one
-  population and returns validation accuracy in percent, NaN for a candidate
-  whose training diverged (the search records it as failed). ``report`` gives
-  the specialised network's exact parameter count and FLOPs (jittable), so
-  results.json carries the cost of every chosen cell.
+  The networks are ``model``'s (a user's ``protocol.searchable``), or the built-in
+  model of ``spec.space`` (NAS-Bench-201; ``"darts"``: the DARTS-space network with
+  ``spec.cells`` cells in all). ``evaluate(key, archs)`` trains the whole batch
+  ``archs`` (the space's architecture pytree with a leading population axis) as one
+  population and returns validation accuracy in percent, NaN for a candidate whose
+  training diverged (the search records it as failed). ``report`` gives the
+  specialised network's parameter count and FLOPs (``SearchableModel.cost``), so
+  results.json carries the cost of every chosen architecture.
   """
-  if spec.space not in ("nb201", "darts"):
-    raise ValueError(f"unknown space {spec.space!r}; choose one of nb201, darts")
   ds, data = search_split(spec)
   config = proxy_train_config(spec, ds.num_classes, int(data.train_labels.shape[0]))
-  space = nb201_space() if spec.space == "nb201" else darts_space()
-  image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
-  cost_of = cost if spec.space == "nb201" else darts_cost
+  config = config._replace(model=model)
+  model = model_of(config)
+  image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
 
   # Sharded over all devices (of all processes) when there is more than one;
   # the per-member results are the same as on one device (tests/test_sharding.py).
-  # DARTS-space populations use the local devices only (train_population_metrics).
-  sharded = (jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
-             and spec.space == "nb201")
+  sharded = jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
   mesh = population_mesh() if sharded else None
 
   def evaluate(key, archs):
@@ -150,10 +148,8 @@ def train_evaluator(spec: ProxySpec = ProxySpec()) -> Evaluator:
     return 100.0 * metrics["val_accuracy"]
 
   def report(archs):
-    params, flops = jax.vmap(lambda a: cost_of(a, spec.channels, spec.cells, ds.num_classes,
-                                               in_channels, image))(archs)
+    params, flops = jax.vmap(lambda a: model.cost(a, image_shape, ds.num_classes))(archs)
     return {"params": params, "flops": flops}
 
-  name = f"train/{spec.dataset}" + ("" if spec.space == "nb201" else f"/{spec.space}")
-  return Evaluator(name=name, space=space, evaluate=evaluate, report=report,
+  return Evaluator(name=f"train/{spec.dataset}/{model.name}", space=model.space, evaluate=evaluate, report=report,
                    jittable=False)

@@ -39,7 +39,6 @@ inputs ``j = 0..i+1``, ``offset = 0, 2, 5, 9`` (DARTS' order).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -48,8 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnas.models.nb201_net import avg_pool_3x3, conv2d, conv_init
 from jaxnas.models.remat import PureEdges, fan_in_uniform
+from jaxnas.ops import (BatchNorm, Execution, avg_pool_3x3, conv2d, conv_init, depthwise,
+                        max_pool_3x3, pointwise)
 from jaxnas.spaces.darts import NUM_NODES, OPS, DartsArch
 
 CELLS = ("discrete", "mixed")
@@ -57,22 +57,19 @@ NONE, MAX_POOL, AVG_POOL, SKIP, SEP3, SEP5, DIL3, DIL5 = range(len(OPS))
 NUM_OPS = len(OPS)
 OFFSETS = tuple(sum(n + 2 for n in range(i)) for i in range(NUM_NODES))  # 0, 2, 5, 9
 NUM_EDGES = OFFSETS[-1] + NUM_NODES + 1  # 14
-_DN = ("NHWC", "HWIO", "NHWC")
 
-# XLA:GPU (JAX 0.11.2, H200, 2026-11-29) aborts the process while compiling the DARTS-space
-# supernet step with its Triton GEMM fusions on: "triton_tiling_propagation.cc:703 Check
-# failed: subdim_size_accumulator == dim_size (256 vs. 32)" (openxla/xla#47381), with and
-# without autotuning. With GEMMs left to cuBLAS the 8-cell step compiles (144 s) and runs
-# (BUILD_NOTES.md). So every program of this space is compiled with these options on GPU.
+# XLA:GPU aborts the process while compiling the DARTS-space supernet step with its Triton
+# GEMM fusions on: "triton_tiling_propagation.cc:703 Check failed: subdim_size_accumulator
+# == dim_size (256 vs. 32)" (openxla/xla#47381), with and without autotuning; with GEMMs
+# left to cuBLAS the 8-cell step compiles and runs (experiments/NOTES_gpu.md). So every
+# program of this space is compiled with these options on GPU.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def compiler_options(space: str = "darts", backend: str | None = None) -> dict | None:
-  """XLA options for the programs of ``space``'s networks (None: XLA's defaults).
-
-  The DARTS space on GPU: ``GPU_COMPILER_OPTIONS``, unless XLA_FLAGS names the option.
-  """
-  if (space != "darts" or (backend or jax.default_backend()) != "gpu" or
+def compiler_options(backend: str | None = None) -> dict | None:
+  """XLA options for the programs of the DARTS-space networks (None: XLA's defaults): on
+  GPU ``GPU_COMPILER_OPTIONS``, unless XLA_FLAGS names the option."""
+  if ((backend or jax.default_backend()) != "gpu" or
       "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", "")):
     return None
   return dict(GPU_COMPILER_OPTIONS)
@@ -83,169 +80,9 @@ def edge_index(node: int, source: int) -> int:
   return OFFSETS[node] + source
 
 
-def pointwise(x, kernel):
-  """A 1x1 conv (``kernel`` ``[1, 1, Cin, Cout]``) as a matmul over pixels (a batched
-  matmul under ``vmap`` over members, where a conv would become a grouped conv)."""
-  return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-
-
-def _depthwise_geometry(x, kernel, stride, dilation):
-  k = kernel.shape[0]
-  p = dilation * (k // 2)
-  ho = (x.shape[1] + 2 * p - dilation * (k - 1) - 1) // stride + 1
-  wo = (x.shape[2] + 2 * p - dilation * (k - 1) - 1) // stride + 1
-  ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-  taps = (jnp.asarray(ii.reshape(-1) * dilation), jnp.asarray(jj.reshape(-1) * dilation),
-          kernel.reshape(k * k, -1))
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  window = (xp.shape[0], (ho - 1) * stride + 1, (wo - 1) * stride + 1, xp.shape[3])
-  return p, xp, taps, window
-
-
-def depthwise(x, kernel, stride: int, dilation: int = 1):
-  """Depthwise NHWC conv (``kernel`` ``[k, k, 1, C]``), PyTorch padding ``dilation * (k // 2)``.
-
-  On CPU ``depthwise_taps``, elsewhere XLA's grouped convolution
-  (``depthwise_reference``), which cuDNN and the TPU compiler run natively.
-  """
-  if jax.default_backend() == "cpu":
-    return depthwise_taps(x, kernel, stride, dilation)
-  return depthwise_reference(x, kernel, stride, dilation)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_taps(x, kernel, stride: int, dilation: int = 1):
-  """Depthwise conv as a ``lax.scan`` over the ``k*k`` taps, each a window of the padded input
-  times a per-channel weight, with a hand-written VJP (two more tap scans)
-  that keeps only ``x`` and the kernel for the backward pass. XLA:CPU runs a
-  depthwise (``feature_group_count=C``) convolution as a slow generic loop:
-  on 32x28x28x4 the taps are 2.5-5x faster forward + backward (sep_conv_5x5:
-  48 ms vs 19 ms). Unrolled taps are as fast but multiply compile time (a
-  3-cell supernet step: 530 s vs 140 s); autodiff of the scan would store
-  every tap's window (1.5 GB for that step).
-  """
-  _, xp, taps, window = _depthwise_geometry(x, kernel, stride, dilation)
-
-  def tap(acc, t):
-    i, j, w = t
-    win = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
-    return acc + win[:, ::stride, ::stride, :] * w, None
-
-  out = jnp.zeros((window[0], (window[1] - 1) // stride + 1, (window[2] - 1) // stride + 1,
-                   window[3]), x.dtype)
-  return jax.lax.scan(tap, out, taps)[0]
-
-
-def _depthwise_fwd(x, kernel, stride, dilation):
-  return depthwise_taps(x, kernel, stride, dilation), (x, kernel)
-
-
-def _depthwise_bwd(stride, dilation, res, g):
-  x, kernel = res
-  p, xp, taps, window = _depthwise_geometry(x, kernel, stride, dilation)
-  # g spread back onto the stride grid of a window (zeros between samples).
-  g_up = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, stride - 1),
-                                                  (0, 0, stride - 1), (0, 0, 0)))
-
-  def tap(dxp, t):
-    i, j, w = t
-    win = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)
-    dw = jnp.sum(win[:, ::stride, ::stride, :] * g, axis=(0, 1, 2))
-    cur = jax.lax.dynamic_slice(dxp, (0, i, j, 0), window)
-    return jax.lax.dynamic_update_slice(dxp, cur + g_up * w, (0, i, j, 0)), dw
-
-  dxp, dws = jax.lax.scan(tap, jnp.zeros_like(xp), taps)
-  dx = dxp[:, p:p + x.shape[1], p:p + x.shape[2], :]
-  return dx, dws.reshape(kernel.shape)
-
-
-depthwise_taps.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def depthwise_reference(x, kernel, stride: int, dilation: int = 1):
-  """``depthwise`` as XLA's grouped convolution (the reference it is tested against)."""
-  p = dilation * (kernel.shape[0] // 2)
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
-                                      rhs_dilation=(dilation, dilation), dimension_numbers=_DN,
-                                      feature_group_count=x.shape[-1])
-
-
-def _max_pool_taps(x, stride: int):
-  ho, wo = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride, :]
-          for i in range(3) for j in range(3)]
-
-
-def max_pool_3x3(x, stride: int):
-  """3x3 max pool, padding 1: the maximum of the 9 shifted (strided) windows, with a VJP
-  that routes each output's cotangent to its first maximal tap.
-
-  Same values and (tie-free) gradients as ``lax.reduce_window(max)``
-  (``max_pool_reference``), whose ``select_and_scatter`` gradient XLA:CPU
-  runs slowly, as it does autodiff of a chain of ``maximum``: forward +
-  backward on 64x32x32x16 take ~77 ms either way, far less with this VJP
-  (both passes are single fusions over 9 shifted slices).
-  """
-  return _max_pool(x, stride, x.shape[1:3])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool(x, stride, size):
-  return _max_pool_fwd(x, stride, size)[0]
-
-
-def _max_pool_fwd(x, stride, size):
-  del size
-  out, arg = None, None
-  for t, win in enumerate(_max_pool_taps(x, stride)):
-    if out is None:
-      out, arg = win, jnp.zeros(win.shape, jnp.int8)
-    else:
-      arg = jnp.where(win > out, jnp.int8(t), arg)
-      out = jnp.maximum(out, win)
-  return out, arg
-
-
-def _max_pool_bwd(stride, size, arg, g):
-  # Output o took padded pixel o * stride + d_t, d_t = (i, j), when arg[o] == t = 3 i + j.
-  # With G, A the cotangent and arg spread onto the stride grid (zeros / -1 between), input
-  # pixel q (padded q + 1) gathers dx[q] = sum_t G[q + 1 - d_t] * (A[q + 1 - d_t] == t).
-  (h, w), n = size, ((g.shape[1] - 1) * stride + 1, (g.shape[2] - 1) * stride + 1)
-  grid = lambda a, fill: jax.lax.pad(a, jnp.asarray(fill, a.dtype), (
-      (0, 0, 0), (2, h + 1 - n[0], stride - 1), (2, w + 1 - n[1], stride - 1), (0, 0, 0)))
-  gp, ap = grid(g, 0), grid(arg, -1)
-  dx = 0.0
-  for i in range(3):
-    for j in range(3):
-      sl = (slice(None), slice(3 - i, 3 - i + h), slice(3 - j, 3 - j + w), slice(None))
-      dx = dx + jnp.where(ap[sl] == 3 * i + j, gp[sl], 0.0)
-  return (dx.astype(g.dtype),)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def max_pool_reference(x, stride: int):
-  """``max_pool_3x3`` as XLA's ``reduce_window`` (the reference it is tested against)."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
 def zeros(x, stride: int):
   """The ``none`` op: zeros at the output resolution."""
   return jnp.zeros_like(x[:, ::stride, ::stride, :])
-
-
-class BatchNorm(nn.Module):
-  """PyTorch-default BN (momentum 0.1 there = 0.9 here, eps 1e-5), optionally without scale/bias."""
-  affine: bool = True
-  momentum: float = 0.9
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
-                        use_scale=self.affine, use_bias=self.affine, name="bn")(x)
 
 
 class ReLUConvBN(nn.Module):
@@ -257,7 +94,7 @@ class ReLUConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     k = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features))
-    return BatchNorm(self.affine, self.bn_momentum, name="norm")(
+    return BatchNorm(self.bn_momentum, self.affine, name="norm")(
         pointwise(nn.relu(x), k), train)
 
 
@@ -281,7 +118,7 @@ class FactorizedReduce(nn.Module):
     shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
     y = jnp.concatenate([pointwise(x[:, ::2, ::2], k1), pointwise(shifted[:, ::2, ::2], k2)],
                         axis=-1)
-    return BatchNorm(self.affine, self.bn_momentum, name="norm")(y, train)
+    return BatchNorm(self.bn_momentum, self.affine, name="norm")(y, train)
 
 
 class SepConv(nn.Module):
@@ -304,8 +141,7 @@ class SepConv(nn.Module):
       dw = self.param(f"depthwise_{s}", conv_init, (k, k, 1, x.shape[-1]))
       pw = self.param(f"pointwise_{s}", conv_init, (1, 1, x.shape[-1], c))
       x = depthwise(nn.relu(x), dw, stride if s == 0 else 1, self.dilation)
-      x = BatchNorm(self.affine, self.bn_momentum, name=f"norm_{s}")(pointwise(x, pw),
-                                                                     train)
+      x = BatchNorm(self.bn_momentum, self.affine, name=f"norm_{s}")(pointwise(x, pw), train)
     return x
 
 
@@ -315,7 +151,7 @@ class OpSet(nn.Module):
   ``only`` (a Python int) builds the one op of a specialised network.
   ``strides`` lists the strides this module is used with: the strided
   ``skip_connect`` is a ``FactorizedReduce`` with weights, the unstrided one
-  the identity.
+  the identity. ``execution.pool`` computes the average pool.
   """
   features: int
   strides: tuple[int, ...] = (1,)
@@ -323,15 +159,16 @@ class OpSet(nn.Module):
   pool_bn: bool = False
   only: int | None = None
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   def setup(self):
     want = lambda k: self.only is None or self.only == k
     c, a, m = self.features, self.affine, self.bn_momentum
     if self.pool_bn:
       if want(MAX_POOL):
-        self.max_pool_3x3 = BatchNorm(False, m)
+        self.max_pool_3x3 = BatchNorm(m, False)
       if want(AVG_POOL):
-        self.avg_pool_3x3 = BatchNorm(False, m)
+        self.avg_pool_3x3 = BatchNorm(m, False)
     if want(SKIP) and 2 in self.strides:
       self.skip_connect = FactorizedReduce(c, a, m)
     if want(SEP3):
@@ -347,7 +184,8 @@ class OpSet(nn.Module):
     if k == NONE:
       return zeros(x, stride)
     if k in (MAX_POOL, AVG_POOL):
-      y = (max_pool_3x3 if k == MAX_POOL else avg_pool_3x3)(x, stride)
+      y = (max_pool_3x3(x, stride) if k == MAX_POOL else
+           avg_pool_3x3(x, stride, impl=self.execution.resolve().pool))
       return getattr(self, OPS[k])(y, train) if self.pool_bn else y
     if k == SKIP:
       return x if stride == 1 else self.skip_connect(x, train)
@@ -370,11 +208,13 @@ class Slot(nn.Module):
   affine: bool = True
   fixed: tuple[int, int] | None = None  # (stride, op) of a specialised network
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   def setup(self):
     only = None if self.fixed is None else self.fixed[1]
     strides = self.strides if self.fixed is None else (self.fixed[0],)
-    self.ops = OpSet(self.features, strides, self.affine, False, only, self.bn_momentum)
+    self.ops = OpSet(self.features, strides, self.affine, False, only, self.bn_momentum,
+                     self.execution.resolve())
 
   def __call__(self, x, x_strided, op, strided, train: bool):
     if self.fixed is not None:
@@ -416,12 +256,13 @@ class DiscreteCell(nn.Module):
   affine: bool = True
   fixed: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (ops, inputs)
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, s0, s1, genotype, train: bool):
     s0, s1 = _preprocess(self.features, self.reduction_prev, self.affine, self.bn_momentum, s0,
                          s1, train)
-    states = [s0, s1]
+    states, ex = [s0, s1], self.execution.resolve()
     for i in range(NUM_NODES):
       node = 0
       for slot in range(2):
@@ -440,7 +281,7 @@ class DiscreteCell(nn.Module):
             x, xs = _pick(states, src), None
         strides = ((2,) if i == 0 else (1, 2)) if self.reduction else (1,)
         strided = None if self.fixed is not None else src < 2
-        node = node + Slot(self.features, strides, self.affine, fixed, self.bn_momentum,
+        node = node + Slot(self.features, strides, self.affine, fixed, self.bn_momentum, ex,
                            name=f"node{i}_{slot}")(x, xs, op, strided, train)
       states.append(node)
     return jnp.concatenate(states[2:], axis=-1)
@@ -476,17 +317,19 @@ class MixedCell(nn.Module):
   affine: bool = False
   remat: bool = False
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool):
     s0, s1 = _preprocess(self.features, self.reduction_prev, self.affine, self.bn_momentum, s0,
                          s1, train)
     states, pending = [s0, s1], [[] for _ in range(NUM_NODES)]
+    ex = self.execution.resolve()
     for src in range(NUM_NODES + 1):
       if src >= 2:  # node src - 2 has all its inputs now
         states.append(sum(pending[src - 2]))
       stride = 2 if self.reduction and src < 2 else 1
-      ops = OpSet(self.features, (stride,), self.affine, True, None, self.bn_momentum)
+      ops = OpSet(self.features, (stride,), self.affine, True, None, self.bn_momentum, ex)
       group = PureEdges(ops, (stride, train), len(GROUP_EDGES[src]), train, self.remat,
                         None if self.affine else fan_in_uniform, name=f"src{src}")
       ys = group(states[src], weights[GROUP_EDGES[src]])
@@ -517,6 +360,7 @@ class DartsNetwork(nn.Module):
     affine: BN with scale and bias in the ops (False in the DARTS supernet).
     remat: rematerialise mixed edges in the backward pass.
     stem_multiplier: the stem has ``stem_multiplier * C`` channels (DARTS: 3).
+    execution: the conv and pool implementations (``jaxnas.ops.Execution``).
   """
   channels: int = 16
   layers: int = 8
@@ -527,6 +371,7 @@ class DartsNetwork(nn.Module):
   remat: bool = False
   stem_multiplier: int = 3
   bn_momentum: float = 0.9
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, images, choice=None, train: bool = False):
@@ -534,10 +379,10 @@ class DartsNetwork(nn.Module):
       raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
     if choice is None and self.fixed_arch is None:
       raise ValueError("DartsNetwork needs a choice (genotype or op weights) unless fixed_arch")
-    m = self.bn_momentum
+    m, ex = self.bn_momentum, self.execution.resolve()
     k = self.param("stem", conv_init, (3, 3, images.shape[-1], self.stem_multiplier *
                                        self.channels))
-    x = BatchNorm(True, m, name="stem_bn")(conv2d(images, k), train)
+    x = BatchNorm(m, name="stem_bn")(conv2d(images, k, impl=ex.conv), train)
     s0 = s1 = x
     c, reduction_prev = self.channels, False
     for layer in range(self.layers):
@@ -545,7 +390,7 @@ class DartsNetwork(nn.Module):
       c = c * 2 if reduction else c
       kind = "reduce" if reduction else "normal"
       if self.cell == "mixed":
-        cell = MixedCell(c, reduction, reduction_prev, self.affine, self.remat, m,
+        cell = MixedCell(c, reduction, reduction_prev, self.affine, self.remat, m, ex,
                          name=f"cell{layer}")
         out = cell(s0, s1, choice[kind], train)
       else:
@@ -557,7 +402,7 @@ class DartsNetwork(nn.Module):
         else:
           genotype = ((choice.reduce_ops, choice.reduce_inputs) if reduction else
                       (choice.normal_ops, choice.normal_inputs))
-        cell = DiscreteCell(c, reduction, reduction_prev, self.affine, fixed, m,
+        cell = DiscreteCell(c, reduction, reduction_prev, self.affine, fixed, m, ex,
                             name=f"cell{layer}")
         out = cell(s0, s1, genotype, train)
       s0, s1, reduction_prev = s1, out, reduction

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxnas.models.train import TrainConfig, TrainData, device_layout, make_train, resolve_plan
+from jaxnas.models.train import (TrainConfig, TrainData, device_layout, make_train, model_of,
+                                 population, resolve_plan)
 
 AXIS = "population"
 
@@ -66,19 +67,18 @@ def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = 
   if config.plan not in ("map", "vmap"):
     raise ValueError(f"plan {config.plan!r} runs members from the host; sharding needs map or vmap")
   mesh = mesh or population_mesh()
-  archs = np.asarray(archs, np.int32)
-  if archs.ndim != 2 or archs.shape[1] != 6:
-    raise ValueError(f"archs must be int32[P, 6], got shape {archs.shape}")
+  archs, size = population(archs, model_of(config).space)
+  archs = jax.tree.map(np.asarray, archs)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     raise ValueError("pass a raw uint32 key (jax.random.PRNGKey), not a typed key")
-  size = archs.shape[0]
   data_key, init_key = jax.random.split(key)
   keys = np.asarray(jax.random.split(init_key, size))
   scales = np.ones(size, np.float32) if lr_scales is None else np.asarray(lr_scales, np.float32)
   # Padded with copies of member 0 to fill every device, each device's block of about
   # equal work (what "map" runs one after another; harmless under "vmap").
   order, back = device_layout(archs, config, mesh.devices.size)
-  archs, keys, scales = (a[order] for a in (archs, keys, scales))
-  out = _sharded(config, mesh)(_global(archs, mesh, P(AXIS)), _global(keys, mesh, P(AXIS)),
+  archs, keys, scales = jax.tree.map(lambda a: a[order], (archs, keys, scales))
+  out = _sharded(config, mesh)(jax.tree.map(lambda a: _global(a, mesh, P(AXIS)), archs),
+                               _global(keys, mesh, P(AXIS)),
                                data_key, data, _global(scales, mesh, P(AXIS)))
   return jax.tree.map(lambda x: x[back], out)

@@ -34,8 +34,6 @@ import functools
 import os
 from typing import Callable, NamedTuple
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,11 +41,11 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxnas.datasets.loaders import make_preprocess
-from jaxnas.models import darts_net, nb201_net
-from jaxnas.models.darts_net import DartsNetwork, fixed_genotype
-from jaxnas.models.nb201_net import NB201Network, OP_IMPLS
-from jaxnas.models.remat import fan_in_uniform
-from jaxnas.spaces.darts import DartsArch
+from jaxnas.models.nb201_net import OP_IMPLS
+from jaxnas.models.protocol import SearchableModel, init_variables  # noqa: F401 (re-export)
+from jaxnas.models.registry import model_of
+from jaxnas.ops import Execution
+from jaxnas.spaces.base import Space
 
 PLANS = ("map", "vmap", "sequential", "sequential_static")
 
@@ -55,9 +53,10 @@ PLANS = ("map", "vmap", "sequential", "sequential_static")
 class TrainConfig(NamedTuple):
   """Hyperparameters of a population's short training run.
 
-  ``plan="auto"`` and ``op_impl="auto"`` resolve per backend with ``resolve_plan``,
-  ``eval_batch_size=0`` with ``eval_batch_size()`` when the program is built;
-  ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
+  ``plan="auto"``, ``op_impl="auto"`` and ``execution``'s "auto" fields (the conv and
+  pool implementations, ``jaxnas.ops.Execution``) resolve per backend with
+  ``resolve_plan``, ``eval_batch_size=0`` with ``eval_batch_size()`` when the program is
+  built; ``map_batch`` > 1 makes ``lax.map`` vmap chunks of members.
   """
   steps: int = 50
   batch_size: int = 128
@@ -74,7 +73,9 @@ class TrainConfig(NamedTuple):
   plan: str = "auto"
   op_impl: str = "auto"
   map_batch: int = 1
-  space: str = "nb201"  # "darts": DartsNetwork with ``cells`` cells in all
+  space: str = "nb201"  # a built-in model (``registry.MODELS``) when ``model`` is None
+  model: SearchableModel | None = None  # a user's model (``protocol.searchable``)
+  execution: Execution = Execution()
 
 
 class TrainData(NamedTuple):
@@ -103,7 +104,8 @@ def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig
   On CPU, ``map`` + ``switch`` wins: each member computes only its own ops
   (about 4x fewer conv FLOPs than computing every op for a random cell) and
   the whole population is one compilation. Accelerators prefer ``vmap`` (wide
-  batched kernels) and then the cheapest all-ops form, ``kernel``.
+  batched kernels) and then the cheapest all-ops form, ``kernel``. ``execution`` resolves
+  with ``Execution.resolve`` (the backend's conv and pool defaults).
   """
   backend = backend or jax.default_backend()
   plan = config.plan
@@ -116,7 +118,8 @@ def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig
     op_impl = "kernel" if plan == "vmap" else "switch"
   if op_impl not in OP_IMPLS:
     raise ValueError(f"unknown op_impl {op_impl!r}; choose one of auto, {', '.join(OP_IMPLS)}")
-  return config._replace(plan=plan, op_impl=op_impl)
+  return config._replace(plan=plan, op_impl=op_impl,
+                         execution=config.execution.resolve(backend))
 
 
 def eval_batch_size(backend: str | None = None) -> int:
@@ -131,15 +134,9 @@ def eval_batch_size(backend: str | None = None) -> int:
 
 
 def make_network(config: TrainConfig, fixed_arch=None):
-  """The network trained under ``config`` (``fixed_arch``: the specialised one)."""
-  if config.space == "darts":
-    return DartsNetwork(channels=config.channels, layers=config.cells,
-                        num_classes=config.num_classes, cell="discrete", fixed_arch=fixed_arch,
-                        bn_momentum=config.bn_momentum)
-  return NB201Network(channels=config.channels, cells=config.cells,
-                      num_classes=config.num_classes,
-                      op_impl=config.op_impl if config.op_impl != "auto" else "switch",
-                      fixed_arch=fixed_arch, bn_momentum=config.bn_momentum)
+  """The network trained under ``config`` (``fixed_arch``: the specialised one, a
+  ``SearchableModel.static`` key)."""
+  return model_of(config).network(fixed_arch)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -153,50 +150,11 @@ def _all_finite(tree):
   return jnp.all(jnp.isfinite(ravel_pytree(tree)[0]))
 
 
-# Leaves of the networks' variables that flax initialises to a constant, by (collection, name).
-_CONSTANT_LEAVES = {("params", "scale"): 1.0, ("params", "bias"): 0.0,
-                    ("batch_stats", "mean"): 0.0, ("batch_stats", "var"): 1.0}
-
-
-def init_variables(net: nn.Module, key, *args, **kwargs):
-  """``net.init(key, *args, **kwargs)``'s variables, drawn with two RNG computations.
-
-  Same tree, shapes and distributions as flax's init of this package's networks
-  (NB201 and DARTS space): every conv kernel (a 4-D param, ``conv_init``)
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from one uniform draw
-  (``remat.fan_in_uniform``), the classifier's kernel ``lecun_normal`` (flax
-  ``Dense``'s default), BatchNorm's scale/bias and statistics their constants.
-  The values differ from ``net.init``'s: flax derives a key and runs a threefry
-  loop per parameter, which in the issue-3 benchmark's population program
-  (44 kernels per member) took 4-8 s of its 13-20 s XLA:CPU compile
-  (BUILD_NOTES.md). A leaf of another kind is an error, not a silent guess.
-  """
-  shapes = jax.eval_shape(lambda k: net.init(k, *args, **kwargs), jax.random.PRNGKey(0))
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-  convs = {p: v for p, v in flat.items() if p[0] == "params" and v.ndim == 4}
-  dense = [p for p, v in flat.items() if p[0] == "params" and v.ndim == 2 and p[-1] == "kernel"]
-  k_conv, k_dense = jax.random.split(key)
-  values = fan_in_uniform(k_conv, convs)
-  for p, k in zip(dense, jax.random.split(k_dense, max(len(dense), 1))):
-    values[p] = nn.initializers.lecun_normal()(k, flat[p].shape, flat[p].dtype)
-  for p, v in flat.items():
-    if p in values:
-      continue
-    if (p[0], p[-1]) not in _CONSTANT_LEAVES:
-      raise ValueError(f"init_variables: no initialiser known for {'/'.join(p)} {v.shape}")
-    values[p] = jnp.full(v.shape, _CONSTANT_LEAVES[p[0], p[-1]], v.dtype)
-  return flax.traverse_util.unflatten_dict(values)
-
-
 def _specialised_init(config: TrainConfig, fixed_arch, key, dummy):
-  """The arch-as-data network's ``init_variables`` pruned to ``fixed_arch``'s network."""
-  darts = config.space == "darts"
-  arch = (DartsArch(*(np.asarray(a, np.int32) for a in fixed_arch)) if darts else
-          np.asarray(fixed_arch, np.int32))
-  variables = init_variables(make_network(config), key, dummy, arch, train=False)
-  if darts:
-    return darts_net.specialise_variables(variables, arch, config.cells)
-  return nb201_net.specialise_variables(variables, fixed_arch)
+  """The arch-as-data network's initial variables cut to ``fixed_arch``'s network."""
+  model = model_of(config)
+  variables = model.init(model.network(None), key, dummy, model.arrays(fixed_arch))
+  return model.specialise_variables(variables, fixed_arch, dummy)
 
 
 class TrainParts(NamedTuple):
@@ -224,17 +182,20 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
   train the same function from the same start (plans ``map`` and
   ``sequential_static`` agree).
   """
-  net = make_network(config, fixed_arch)
+  model = model_of(config)
+  net = model.network(fixed_arch)
+  # The specialised network gets its architecture as constants (``call_arch``).
+  fixed_call = None if fixed_arch is None else model.call_arch(fixed_arch)
   tx = make_optimizer(config)
   bs, ebs = config.batch_size, config.eval_batch_size or eval_batch_size()
 
   def init(arch, init_key, data: TrainData):
     dummy = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
     if fixed_arch is None:
-      variables = init_variables(net, init_key, dummy, arch, train=False)
+      variables = model.init(net, init_key, dummy, arch)
     else:
       variables = _specialised_init(config, fixed_arch, init_key, dummy)
-    params, stats = variables["params"], variables["batch_stats"]
+    params, stats = variables["params"], variables.get("batch_stats", {})
     return (params, stats, tx.init(ravel_pytree(params)[0]), jnp.asarray(False))
 
   def run(carry, arch, data_key, data: TrainData, first, length: int, lr_scale=1.0):
@@ -242,7 +203,8 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
     n_train = data.train_labels.shape[0]
 
     def loss_fn(p, s, x, y):
-      logits, new = net.apply({"params": p, "batch_stats": s}, x, arch, train=True,
+      logits, new = net.apply({"params": p, "batch_stats": s}, x,
+                              arch if fixed_arch is None else fixed_call, train=True,
                               mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, new["batch_stats"]
@@ -294,8 +256,8 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
 
     def eval_batch(xy):
       x, y = xy
-      logits = net.apply({"params": params, "batch_stats": stats}, eval_preprocess(None, x), arch,
-                         train=False)
+      logits = net.apply({"params": params, "batch_stats": stats}, eval_preprocess(None, x),
+                         arch if fixed_arch is None else fixed_call, train=False)
       return jnp.sum(jnp.argmax(logits, -1) == y)
 
     correct = jnp.sum(jax.lax.map(eval_batch, (vx, vy)))
@@ -339,22 +301,24 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
-def compiler_options(space: str = "nb201") -> dict | None:
-  """XLA options for the population programs of ``space`` on the default backend (None:
-  XLA's): ``CPU_COMPILER_OPTIONS`` on CPU, and for the DARTS space
-  ``darts_net.compiler_options()`` (Triton GEMMs off on GPU)."""
+def compiler_options(model: SearchableModel | str = "nb201") -> dict | None:
+  """XLA options for the population programs of ``model`` (or a built-in space's name) on
+  the default backend (None: XLA's): ``CPU_COMPILER_OPTIONS`` on CPU, and the model's own
+  (the DARTS space: Triton GEMMs off on GPU)."""
+  if isinstance(model, str):
+    model = model_of(TrainConfig(space=model))
   options = {}
   if (jax.default_backend() == "cpu" and
       "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     options.update(CPU_COMPILER_OPTIONS)
-  options.update(darts_net.compiler_options(space) or {})
+  options.update(model.compiler_options() or {})
   return options or None
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
   train = make_train(config, fixed_arch)
-  jit = functools.partial(jax.jit, compiler_options=compiler_options(config.space))
+  jit = functools.partial(jax.jit, compiler_options=compiler_options(model_of(config)))
   if plan == "vmap":
     return jit(jax.vmap(train, in_axes=(0, 0, None, None, 0)))
   if plan == "map":
@@ -376,39 +340,40 @@ def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
   return jit(train)
 
 
+def population(archs, space: Space):
+  """``archs`` as a batched architecture pytree of ``space`` (every leaf a ``[P, ...]``
+  array of the member's leaf shape, cast to its dtype), and its size ``P``."""
+  member = jax.tree.map(np.asarray, space.from_vector(np.zeros(space.num_decisions, np.int32)))
+  try:
+    leaves = jax.tree.leaves(archs)
+    same = jax.tree.structure(archs) == jax.tree.structure(member)
+  except Exception:  # not a pytree of this structure
+    same = False
+  if same:
+    archs = jax.tree.map(lambda a, m: jnp.asarray(a, m.dtype), archs, member)
+    leaves = jax.tree.leaves(archs)
+    ok = all(a.ndim == m.ndim + 1 and a.shape[1:] == m.shape
+             for a, m in zip(leaves, jax.tree.leaves(member)))
+    sizes = {a.shape[0] for a in leaves}
+    if ok and len(sizes) == 1:
+      return archs, sizes.pop()
+  want = jax.tree.map(lambda m: f"{m.dtype}[P, {', '.join(map(str, m.shape))}]".replace(
+      ", ]", "]"), member)
+  got = jax.tree.map(lambda a: tuple(np.shape(a)), archs)
+  raise ValueError(f"archs must be a population of {space.name} architectures, {want}; "
+                   f"got shapes {got}")
+
+
 def _population(archs, config: TrainConfig):
-  """``archs`` as a batched architecture pytree of int32 arrays, and its size ``P``."""
-  if config.space == "darts":
-    archs = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), archs)
-    sizes = {a.shape[0] if a.ndim == 2 and a.shape[1] == 8 else None
-             for a in jax.tree.leaves(archs)}
-    if not isinstance(archs, DartsArch) or len(sizes) != 1 or None in sizes:
-      raise ValueError("archs must be a DartsArch of int32[P, 8] arrays")
-    return archs, sizes.pop()
-  archs = jnp.asarray(archs, jnp.int32)
-  if archs.ndim != 2 or archs.shape[1] != 6:
-    raise ValueError(f"archs must be int32[P, 6], got shape {archs.shape}")
-  return archs, archs.shape[0]
-
-
-def _fixed_arch(arch, config: TrainConfig):
-  """The hashable ``fixed_arch`` of one member (the specialised network's cell)."""
-  if config.space == "darts":
-    return fixed_genotype(arch)
-  return tuple(int(o) for o in np.asarray(arch))
-
-
-# Relative training time of one cell edge per op (none, skip, 1x1, 3x3, pool) under the
-# CPU "map" plan: CPU time per step of a population of one all-<op> cell, minus the
-# all-none cell's, per edge (experiments/NOTES_population.md, round 3, item 12).
-OP_TIME = (0.0, 0.1, 1.0, 1.8, 0.6)
+  return population(archs, model_of(config).space)
 
 
 def _op_time(archs, config: TrainConfig) -> np.ndarray:
-  """``float[P]``: estimated relative training time of each member's ops (0 if unknown)."""
-  if config.space == "darts":
+  """``float[P]``: estimated relative training time of each member (0 if unknown)."""
+  work = model_of(config).work
+  if work is None:
     return np.zeros(jax.tree.leaves(archs)[0].shape[0])
-  return np.asarray(OP_TIME)[np.asarray(archs)].sum(1)
+  return np.asarray(work(jax.tree.map(np.asarray, archs)), np.float64)
 
 
 def balanced_order(work, devices: int) -> np.ndarray:
@@ -440,8 +405,9 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
                              lr_scales=None):
   """Trains every member of ``archs`` and returns stacked per-member metrics.
 
-  ``archs`` is the space's batched architecture pytree: ``int32[P, 6]`` for
-  NAS-Bench-201, a ``DartsArch`` of ``int32[P, 8]`` for ``config.space="darts"``.
+  ``archs`` is the model's batched architecture pytree (``population``): ``int32[P, 6]``
+  for NAS-Bench-201, a ``DartsArch`` of ``int32[P, 8]`` for ``config.space="darts"``, the
+  declared structure for a user's model (``config.model``).
   ``lr_scales`` (``float32[P]``, default ones) multiplies each member's learning rate.
   """
   config = resolve_plan(config)
@@ -467,7 +433,7 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
     if config.plan == "sequential":
       outs.append(_compiled(config, "sequential")(arch, keys[p], data_key, data, scales[p]))
     else:
-      outs.append(_compiled(config, "sequential_static", _fixed_arch(arch, config))(
+      outs.append(_compiled(config, "sequential_static", model_of(config).static(arch))(
           arch, keys[p], data_key, data, scales[p]))
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 

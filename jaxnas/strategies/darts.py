@@ -60,51 +60,28 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxnas.datasets import make_preprocess
-from jaxnas.models.darts_net import DartsNetwork, darts_weights, derive_darts
-from jaxnas.models.darts_net import NUM_EDGES as DARTS_EDGES
-from jaxnas.models.nb201_net import batch_sharded
-from jaxnas.models.supernet import NUM_EDGES, NUM_OPS, NB201SuperNet, derive_nb201
-from jaxnas.models.train import TrainData
-from jaxnas.spaces import darts as darts_lib
-from jaxnas.spaces import darts_space, nb201_space
-from jaxnas.spaces.base import Space
-from jaxnas.spaces.nb201 import OPS
+from jaxnas.models.protocol import SuperNet
+from jaxnas.models.registry import BUILTINS, builtin, model_of
+from jaxnas.models.train import TrainConfig, TrainData
+from jaxnas.ops import Execution
 
 VARIANTS = ("darts", "gdas", "darts-")
 DATA_AXIS = "data"
-SPACES = ("nb201", "darts")
-SKIP = OPS.index("skip_connect")
+# Built-in spaces DARTS can search (their models have a supernet; ``supernet_of``).
+SPACES = tuple(BUILTINS)
 SELECTIONS = ("magnitude", "perturbation")
 _SELECT_SALT = 0x5E1EC7  # key stream of the perturbation selection, apart from the search's
 
 
-class SuperNet(NamedTuple):
-  """A space's supernet and how its ``alpha`` pytree maps to a cell."""
-  space: Space
-  net: object                # flax module: __call__(images, edge weights, train)
-  alpha_shapes: object       # pytree of shapes of alpha
-  skip: int                  # index of skip_connect among the space's ops
-  derive: Callable           # alpha -> architecture pytree (jittable)
-  skip_count: Callable       # architecture -> number of skip connections (normal cell)
-  weights_of: Callable       # architecture -> one-hot op weights (alpha's pytree): its cell
-
-
 def supernet_of(space: str, channels: int, cells: int, num_classes: int,
-                remat: bool = False) -> SuperNet:
-  if space == "nb201":
-    net = NB201SuperNet(channels=channels, cells=cells, num_classes=num_classes, remat=remat)
-    return SuperNet(nb201_space(), net, (NUM_EDGES, NUM_OPS), SKIP, derive_nb201,
-                    lambda arch: jnp.sum(arch == SKIP),
-                    lambda arch: jax.nn.one_hot(arch, NUM_OPS, dtype=jnp.float32))
-  if space == "darts":
-    net = DartsNetwork(channels=channels, layers=cells, num_classes=num_classes, cell="mixed",
-                       affine=False, remat=remat)
-    n_ops = len(darts_lib.OPS)
-    skip = darts_lib.OPS.index("skip_connect")
-    return SuperNet(darts_space(), net, {"normal": (DARTS_EDGES, n_ops),
-                                         "reduce": (DARTS_EDGES, n_ops)}, skip, derive_darts,
-                    lambda arch: jnp.sum(arch.normal_ops == skip), darts_weights)
-  raise ValueError(f"unknown DARTS space {space!r}; choose one of {', '.join(SPACES)}")
+                remat: bool = False, execution: Execution = Execution()) -> SuperNet:
+  """The DARTS supernet of built-in space ``space`` (its model's ``supernet``)."""
+  model = model_of(TrainConfig(space=space, channels=channels, cells=cells,
+                               num_classes=num_classes, execution=execution))
+  if model.supernet is None:
+    raise ValueError(f"the {space} space has no DARTS supernet; choose one of "
+                     f"{', '.join(SPACES)}")
+  return model.supernet(remat, execution)
 
 
 class DartsConfig(NamedTuple):
@@ -135,6 +112,9 @@ class DartsConfig(NamedTuple):
   selection: str = "magnitude"
   selection_batches: int = 8   # perturbation: validation minibatches scoring each removal
   tune_steps: int | None = None  # perturbation: weight steps after each decision (None: an epoch)
+  # The supernet's conv and pool implementations; "auto": the backend's defaults, and with
+  # a mesh (data parallel) the conv "im2col" (``make_darts``).
+  execution: Execution = Execution()
 
 
 @struct.dataclass
@@ -197,9 +177,10 @@ def check_config(c: DartsConfig) -> None:
   if c.selection not in SELECTIONS:
     raise ValueError(f"unknown DARTS selection {c.selection!r}; choose one of "
                      f"{', '.join(SELECTIONS)}")
-  if c.selection == "perturbation" and c.space != "nb201":
-    raise ValueError("perturbation selection is implemented for the NB201 space only; "
-                     "use --darts_selection=magnitude with --space=darts")
+  if c.selection not in builtin(c.space).darts_selections:
+    takers = [n for n, b in BUILTINS.items() if c.selection in b.darts_selections]
+    raise ValueError(f"{c.selection} selection is implemented for the {' and '.join(takers)} "
+                     f"space only; use --darts_selection=magnitude with --space={c.space}")
   if c.selection_batches < 1:
     raise ValueError(f"selection_batches must be >= 1, got {c.selection_batches}")
   if c.tune_steps is not None and c.tune_steps < 0:
@@ -224,12 +205,23 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
   therefore holds the same ``alpha`` by construction, and the derived cell
   is the single-device one (tests/test_darts.py runs 1 vs 8 host devices).
   ``batch_size`` must divide evenly over the mesh.
+
+  With a mesh, a conv left ``"auto"`` in ``c.execution`` is ``"im2col"``: the CPU
+  default's kernel gradient is a scan over batch chunks, and a loop over a sharded
+  dimension makes the partitioner all-gather the batch, so every device would compute the
+  kernel gradients of the whole batch (8 host devices, test supernet: 391 all-gathers, a
+  program 1.8x the single-device one). ``"im2col"``'s one matmul contracting the batch
+  partitions into local partial sums and an all-reduce.
   """
   check_config(c)
   if mesh is not None and c.batch_size % mesh.size:
     raise ValueError(f"batch_size {c.batch_size} does not split over {mesh.size} devices; "
                      f"use a multiple of {mesh.size}")
-  supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat)
+  execution = c.execution
+  if mesh is not None and execution.conv in (None, "auto"):
+    execution = execution._replace(conv="im2col")
+  c = c._replace(execution=execution.resolve())  # what ``Darts.config`` records
+  supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat, c.execution)
   net = supernet.net
   total = c.epochs * c.steps_per_epoch
   w_tx = optax.chain(optax.clip_by_global_norm(c.w_grad_clip),
@@ -285,7 +277,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
 
     Forward-over-reverse (``jax.jvp`` of the gradient) is not available here:
     the convolutions carry a ``custom_vjp`` (XLA:CPU needs it for fast
-    backward convs, see models/nb201_net.py), and JAX cannot push tangents
+    backward convs, see jaxnas/ops/conv.py), and JAX cannot push tangents
     through a custom VJP. Differentiating the gradient once more in reverse
     mode gives the same exact product at about the same cost.
     """
@@ -515,7 +507,5 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     correct = jax.lax.map(one, jnp.arange(n // size))
     return jnp.sum(correct) / ((n // size) * size)
 
-  fns = (init, step, run_epoch, edge_weights, mixed_hvp, losses, select, cell_accuracy)
-  if mesh is not None:  # traced for a batch split over the mesh (the context as decorator)
-    fns = tuple(batch_sharded()(f) for f in fns)
-  return Darts(c, supernet, mesh, *fns)
+  return Darts(c, supernet, mesh, init, step, run_epoch, edge_weights, mixed_hvp, losses, select,
+               cell_accuracy)
