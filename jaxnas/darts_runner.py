@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from jaxnas import host_loop, memory
+from jaxnas import results as results_lib
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.training import ProxySpec, search_split
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -214,27 +215,18 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
       rank = int(space.rank(space.to_vector(jnp.asarray(arch))))
       run["nb201_cifar10_test12"] = round(float(table["test/cifar10"][rank]), 4)
     runs.append(run)
-  cells = [r["best_arch"] for r in runs]
-  scores = [r["best_score"] for r in runs]
-  supernet_accs = [r["supernet_val_acc"] for r in runs]
-  summary = {"best_score_mean": float(np.mean(scores)),
-             "best_score_std": float(np.std(scores)),
-             "supernet_val_acc_mean": float(np.mean(supernet_accs)),
-             "supernet_val_acc_std": float(np.std(supernet_accs)),
-             "skip_count_mean": float(np.mean([r["skip_count"] for r in runs])),
-             "distinct_cells": len(set(cells)),
-             "best_run_seed": runs[int(np.argmax(scores))]["seed"]}
+  summary = results_lib.summary_of(runs, stats=("supernet_val_acc",))
+  summary["skip_count_mean"] = float(np.mean([r["skip_count"] for r in runs]))
+  summary["distinct_cells"] = len({r["best_arch"] for r in runs})
   if table is not None:
     summary["nb201_cifar10_test12_mean"] = float(np.mean([r["nb201_cifar10_test12"]
                                                           for r in runs]))
-  summary["best_arch"] = next(r["best_arch"] for r in runs
-                              if r["seed"] == summary["best_run_seed"])
-  return {"summary": summary, "runs": runs, "scores": SCORES,
-          "trajectory_axes": TRAJECTORY_AXES,
-          "darts": {**darts.config._asdict(), "execution": darts.config.execution._asdict()},
-          "budget": {"epochs": darts.config.epochs, "steps": darts.config.epochs *
-                     darts.config.steps_per_epoch, "max_hours": config.max_hours,
-                     "stopped_early": stopped}}
+  return results_lib.document(
+      config, summary, runs, TRAJECTORY_AXES,
+      {"epochs": darts.config.epochs, "steps": darts.config.epochs *
+       darts.config.steps_per_epoch, "max_hours": config.max_hours, "stopped_early": stopped},
+      scores=SCORES,
+      darts={**darts.config._asdict(), "execution": darts.config.execution._asdict()})
 
 
 def _read_history(path):

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from jaxnas import host_loop
+from jaxnas import results as results_lib
 from jaxnas.checkpoint import truncate_log
 
 STATE_FILE = "hyperband_state.json"
@@ -221,16 +222,10 @@ def _results(config, space, state, max_epochs, stopped) -> dict:
                      [h[2] for h in hist]).tolist()],
                  "failed_evaluations": seed_state["failed"],
                  "duplicate_evaluations": 0})  # novel_cells: never a cell twice at one fidelity
-  scores = np.asarray([r["best_score"] for r in runs])
-  best_run = int(np.argmax(scores))
-  return {"summary": {"best_score_mean": float(scores.mean()),
-                      "best_score_std": float(scores.std()),
-                      "best_run_seed": config.seed + best_run,
-                      "best_arch": runs[best_run]["best_arch"]},
-          "runs": runs,
-          "trajectory_axes": {"x": "trainings, all rungs",
-                              "y": "best validation accuracy so far, any fidelity (%)"},
-          "fidelity_correlation": state["correlations"],
-          "budget": {"evaluations": config.budget, "evaluations_used": state["evaluations"],
-                     "epochs_used": state["epochs_used"], "max_epochs": max_epochs,
-                     "max_hours": config.max_hours, "stopped_early": stopped}}
+  return results_lib.document(
+      config, results_lib.summary_of(runs), runs,
+      {"x": "trainings, all rungs", "y": "best validation accuracy so far, any fidelity (%)"},
+      {"evaluations": config.budget, "evaluations_used": state["evaluations"],
+       "epochs_used": state["epochs_used"], "max_epochs": max_epochs,
+       "max_hours": config.max_hours, "stopped_early": stopped},
+      fidelity_correlation=state["correlations"])

@@ -37,6 +37,7 @@ from jaxnas import darts_runner, estimators, host_loop, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.estimators import one_shot, zero_cost
+from jaxnas import results as results_lib
 from jaxnas.host_loop import write_json_atomic
 from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
@@ -537,14 +538,14 @@ def _hyperband_evaluators(config: SearchConfig):
 
 
 def _run_host_strategy(config: SearchConfig, workdir: str, recorded: dict, run) -> dict:
-  """Runs a host-loop strategy (``run()``: its results without the config) and writes its
-  results.json with the config, ``recorded`` (the environment) and the command to retrain
-  its best cell."""
+  """Runs a host-loop strategy (``run()``: its results.json object, ``results.document``)
+  and writes it with ``recorded`` (the environment) and the command to retrain its best
+  cell."""
   try:
     results = run()
   except ValueError as e:
     raise UserError(str(e)) from None
-  results = {"config": config.to_json(), **results, **recorded}
+  results = {**results, **recorded}
   results["summary"]["retrain_command"] = retrain_command(config, results["summary"]["best_arch"])
   write_json_atomic(os.path.join(workdir, "results.json"), results)
   return {**results, "already_finished": False}
@@ -618,14 +619,8 @@ def search_results(search, state, seed: int = 0) -> dict:
     for k, v in r["report"].items():
       run_i[k] = round(float(v[i]), 6)
     runs.append(run_i)
-  summary = {"best_score_mean": float(np.mean(r["best_score"])),
-             "best_score_std": float(np.std(r["best_score"]))}
-  for k, v in r["report"].items():
-    summary[f"{k}_mean"] = float(np.mean(v))
-    summary[f"{k}_std"] = float(np.std(v))
-  best_run = int(np.argmax(r["best_score"]))
-  summary["best_run_seed"] = seed + best_run
-  summary["best_arch"] = runs[best_run]["best_arch"]
+  summary = results_lib.summary_of(runs, {"best_score": r["best_score"], **r["report"]},
+                                   tuple(r["report"]))
   return {"summary": summary, "runs": runs}
 
 
@@ -639,10 +634,9 @@ def collect_results(search, config: SearchConfig, state) -> dict:
     summary["table_optimum"] = estimators.nb201.oracle(config.dataset)
   if config.evaluator in ("train", "supernet"):
     summary["retrain_command"] = retrain_command(config, summary["best_arch"])
-  return {"config": config.to_json(), "summary": summary, "runs": out["runs"],
-          "trajectory_axes": trajectory_axes(config),
-          "budget": {"evaluations": config.budget, "steps": search.num_steps,
-                     "batch_size": search.strategy.batch_size}}
+  return results_lib.document(config, summary, out["runs"], trajectory_axes(config),
+                             {"evaluations": config.budget, "steps": search.num_steps,
+                              "batch_size": search.strategy.batch_size})
 
 
 def trajectory_axes(config: SearchConfig) -> dict:
