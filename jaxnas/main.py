@@ -30,7 +30,7 @@ flags.DEFINE_string("dataset", None, "nb201: cifar10 | cifar100 | imagenet16-120
                     "cifar10); train: fashion_mnist | mnist | cifar10 | cifar100 (default "
                     "fashion_mnist).")
 flags.DEFINE_string("strategy", "evolution", "random | evolution | reinforce | local | predictor "
-                    "| nsga2 (multi-objective, with --objectives) | hyperband (multi-fidelity over epochs) | darts (gradient-based: DARTS, GDAS, DARTS-); "
+                    "| gp_bo (Gaussian-process BO, fewest evaluations) | nsga2 (multi-objective, with --objectives) | hyperband (multi-fidelity over epochs) | darts (gradient-based: DARTS, GDAS, DARTS-); "
                     "the last two train networks (--evaluator=train).")
 flags.DEFINE_integer("budget", 100, "Architecture evaluations per run.")
 flags.DEFINE_integer("num_seeds", 10, "Independent runs, vectorized into one program.")

@@ -139,10 +139,10 @@ def _run_seeds(search, seeds):
 # quality, no-duplicate and vmap-equals-single-seed tests: compiling dominates.
 QUALITY_BUDGET = 100
 QUALITY_SEEDS = {"random": 200, "evolution": 200, "local": 200, "reinforce": 200,
-                 "predictor": 20, "nsga2": 200}
+                 "predictor": 20, "nsga2": 200, "gp_bo": 20}
 # Each strategy's own seeds (fixed per name, so a new strategy changes no other's runs).
 SEED_BASE = {"evolution": 1000, "local": 2000, "predictor": 3000, "random": 4000,
-             "reinforce": 5000, "nsga2": 6000}
+             "reinforce": 5000, "nsga2": 6000, "gp_bo": 7000}
 
 
 @functools.lru_cache(maxsize=None)
