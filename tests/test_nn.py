@@ -206,3 +206,30 @@ def test_an_nnx_model_trains_as_a_population_through_flax_bridge():
                                                                                   "vmap")}
   chex.assert_trees_all_close(out["map"]["losses"], out["vmap"]["losses"], rtol=1e-4)
   assert np.isfinite(np.asarray(out["map"]["val_accuracy"])).all()
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_kernel_switch_computes_what_the_mask_computes(depthwise):
+  """``kernel_impl="switch"`` (a conv per candidate size, centre-cropped) and the masked
+  max kernel: same outputs and gradients, member by member and vmapped."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (1, 7, 7, 4))
+  kw = dict(features=8, kernel_size=7, strides=2, depthwise=depthwise, conv="xla")
+  mask = jnn.ElasticConv(**kw)
+  switch = jnn.ElasticConv(**kw, kernel_sizes=(3, 5, 7), kernel_impl="switch")
+  w_max = 4 if depthwise else 8
+  v = mask.init(jax.random.PRNGKey(0), x, jnp.int32(w_max), jnp.int32(7))
+
+  def loss(m, v, w, k):
+    return jnp.sum(m.apply(v, x, w, k) ** 2)
+
+  for w, k in [(w_max, 3), (3, 5)]:
+    w, k = jnp.int32(w), jnp.int32(k)
+    chex.assert_trees_all_close(switch.apply(v, x, w, k), mask.apply(v, x, w, k), atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss, 1)(switch, v, w, k),
+                                jax.grad(loss, 1)(mask, v, w, k), atol=1e-4)
+  ks = jnp.asarray([3, 5, 7], jnp.int32)
+  w = jnp.int32(w_max)
+  chex.assert_trees_all_close(jax.vmap(lambda k: switch.apply(v, x, w, k))(ks),
+                              jax.vmap(lambda k: mask.apply(v, x, w, k))(ks), atol=1e-5)
+  with pytest.raises(ValueError, match="needs kernel_sizes"):
+    jnn.ElasticConv(**kw, kernel_impl="switch").apply(v, x, w, jnp.int32(3))

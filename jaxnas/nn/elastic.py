@@ -61,6 +61,13 @@ class ElasticConv(nn.Module):
     conv: how a full convolution computes, one of ``jaxnas.ops.CONV_IMPLS`` or ``"auto"``
       (the backend's measured default: oneDNN on CPU where it builds, im2col on
       accelerators); a depthwise one runs ``jaxnas.ops.depthwise``.
+    kernel_sizes: with a traced ``kernel_size``, the candidate sizes, for
+      ``kernel_impl="switch"``.
+    kernel_impl: ``"mask"`` (default): the max kernel with the outer taps zeroed, one
+      conv whatever the size (the batched form, for ``vmap``); ``"switch"``: a
+      ``lax.switch`` over ``kernel_sizes``, each branch a conv with the centre crop, so a
+      member running alone (``lax.map``, CPU) pays only for its own kernel (under
+      ``vmap`` JAX computes every branch). Both compute the same function.
   ``__call__(x, width=None, kernel_size=None)``: ``width`` active output channels
   (None: all), ``kernel_size`` the active kernel (None: the max); either may be
   an int32 array (elastic) or a Python int (specialised).
@@ -72,6 +79,13 @@ class ElasticConv(nn.Module):
   use_bias: bool = False
   kernel_init: Callable = fan_in_init
   conv: str = "auto"
+  kernel_sizes: tuple = ()
+  kernel_impl: str = "mask"
+
+  def _conv(self, x, kernel, k):
+    if self.depthwise:
+      return depthwise(x, kernel, self.strides)
+    return conv2d(x, kernel, self.strides, k // 2, None if self.conv == "auto" else self.conv)
 
   @nn.compact
   def __call__(self, x, width=None, kernel_size=None):
@@ -88,17 +102,31 @@ class ElasticConv(nn.Module):
     shape = (k, k, 1 if self.depthwise else c_in, out)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
-    if not fixed_k:
+    if self.kernel_impl not in ("mask", "switch"):
+      raise ValueError(f"ElasticConv: kernel_impl {self.kernel_impl!r} is not mask or switch")
+    switch = not fixed_k and self.kernel_impl == "switch"
+    if switch and (not self.kernel_sizes or any(
+        s % 2 == 0 or s > self.kernel_size for s in self.kernel_sizes)):
+      raise ValueError(f"ElasticConv: kernel_impl='switch' needs kernel_sizes, odd and <= "
+                       f"{self.kernel_size}, got {self.kernel_sizes}")
+    if not fixed_k and not switch:
       kernel = kernel * _kernel_mask(kernel_size, k, kernel.dtype)[:, :, None, None]
     if not fixed_w:
       m = channel_mask(width, out, kernel.dtype)
       kernel = kernel * m
       bias = None if bias is None else bias * m
     kernel = kernel.astype(x.dtype)
-    if self.depthwise:
-      y = depthwise(x, kernel, self.strides)
+    if switch:
+      sizes = tuple(int(s) for s in self.kernel_sizes)
+
+      def branch(s):
+        c = (k - s) // 2
+        return lambda x, kernel: self._conv(x, kernel[c:c + s, c:c + s], s)
+
+      index = jnp.argmax(jnp.asarray(sizes) == kernel_size)
+      y = jax.lax.switch(index, [branch(s) for s in sizes], x, kernel)
     else:
-      y = conv2d(x, kernel, self.strides, k // 2, None if self.conv == "auto" else self.conv)
+      y = self._conv(x, kernel, k)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
