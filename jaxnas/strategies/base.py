@@ -190,6 +190,26 @@ class Strategy(NamedTuple):
   tell: Callable[[jax.Array, Any, jax.Array, Any, Archive], tuple[Any, dict]]
 
 
+ACQUISITIONS = ("its", "ucb", "mean")
+
+
+def check_acquisition(acquisition: str) -> str:
+  if acquisition not in ACQUISITIONS:
+    raise ValueError(f"acquisition must be 'its', 'ucb' or 'mean', got {acquisition!r}")
+  return acquisition
+
+
+def acquire(acquisition: str, key: jax.Array, mu: jax.Array, sigma: jax.Array) -> jax.Array:
+  """A surrogate's candidate scores from its mean ``mu`` and spread ``sigma``: ``"its"``
+  one independent Thompson draw per candidate (BANANAS' ITS, White et al. 2021),
+  ``"ucb"`` ``mu + sigma``, ``"mean"`` ``mu``."""
+  if acquisition == "its":
+    return mu + sigma * jax.random.normal(key, mu.shape)
+  if acquisition == "ucb":
+    return mu + sigma
+  return mu
+
+
 def to_vectors(space: Space, archs) -> jax.Array:
   return jax.vmap(space.to_vector)(archs)
 

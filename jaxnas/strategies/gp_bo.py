@@ -38,7 +38,8 @@ from flax import struct
 from jax.scipy.special import ndtri
 
 from jaxnas.spaces import Space
-from jaxnas.strategies.base import Strategy, contains, from_vectors, propose_batch
+from jaxnas.strategies.base import (Strategy, acquire, check_acquisition, contains, from_vectors,
+                                    propose_batch)
 
 
 @struct.dataclass
@@ -67,8 +68,7 @@ def gp_bo(space: Space, num_init: int = 20, batch_size: int = 1, num_parents: in
     NAS-Bench-201 path encoding with the one-hot).
   warp: "rank" (normal scores by rank) or "none" (the fitness itself), standardised.
   """
-  if acquisition not in ("its", "ucb", "mean"):
-    raise ValueError(f"acquisition must be 'its', 'ucb' or 'mean', got {acquisition!r}")
+  check_acquisition(acquisition)
   if encoding not in ("onehot", "space"):
     raise ValueError(f"encoding must be 'onehot' or 'space', got {encoding!r}")
   if warp not in ("rank", "none"):
@@ -132,11 +132,7 @@ def gp_bo(space: Space, num_init: int = 20, batch_size: int = 1, num_parents: in
     mu = kc @ alpha
     v = jax.scipy.linalg.solve_triangular(chol, kc.T, lower=True)
     sigma = jnp.sqrt(jnp.maximum(1.0 - jnp.sum(v * v, axis=0), 1e-10))
-    if acquisition == "its":
-      return mu + sigma * jax.random.normal(k_its, mu.shape)
-    if acquisition == "ucb":
-      return mu + sigma
-    return mu
+    return acquire(acquisition, k_its, mu, sigma)
 
   def init(key):
     del key

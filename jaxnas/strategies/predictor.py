@@ -22,7 +22,8 @@ import optax
 from flax import struct
 
 from jaxnas.spaces import Space
-from jaxnas.strategies.base import Strategy, contains, from_vectors, propose_batch
+from jaxnas.strategies.base import (Strategy, acquire, check_acquisition, contains, from_vectors,
+                                    propose_batch)
 
 
 @struct.dataclass
@@ -61,8 +62,7 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
   acquisition: "its" (independent Thompson sampling), "ucb" (mean + std) or
     "mean" (pure exploitation).
   """
-  if acquisition not in ("its", "ucb", "mean"):
-    raise ValueError(f"acquisition must be 'its', 'ucb' or 'mean', got {acquisition!r}")
+  check_acquisition(acquisition)
   if pool not in ("mutation", "all"):
     raise ValueError(f"pool must be 'mutation' or 'all', got {pool!r}")
   if pool == "all" and space.size > 100_000:
@@ -115,12 +115,7 @@ def predictor_search(space: Space, num_init: int = 10, batch_size: int = 10,
     ensemble = fit_ensemble(k_fit, jax.vmap(featurize)(vectors), (fit - mean) / std, mask)
     feats = jax.vmap(featurize)(candidates)
     preds = jax.vmap(lambda p: _mlp_apply(p, feats))(ensemble)  # [E, C]
-    mu, sigma = preds.mean(0), preds.std(0)
-    if acquisition == "its":
-      return mu + sigma * jax.random.normal(k_its, mu.shape)
-    if acquisition == "ucb":
-      return mu + sigma
-    return mu
+    return acquire(acquisition, k_its, preds.mean(0), preds.std(0))
 
   def init(key):
     del key
