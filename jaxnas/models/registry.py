@@ -27,7 +27,7 @@ from jaxnas.spaces.nb201 import nb201_space
 
 # Relative training time of one cell edge per op (none, skip, 1x1, 3x3, pool) under the
 # CPU "map" plan: CPU time per step of a population of one all-<op> cell, minus the
-# all-none cell's, per edge (experiments/NOTES_population.md, round 3, item 12).
+# all-none cell's, per edge (experiments/NOTES_population.md, where `train.OP_TIME` is derived).
 OP_TIME = (0.0, 0.1, 1.0, 1.8, 0.6)
 
 
