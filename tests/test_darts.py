@@ -211,3 +211,39 @@ def test_perturbation_selection_decides_each_edge_by_the_costliest_removal():
   single_arch, single = _compile(selector(0), one)(one)
   np.testing.assert_array_equal(np.asarray(single_arch), arch[1])
   np.testing.assert_allclose(np.asarray(single["removal_acc"]), acc[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["darts", "gdas"])
+def test_user_model_supernet_searches_every_decision_and_scores_the_derived_member(variant):
+  """A ``searchable`` model's supernet relaxes every decision (op, width, kernel, depth):
+  its alphas all learn, the derived member decodes in the user's space, and its one-hot
+  weights compute exactly the member's own network on the supernet's weights."""
+  import jaxnas
+  from byo_model import SPACE, SmallCNN
+  model = jaxnas.searchable(SmallCNN(classes=3), SPACE)
+  darts = make_darts(DartsConfig(variant=variant, model=model, epochs=1, steps_per_epoch=3,
+                                 batch_size=8, num_classes=3, alpha_lr=0.05))
+  data = _data()
+  key = jax.random.PRNGKey(0)
+  state = _compile(darts.init, key, data)(key, data)
+  assert [a.shape for a in state.alpha] == [(k,) for k in SPACE.cardinalities]
+  new, m = _compile(darts.run_epoch, state, data)(state, data)
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(new.alpha, state.alpha)]
+  assert all(d > 0 for d in moved), moved  # the depth and every width/kernel/op learn
+  arch = darts.supernet.derive(new.alpha)
+  assert SPACE.decode(SPACE.encode(arch)) is not None
+  np.testing.assert_array_equal(np.asarray(SPACE.to_vector(m["arch"])),
+                                np.asarray(SPACE.to_vector(arch)))
+  x = (data.val_images[:16].astype(jnp.float32) / 255 - 0.5) / 0.25
+  relaxed = darts.supernet.net.apply({"params": new.params, "batch_stats": new.batch_stats},
+                                     x, darts.supernet.weights_of(arch), False)
+  member = SmallCNN(classes=3).apply({"params": new.params["module"],
+                                      "batch_stats": new.batch_stats["module"]}, x, arch)
+  np.testing.assert_allclose(np.asarray(relaxed), np.asarray(member), rtol=1e-5, atol=1e-5)
+
+
+def test_user_model_without_a_skip_op_refuses_darts_minus():
+  import jaxnas
+  from byo_model import SPACE, SmallCNN
+  with pytest.raises(ValueError, match="no skip op"):
+    make_darts(DartsConfig(variant="darts-", model=jaxnas.searchable(SmallCNN(), SPACE)))

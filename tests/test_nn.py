@@ -233,3 +233,71 @@ def test_kernel_switch_computes_what_the_mask_computes(depthwise):
                               jax.vmap(lambda k: mask.apply(v, x, w, k))(ks), atol=1e-5)
   with pytest.raises(ValueError, match="needs kernel_sizes"):
     jnn.ElasticConv(**kw, kernel_impl="switch").apply(v, x, w, jnp.int32(3))
+
+
+CANDIDATES = {"width": (8, 12, 16), "op": (0, 1, 2, 3), "depth": (1, 2, 3),
+              "kernels": [(3, 5)] * 3, "input": (0, 1)}
+
+
+def _mixture(choice, soft=None):
+  """The arch of ``choice`` as one-hot ``Mixture``s (``soft``: those decisions' weights)."""
+  def mix(values, v, name):
+    w = jax.nn.one_hot(values.index(v), len(values)) if soft is None or name not in soft else (
+        jnp.asarray(soft[name], jnp.float32))
+    return jnn.Mixture(w, values)
+  width, op, depth, kernels, inp = choice
+  return {"width": mix(CANDIDATES["width"], width, "width"),
+          "op": mix(CANDIDATES["op"], op, "op"),
+          "depth": mix(CANDIDATES["depth"], depth, "depth"),
+          "kernels": [mix(c, k, "kernels") for c, k in zip(CANDIDATES["kernels"], kernels)],
+          "input": mix(CANDIDATES["input"], inp, "input")}
+
+
+@pytest.mark.parametrize("choice", ARCHS)
+def test_a_one_hot_mixture_computes_the_member(choice):
+  """Every block given a one-hot ``Mixture`` computes what it computes for the choice as
+  data, in both modes, and the running statistics of unchosen ops and skipped blocks stay
+  as they were (they move by ``gate()``)."""
+  kw = dict(train=True, mutable=["batch_stats"])
+  out, stats = NET.apply(VARIABLES, X, _arch(*choice), **kw)
+  mix_out, mix_stats = NET.apply(VARIABLES, X, _mixture(choice), **kw)
+  chex.assert_trees_all_close(mix_out, out, atol=2e-5, rtol=1e-5)
+  chex.assert_trees_all_close(mix_stats, stats, atol=1e-6)
+  chex.assert_trees_all_close(NET.apply(VARIABLES, X, _mixture(choice)),
+                              NET.apply(VARIABLES, X, _arch(*choice)), atol=2e-5, rtol=1e-5)
+
+
+def test_a_soft_mixture_is_the_expectation_over_its_candidates():
+  """A conv is linear in its width and kernel masks, so under a soft Mixture it computes the
+  weighted sum of its candidates' outputs; the depth mixture is the weighted sum of the
+  outputs after each depth, and everything after the body is affine in eval mode, so the
+  network's output under a soft depth is the weighted sum of the members' outputs."""
+  base = (12, 1, 2, (3, 5, 3), 0)
+  w = jnp.asarray([0.2, 0.3, 0.5])
+  members = [NET.apply(VARIABLES, X, _arch(*base[:2], d, *base[3:])) for d in (1, 2, 3)]
+  soft = NET.apply(VARIABLES, X, _mixture(base, {"depth": w}))
+  chex.assert_trees_all_close(soft, sum(wi * m for wi, m in zip(w, members)), atol=1e-5)
+  conv = jnn.ElasticConv(6, 5)
+  v = conv.init(jax.random.PRNGKey(0), X, width=6, kernel_size=5)
+  for arg, values in (("kernel_size", (3, 5)), ("width", (2, 6))):
+    mix = jnn.Mixture(jnp.asarray([0.25, 0.75]), values)
+    expected = sum(p * conv.apply(v, X, **{arg: jnp.int32(c)}) for p, c in zip((0.25, 0.75),
+                                                                             values))
+    chex.assert_trees_all_close(conv.apply(v, X, **{arg: mix}), expected, atol=1e-5)
+
+
+def test_gate_is_one_in_the_chosen_candidates_and_zero_elsewhere():
+  """What ``gate()`` reads at every BatchNorm of the network under a one-hot Mixture."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, jnn.BatchNorm):
+      seen[context.module.scope.path] = jnn.gate()
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    NET.apply(VARIABLES, X, _mixture((8, 2, 2, (3, 3, 5), 0)))
+  gates = {"/".join(p): float(g) for p, g in seen.items()}
+  assert gates["stem_bn"] == 1.0 and gates["op_block/bn"] == 0.0  # op 2 (pool), not the block
+  assert gates["b0/bn"] == gates["b1/bn"] == 1.0 and gates["b2/bn"] == 0.0  # depth 2
+  assert jnn.gate() == 1.0  # outside any Mixture

@@ -94,3 +94,24 @@ CHILD = textwrap.dedent(f"""
 
 def test_a_user_model_shards_over_devices():
   assert run_child(CHILD, devices=8, timeout=600).startswith("OK")
+
+
+def test_relax_builds_one_hot_mixtures_that_compute_the_member():
+  """``Space.relax`` puts a ``Mixture`` at every choice of the declared structure; one-hot
+  weights compute each member exactly (the relaxed form DARTS trains and zero-cost proxies
+  score), and malformed weights are one-line errors."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 1))
+  net = SmallCNN()
+  variables = net.init(jax.random.PRNGKey(0), x, SPACE.from_vector(jnp.ones(5, jnp.int32)))
+  vectors = SPACE.canonical(jax.vmap(SPACE.sample_vector)(jax.random.split(
+      jax.random.PRNGKey(1), 6)))
+  for v in vectors:
+    relaxed = SPACE.relax([jax.nn.one_hot(v[d], k) for d, k in enumerate(SPACE.cardinalities)])
+    assert relaxed["kernel"][1].values == (3, 5) and relaxed["pool"].values == (0, 1)
+    chex.assert_trees_all_close(net.apply(variables, x, relaxed, train=True, mutable="batch_stats"),
+                                net.apply(variables, x, SPACE.from_vector(v), train=True,
+                                          mutable="batch_stats"), atol=1e-5)
+  with pytest.raises(ValueError, match="one weight vector per decision"):
+    SPACE.relax([jnp.ones(2)])
+  with pytest.raises(ValueError, match="width has 2 candidates"):
+    SPACE.relax([jnp.ones(3)] + [jnp.ones(2)] * 4)

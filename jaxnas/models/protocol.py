@@ -33,7 +33,8 @@ class SuperNet(NamedTuple):
   space: Space
   net: object                # flax module: __call__(images, op weights (alpha's pytree), train)
   alpha_shapes: object       # pytree of shapes of alpha
-  skip: int                  # index of skip_connect among the ops
+  skip: int | None           # index of skip_connect among the ops (None: no skip op;
+                             # DARTS- needs one)
   derive: Callable           # alpha -> architecture pytree (jittable)
   skip_count: Callable       # architecture -> number of skip connections (normal cell)
   weights_of: Callable       # architecture -> one-hot op weights (alpha's pytree): its cell
@@ -141,8 +142,11 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
   ``module(images, arch, train=False)`` is written with ``jaxnas.nn`` blocks and reads
   ``arch`` as ``space.from_vector`` builds it; called with Python numbers at the leaves
   it builds the specialised network, whose variables ``jaxnas.nn.extract`` slices from
-  the elastic ones. ``cost`` (jittable ``(arch, image_shape, num_classes) -> (params,
-  flops)``) defaults to measuring the specialised network on the host: exact parameter
+  the elastic ones. Its DARTS supernet (``supernet``) is the module on
+  ``space.relax``'s architecture: every decision a softmax-weighted ``Mixture``, so DARTS
+  and GDAS search op choices, widths, kernels and depths alike (FBNetV2's masks, Wan et
+  al. 2020, for the elastic ones). ``cost`` (jittable ``(arch, image_shape, num_classes)
+  -> (params, flops)``) defaults to measuring the specialised network on the host: exact parameter
   count, and FLOPs from XLA's cost analysis, cached per architecture.
   """
 
@@ -164,6 +168,25 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
 
   def specialise_variables(variables, s, images):
     return extract(variables, specialised_shapes(module, images, call_arch(s), train=False))
+
+  def supernet(remat=False, execution=None):
+    del execution  # the user's module fixes its own implementations
+    if space.relax is None:
+      raise ValueError(f"the {space.name} space cannot be relaxed (declare it with "
+                       f"jaxnas.declare) so DARTS/GDAS cannot search it")
+    cls = nn.remat(_Relaxed, static_argnums=(3,)) if remat else _Relaxed
+    cards = space.cardinalities
+
+    def derive(alpha):
+      vector = jnp.stack([jnp.argmax(a, -1) for a in alpha], -1).astype(jnp.int32)
+      return space.from_vector(space.canonical(vector))
+
+    def weights_of(arch):
+      vector = space.to_vector(arch)
+      return [jax.nn.one_hot(vector[..., d], k, dtype=jnp.float32) for d, k in enumerate(cards)]
+
+    return SuperNet(space, cls(module, space.relax), [(k,) for k in cards], None, derive,
+                    lambda arch: jnp.int32(0), weights_of)
 
   @functools.lru_cache(maxsize=4096)
   def _measure(s, image_shape):
@@ -188,4 +211,15 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
   return SearchableModel(
       name=name or space.name, space=space, network=lambda s: module, static=static,
       arrays=arrays, call_arch=call_arch, init=init,
-      specialise_variables=specialise_variables, cost=cost or measured_cost, work=work)
+      specialise_variables=specialise_variables, cost=cost or measured_cost, work=work,
+      supernet=supernet)
+
+
+class _Relaxed(nn.Module):
+  """A user's module run on the relaxed architecture: every choice a ``Mixture`` of its
+  candidates weighted by ``weights`` (one float vector per decision), DARTS's supernet."""
+  module: nn.Module
+  relax: Callable
+
+  def __call__(self, images, weights, train=False):
+    return self.module(images, self.relax(weights), train=train)

@@ -18,13 +18,19 @@ the same code.
 * ``ElasticDepth``: a stack of max-depth blocks, blocks past the chosen depth
   exact identity (and skipped by ``lax.cond`` where members run one at a time).
 * ``input_choice``: which earlier tensor feeds a node (NNI's ``InputChoice``).
+
+Every block also takes a ``Mixture`` (``Space.relax``): the weighted sum over its
+candidates, which DARTS/GDAS train (``protocol.searchable``'s supernet) and
+zero-cost proxies score one-hot; ``gate()`` says how much the code being traced
+contributes under it.
 """
 
-from jaxnas.nn.choice import (ElasticDepth, OpChoice, identity, input_choice, is_static,
-                              zero)
+from jaxnas.nn.choice import (ElasticDepth, OpChoice, gate, gated, identity, input_choice,
+                              is_static, zero)
 from jaxnas.nn.elastic import BatchNorm, ElasticConv, ElasticDense, channel_mask
 from jaxnas.nn.extract import extract, specialised_shapes
+from jaxnas.spaces.declared import Mixture
 
-__all__ = ["BatchNorm", "ElasticConv", "ElasticDense", "ElasticDepth", "OpChoice",
-           "channel_mask", "extract", "identity", "input_choice", "is_static",
+__all__ = ["BatchNorm", "ElasticConv", "ElasticDense", "ElasticDepth", "Mixture", "OpChoice",
+           "channel_mask", "extract", "gate", "gated", "identity", "input_choice", "is_static",
            "specialised_shapes", "zero"]

@@ -4,11 +4,20 @@ Every block takes its decision as an argument. An int32 array (possibly a
 tracer) selects at run time: every candidate's variables exist and one program
 serves all members. A Python int builds only the chosen candidate (the
 specialised network), under the same names, so its variables are a sub-tree of
-the elastic ones.
+the elastic ones. A ``Mixture`` (``Space.relax``) computes every candidate and
+returns their weighted sum: the continuous relaxation of DARTS (Liu et al. 2019).
+
+Under a Mixture each candidate's computation is traced inside ``gated(w)``, and
+``gate()`` is the product of the weights of the enclosing candidates: how much
+the code being traced contributes to the output (0 or 1 for a one-hot Mixture).
+Zero-cost proxies that look at activations (NASWOT's ReLU codes) weigh each
+activation by it, so a branch the architecture did not choose counts for nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,7 +25,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnas.spaces.declared import Mixture
+
 OP_IMPLS = ("switch", "onehot")
+_TRACE = threading.local()  # the gate stack of the trace in progress (trace time only)
+
+
+@contextlib.contextmanager
+def gated(weight):
+  """Traces the enclosed computation as contributing with ``weight`` (see ``gate``)."""
+  stack = _TRACE.__dict__.setdefault("gates", [])
+  stack.append(weight)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+def gate():
+  """The product of the ``Mixture`` weights of the candidates enclosing the code being
+  traced: a float32 scalar (possibly a tracer), or the Python float 1.0 outside any."""
+  out = 1.0
+  for w in getattr(_TRACE, "gates", ()):
+    out = out * jnp.asarray(w, jnp.float32)
+  return out
 
 
 def is_static(choice) -> bool:
@@ -52,14 +84,25 @@ class OpChoice(nn.Module):
   * ``"onehot"``: the sum of every op weighted by the one-hot of the choice.
 
   ``weights`` (float ``[len(ops)]``) instead returns ``sum_k weights[k] * op_k(x)``:
-  the DARTS mixed op (Liu et al. 2019), the softmax of the architecture weights.
+  the DARTS mixed op (Liu et al. 2019), the softmax of the architecture weights. A
+  ``Mixture`` choice (values: op indices) does the same, each op traced ``gated``.
   """
   ops: Sequence[Any]
   impl: str = "switch"
 
   def __call__(self, x, choice=None, *args, weights=None, **kwargs):
+    if isinstance(choice, Mixture):
+      bad = [v for v in choice.values if not 0 <= v < len(self.ops)]
+      if bad:
+        raise ValueError(f"OpChoice: candidates {bad} not in [0, {len(self.ops)})")
+      weights = [sum((choice.weights[j] for j, v in enumerate(choice.values) if v == k),
+                     jnp.float32(0.0)) for k in range(len(self.ops))]
     if weights is not None:
-      return sum(weights[k] * _call(op, x, args, kwargs) for k, op in enumerate(self.ops))
+      out = 0.0
+      for k, op in enumerate(self.ops):
+        with gated(weights[k]):
+          out = out + weights[k] * _call(op, x, args, kwargs)
+      return out
     if is_static(choice):
       if not 0 <= choice < len(self.ops):
         raise ValueError(f"OpChoice: choice {choice} not in [0, {len(self.ops)})")
@@ -84,7 +127,9 @@ class ElasticDepth(nn.Module):
   skips it, a vmapped population computes it and selects (BN statistics of a
   skipped block stay as they were). A Python int ``depth`` builds only the
   first ``depth`` blocks (the specialised network). Blocks before ``min_depth``
-  always run.
+  always run. A ``Mixture`` depth runs every block (block ``i`` gated by the
+  weight of the depths above ``i``) and returns the weighted sum of the outputs
+  after each candidate depth (FBNetV2's depth mixture, Wan et al. 2020).
   """
   blocks: Sequence[nn.Module]
   min_depth: int = 0
@@ -95,6 +140,18 @@ class ElasticDepth(nn.Module):
         return block(x, **kwargs)
       return block(x, choices[i], **kwargs)
 
+    if isinstance(depth, Mixture):
+      bad = [v for v in depth.values if not self.min_depth <= v <= len(self.blocks)]
+      if bad:
+        raise ValueError(f"ElasticDepth: depths {bad} not in [{self.min_depth}, "
+                         f"{len(self.blocks)}]")
+      after = [x]
+      for i, block in enumerate(self.blocks):
+        on = jnp.float32(1.0) if i < self.min_depth else depth.expect(
+            lambda v, i=i: jnp.float32(v > i))
+        with gated(on):
+          after.append(run(block, i, after[-1]))
+      return depth.expect(lambda v: after[int(v)])
     for i, block in enumerate(self.blocks):
       if is_static(depth):
         if i < depth:
@@ -112,7 +169,10 @@ class ElasticDepth(nn.Module):
 
 def input_choice(inputs: Sequence[jax.Array], choice):
   """``inputs[choice]``: one of several same-shape tensors feeds a node (the DARTS cell's
-  input edges). A traced ``choice`` selects (gradients reach the chosen input only)."""
+  input edges). A traced ``choice`` selects (gradients reach the chosen input only); a
+  ``Mixture`` (values: input indices) is the weighted sum of the inputs."""
+  if isinstance(choice, Mixture):
+    return choice.expect(lambda v: inputs[int(v)])
   if is_static(choice):
     return inputs[int(choice)]
   return jax.lax.select_n(jnp.asarray(choice, jnp.int32), *inputs)

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnas.nn.choice import is_static
+from jaxnas.nn.choice import gate, is_static
 from jaxnas.ops import conv2d, depthwise
+from jaxnas.spaces.declared import Mixture
 
 BN_EPSILON = 1e-5
 
@@ -32,6 +33,11 @@ BN_EPSILON = 1e-5
 def channel_mask(width, features: int, dtype=jnp.float32):
   """``float[features]``: 1 for the first ``width`` channels, 0 after."""
   return (jnp.arange(features) < width).astype(dtype)
+
+
+def _expected(choice, f):
+  """``f(choice)``, or its expectation over a ``Mixture``'s candidates."""
+  return choice.expect(f) if isinstance(choice, Mixture) else f(choice)
 
 
 def _kernel_mask(size, max_size: int, dtype):
@@ -104,15 +110,20 @@ class ElasticConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
     if self.kernel_impl not in ("mask", "switch"):
       raise ValueError(f"ElasticConv: kernel_impl {self.kernel_impl!r} is not mask or switch")
-    switch = not fixed_k and self.kernel_impl == "switch"
+    if isinstance(kernel_size, Mixture) and any(
+        s % 2 == 0 or s > self.kernel_size for s in kernel_size.values):
+      raise ValueError(f"ElasticConv: kernel sizes {kernel_size.values} must be odd and <= "
+                       f"{self.kernel_size}")
+    switch = not fixed_k and self.kernel_impl == "switch" and not isinstance(kernel_size, Mixture)
     if switch and (not self.kernel_sizes or any(
         s % 2 == 0 or s > self.kernel_size for s in self.kernel_sizes)):
       raise ValueError(f"ElasticConv: kernel_impl='switch' needs kernel_sizes, odd and <= "
                        f"{self.kernel_size}, got {self.kernel_sizes}")
     if not fixed_k and not switch:
-      kernel = kernel * _kernel_mask(kernel_size, k, kernel.dtype)[:, :, None, None]
+      kernel = kernel * _expected(kernel_size, lambda s: _kernel_mask(s, k, kernel.dtype))[
+          :, :, None, None]
     if not fixed_w:
-      m = channel_mask(width, out, kernel.dtype)
+      m = _expected(width, lambda w: channel_mask(w, out, kernel.dtype))
       kernel = kernel * m
       bias = None if bias is None else bias * m
     kernel = kernel.astype(x.dtype)
@@ -146,7 +157,7 @@ class ElasticDense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], out), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
     if not fixed:
-      m = channel_mask(width, out, kernel.dtype)
+      m = _expected(width, lambda w: channel_mask(w, out, kernel.dtype))
       kernel = kernel * m
       bias = None if bias is None else bias * m
     y = x @ kernel.astype(x.dtype)
@@ -160,7 +171,8 @@ class BatchNorm(nn.Module):
   ``nn.BatchNorm``: ``scale``/``bias`` params, ``mean``/``var`` batch statistics.
   ``__call__(x, train, width=None)``: with an int32 ``width`` the output is
   masked to the first ``width`` channels (the normalised zeros of an inactive
-  channel would otherwise become ``bias``).
+  channel would otherwise become ``bias``). Under a ``Mixture`` the running statistics
+  move by the ``gate()`` of this layer: those of an unchosen candidate stay as they were.
   """
   momentum: float = 0.9
   epsilon: float = BN_EPSILON
@@ -177,12 +189,18 @@ class BatchNorm(nn.Module):
       mean = jnp.mean(x, axes)
       var = jnp.maximum(0.0, jnp.mean(jax.lax.square(x), axes) - jax.lax.square(mean))
       if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-        ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        m, g = self.momentum, gate()
+        mean_, var_ = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        if isinstance(g, float):
+          ra_mean.value = m * ra_mean.value + (1 - m) * mean_
+          ra_var.value = m * ra_var.value + (1 - m) * var_
+        else:  # under a Mixture: an unchosen candidate's statistics stay as they were
+          g = jax.lax.stop_gradient(g)
+          ra_mean.value = ra_mean.value + g * (1 - m) * (mean_ - ra_mean.value)
+          ra_var.value = ra_var.value + g * (1 - m) * (var_ - ra_var.value)
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
     if width is not None and not is_static(width):
-      y = y * channel_mask(width, c, y.dtype)
+      y = y * _expected(width, lambda w: channel_mask(w, c, y.dtype))
     return y

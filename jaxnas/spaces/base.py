@@ -50,6 +50,11 @@ class Space(NamedTuple):
   # conditional space, ``spaces.declared``); None: all, always. Inactive decisions are
   # fixed to 0 in the canonical vector, so equal networks have equal vectors.
   active: Callable[[jax.Array], jax.Array] | None = None
+  # Optional jittable ``[float[K_d] for each decision d] -> arch`` with a
+  # ``spaces.declared.Mixture`` (candidate values and their weights) at every choice: the
+  # continuous relaxation that DARTS-style search and the one-hot scoring of zero-cost
+  # proxies feed to a ``jaxnas.nn`` model (declared spaces); None: not relaxable.
+  relax: Callable[[Any], Arch] | None = None
 
   # ------------------------------------------------------------------ sizes
   @property

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,24 @@ class Choice(NamedTuple):
   @property
   def named(self) -> bool:
     return isinstance(self.values[0], str)
+
+
+@flax.struct.dataclass
+class Mixture:
+  """A relaxed choice: candidate ``values`` (static) weighted by ``weights`` (float[K]).
+
+  ``jaxnas.nn`` blocks given a Mixture compute the weighted sum of what each
+  candidate computes (DARTS, Liu et al. 2019, for op choices; FBNetV2's
+  mask mixtures, Wan et al. 2020, for width, and likewise for kernel and depth).
+  A one-hot Mixture computes exactly the chosen candidate, with every candidate's
+  work done (the batched form). Named candidates are their indices.
+  """
+  weights: jax.Array
+  values: tuple = flax.struct.field(pytree_node=False)
+
+  def expect(self, f):
+    """``sum_k weights[k] * f(values[k])``."""
+    return sum(self.weights[k] * f(v) for k, v in enumerate(self.values))
 
 
 def choice(*values, when: Callable[[Any], Any] | None = None) -> Choice:
@@ -110,6 +129,19 @@ def declare(structure, name: str = "declared") -> Space:
     leaves = {p: jnp.asarray(t)[vector[..., d]] for d, (p, t) in enumerate(zip(paths, tables))}
     return _build(structure, leaves)
 
+  def relax(weights):
+    if len(weights) != len(choices):
+      raise ValueError(f"{name}: relax needs one weight vector per decision ({len(choices)}), "
+                       f"got {len(weights)}")
+    leaves = {}
+    for d, (p, c, w) in enumerate(zip(paths, choices, weights)):
+      if jnp.shape(w)[-1:] != (len(c.values),):
+        raise ValueError(f"{name}: {labels[d]} has {len(c.values)} candidates, weights have "
+                         f"shape {jnp.shape(w)}")
+      values = tuple(range(len(c.values))) if c.named else tuple(c.values)
+      leaves[p] = Mixture(jnp.asarray(w), values)
+    return _build(structure, leaves)
+
   def to_vector(arch):
     cols = []
     for p, t in zip(paths, tables):
@@ -169,7 +201,7 @@ def declare(structure, name: str = "declared") -> Space:
 
   return Space(name=name, cardinalities=tuple(len(c.values) for c in choices),
                to_vector=to_vector, from_vector=from_vector, encode=encode, decode=decode,
-               active=active if conditional else None)
+               active=active if conditional else None, relax=relax)
 
 
 def to_python(arch):

@@ -33,7 +33,9 @@ Variants (``variant``):
 Spaces (``space``): ``"nb201"`` uses ``NB201SuperNet`` with ``alpha``
 ``float[6, 5]``; ``"darts"`` the DARTS search network (``DartsNetwork(cell=
 "mixed")``, ``cells`` cells in all) with ``alpha`` ``{"normal": float[14, 8],
-"reduce": float[14, 8]}``. Everything below treats ``alpha`` as a pytree.
+"reduce": float[14, 8]}``; a user's model (``model``, ``protocol.searchable``) its
+module on the relaxed architecture, ``alpha`` one ``float[K]`` per decision of its
+declared space. Everything below treats ``alpha`` as a pytree.
 
 Discretisation (``selection``):
 * ``"magnitude"`` (DARTS): the argmax op of every edge (NAS-Bench-201); per node
@@ -60,7 +62,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxnas.datasets import make_preprocess
-from jaxnas.models.protocol import SuperNet
+from jaxnas.models.protocol import SearchableModel, SuperNet
 from jaxnas.models.registry import BUILTINS, builtin, model_of
 from jaxnas.models.train import TrainConfig, TrainData
 from jaxnas.ops import Execution
@@ -74,13 +76,14 @@ _SELECT_SALT = 0x5E1EC7  # key stream of the perturbation selection, apart from 
 
 
 def supernet_of(space: str, channels: int, cells: int, num_classes: int,
-                remat: bool = False, execution: Execution = Execution()) -> SuperNet:
-  """The DARTS supernet of built-in space ``space`` (its model's ``supernet``)."""
-  model = model_of(TrainConfig(space=space, channels=channels, cells=cells,
-                               num_classes=num_classes, execution=execution))
+                remat: bool = False, execution: Execution = Execution(),
+                model: SearchableModel | None = None) -> SuperNet:
+  """The DARTS supernet of ``model`` (a user's ``protocol.searchable``), else of built-in
+  space ``space`` (its model's ``supernet``)."""
+  model = model or model_of(TrainConfig(space=space, channels=channels, cells=cells,
+                                        num_classes=num_classes, execution=execution))
   if model.supernet is None:
-    raise ValueError(f"the {space} space has no DARTS supernet; choose one of "
-                     f"{', '.join(SPACES)}")
+    raise ValueError(f"the {model.name} model has no DARTS supernet")
   return model.supernet(remat, execution)
 
 
@@ -115,6 +118,9 @@ class DartsConfig(NamedTuple):
   # The supernet's conv and pool implementations; "auto": the backend's defaults, and with
   # a mesh (data parallel) the conv "im2col" (``make_darts``).
   execution: Execution = Execution()
+  # A user's model (``protocol.searchable``) searched instead of the built-in ``space``;
+  # ``channels``, ``cells``, ``num_classes`` and ``execution`` are then its module's own.
+  model: SearchableModel | None = None
 
 
 @struct.dataclass
@@ -164,7 +170,7 @@ def check_config(c: DartsConfig) -> None:
     raise ValueError(f"unknown DARTS variant {c.variant!r}; choose one of {', '.join(VARIANTS)}")
   if c.order not in (1, 2):
     raise ValueError(f"DARTS order must be 1 or 2, got {c.order}")
-  if c.space not in SPACES:
+  if c.model is None and c.space not in SPACES:
     raise ValueError(f"unknown DARTS space {c.space!r}; choose one of {', '.join(SPACES)}")
   if c.variant == "gdas" and c.order != 1:
     raise ValueError("GDAS is first order (its architecture gradient is a straight-through "
@@ -177,7 +183,11 @@ def check_config(c: DartsConfig) -> None:
   if c.selection not in SELECTIONS:
     raise ValueError(f"unknown DARTS selection {c.selection!r}; choose one of "
                      f"{', '.join(SELECTIONS)}")
-  if c.selection not in builtin(c.space).darts_selections:
+  selections = ("magnitude",) if c.model is not None else builtin(c.space).darts_selections
+  if c.selection not in selections and c.model is not None:
+    raise ValueError(f"{c.selection} selection is implemented for the built-in spaces only; "
+                     f"use --darts_selection=magnitude with a user's model")
+  if c.selection not in selections:
     takers = [n for n, b in BUILTINS.items() if c.selection in b.darts_selections]
     raise ValueError(f"{c.selection} selection is implemented for the {' and '.join(takers)} "
                      f"space only; use --darts_selection=magnitude with --space={c.space}")
@@ -221,7 +231,11 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
   if mesh is not None and execution.conv in (None, "auto"):
     execution = execution._replace(conv="im2col")
   c = c._replace(execution=execution.resolve())  # what ``Darts.config`` records
-  supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat, c.execution)
+  supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat, c.execution,
+                         c.model)
+  if c.variant == "darts-" and supernet.skip is None:
+    raise ValueError("DARTS- adds a skip connection to every op choice, and this model has "
+                     "no skip op; use --darts_variant=darts or gdas")
   net = supernet.net
   total = c.epochs * c.steps_per_epoch
   w_tx = optax.chain(optax.clip_by_global_norm(c.w_grad_clip),
