@@ -29,7 +29,7 @@ from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.training import ProxySpec, search_split
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxnas.models.registry import builtin, model_of
+from jaxnas.models.registry import builtin, load_model, model_of
 from jaxnas.models.train import TrainConfig
 from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts, over_seeds
 
@@ -45,14 +45,15 @@ DARTS_SPACE_CELLS = builtin("darts").cells
 def build(config) -> tuple:
   """``(darts, data, dataset)`` of a SearchConfig with ``strategy="darts"``."""
   args = dict(config.evaluator_args)
+  model = load_model(config.model) if config.model else None
   # DARTS splits the training set in halves: weights on one, alphas on the other.
-  if builtin(config.space).cells:
+  if model is None and builtin(config.space).cells:
     args.setdefault("cells", builtin(config.space).cells)
   spec = ProxySpec(dataset=config.dataset, val_fraction=0.5, **args)
   ds, data = search_split(spec)
   n_train = int(data.train_labels.shape[0])
   kw = {DARTS_ARGS[k]: v for k, v in config.strategy_args}
-  dc = DartsConfig(space=config.space, epochs=max(1, math.ceil(spec.epochs)),
+  dc = DartsConfig(space=config.space, model=model, epochs=max(1, math.ceil(spec.epochs)),
                    steps_per_epoch=max(1, math.ceil(n_train / spec.batch_size)),
                    batch_size=spec.batch_size, channels=spec.channels, cells=spec.cells,
                    num_classes=ds.num_classes, w_lr=spec.learning_rate if "learning_rate" in args
@@ -189,7 +190,7 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
   magnitude = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
   finals = magnitude if selected is None else _unstack(selected[0], n)
   alphas = _unstack(_softmax(state.alpha), n)
-  table_of = model_of(TrainConfig(space=config.space)).table
+  table_of = (darts.config.model or model_of(TrainConfig(space=config.space))).table
   table = table_of() if table_of else None
   runs = []
   for i in range(n):
@@ -226,7 +227,8 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
       {"epochs": darts.config.epochs, "steps": darts.config.epochs *
        darts.config.steps_per_epoch, "max_hours": config.max_hours, "stopped_early": stopped},
       scores=SCORES,
-      darts={**darts.config._asdict(), "execution": darts.config.execution._asdict()})
+      darts={**darts.config._asdict(), "execution": darts.config.execution._asdict(),
+             "model": config.model or None})
 
 
 def _read_history(path):

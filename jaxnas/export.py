@@ -5,14 +5,17 @@ parameters, loaded and run without the search machinery.
 
   network.json  the module's importable class (``module:qualname``) and its dataclass
                 fields, the architecture the specialised network is called with, the
-                input normalisation, and any metadata (e.g. the recorded test accuracy)
+                input normalisation, any metadata (e.g. the recorded test accuracy) and,
+                for a user's model named by an import spec (``--model``), that spec
   variables/    the specialised network's ``params`` and ``batch_stats`` (orbax)
 
 and ``load(directory)`` gives an ``Exported`` network: ``predict(images)`` on uint8
 NHWC images (normalised as in training) or ``apply(x)`` on normalised floats. Loading
 imports the module's class, so the user's model code (or jaxnas for the built-in
-networks) must be importable; a class that is not (defined in ``__main__`` of another
-process) is passed as ``load(directory, module=...)``.
+networks) must be importable; where the class or its fields cannot be rebuilt (a field
+that is a function, say), an export with a model spec rebuilds the network from
+``registry.load_model(spec)`` instead, and otherwise the module is passed as
+``load(directory, module=...)`` (e.g. a class defined in ``__main__`` of another process).
 """
 
 from __future__ import annotations
@@ -93,16 +96,33 @@ def describe(module: nn.Module) -> dict:
 
 
 def save(directory: str, module: nn.Module, arch, variables, *, image_shape, mean, std,
-         metadata: dict | None = None) -> str:
+         metadata: dict | None = None, model: str | None = None) -> str:
   """Writes the specialised ``module`` (called with ``arch``: Python numbers, or None for
   a module that fixes its architecture in its fields) and its trained ``variables`` to
-  ``directory``; returns its absolute path."""
+  ``directory``; returns its absolute path.
+
+  ``model``: the import spec of the user's ``SearchableModel`` the module is a network of
+  (``"package.module:ATTR"``), recorded with the architecture string
+  ``metadata["arch"]`` so that ``load`` can rebuild the network from it; the module's
+  description is then optional (None where its fields are not plain values).
+  """
   directory = os.path.abspath(directory)
-  record = {"format": FORMAT, "module": describe(module),
+  if model is not None and not isinstance((metadata or {}).get("arch"), str):
+    raise ExportError("an export with a model spec needs metadata['arch'], the "
+                      "architecture string the model's space decodes")
+  try:
+    description = describe(module)
+  except ExportError:
+    if model is None:
+      raise
+    description = None  # load rebuilds it from the model spec
+  record = {"format": FORMAT, "module": description,
             "arch": _jsonable(arch), "arch_kinds": _jsonable(_kinds(arch)),
             "image_shape": [int(d) for d in image_shape],
             "mean": [float(m) for m in np.ravel(mean)], "std": [float(s) for s in np.ravel(std)],
             "metadata": _jsonable(metadata or {})}
+  if model is not None:
+    record["model"] = model
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "variables"), jax.device_get(dict(variables)), force=True)
@@ -132,6 +152,30 @@ def _restore_kinds(arch, kinds):
     seq = [_restore_kinds(a, k) for a, k in zip(arch, kinds[1:])]
     return seq if kinds[0] == "list" else tuple(seq)
   return arch
+
+
+def _importable(description) -> bool:
+  """Whether a recorded module description rebuilds here (its class and fields import)."""
+  if description is None:
+    return False
+  try:
+    _import(description["class"])
+    _tuples(description["fields"])
+  except (ImportError, AttributeError, TypeError):
+    return False
+  return True
+
+
+def _network_of_model(record: dict) -> nn.Module:
+  """The specialised network of an export's recorded model spec and architecture string."""
+  from jaxnas.models.registry import load_model  # the models import flax nets: only here
+  spec = record["model"]
+  try:
+    model = load_model(spec)
+    return model.network(model.static(model.space.decode(record["metadata"]["arch"])))
+  except (ValueError, KeyError) as e:
+    raise ExportError(f"cannot rebuild the exported network of model {spec}: {e}; pass "
+                      "it as load(directory, module=...)") from None
 
 
 class Exported(NamedTuple):
@@ -174,13 +218,18 @@ def load(directory: str, module: nn.Module | type | None = None) -> Exported:
   if not isinstance(record, dict) or record.get("format") != FORMAT:
     raise ExportError(f"{path}: not a jaxnas export (format {record.get('format')!r})"
                       if isinstance(record, dict) else f"{path}: not a jaxnas export")
-  try:
-    fields = {k: _tuples(v) for k, v in record["module"]["fields"].items()}
-  except (ImportError, AttributeError, TypeError) as e:
-    raise ExportError(f"{path}: cannot rebuild the module's fields ({e})") from None
   if isinstance(module, nn.Module):
     net = module
+  elif module is None and record.get("model") and not _importable(record["module"]):
+    net = _network_of_model(record)
   else:
+    if record["module"] is None:
+      raise ExportError(f"{path} records no module class; pass it as load(directory, "
+                        "module=...)")
+    try:
+      fields = {k: _tuples(v) for k, v in record["module"]["fields"].items()}
+    except (ImportError, AttributeError, TypeError) as e:
+      raise ExportError(f"{path}: cannot rebuild the module's fields ({e})") from None
     cls = module
     if cls is None:
       try:

@@ -101,6 +101,9 @@ flags.DEFINE_float("train_fraction", None, "train, supernet: fraction of the sea
 flags.DEFINE_integer("bn_batches", None, "supernet: training batches whose average BatchNorm "
                      "statistics each scored cell gets (default 4; 0: the supernet's stale "
                      "running statistics).")
+flags.DEFINE_string("sampling", None, "supernet: which members each training step trains: "
+                    "uniform (one random member, SPOS; default) or sandwich (the largest, the "
+                    "smallest and a random one, BigNAS).")
 flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network training "
                    "(default 0.1).")
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
@@ -116,21 +119,28 @@ flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent co
                     "so a resumed or repeated run loads its compiled programs instead of "
                     "compiling them again (default: $JAX_COMPILATION_CACHE_DIR, else "
                     "~/.cache/jaxnas/xla; '' turns it off).")
-flags.DEFINE_enum("space", "nb201", ["nb201", "darts"], "Search space: nb201 (NAS-Bench-201 "
-                  "cells) or darts (DARTS normal + reduction cells; --strategy=darts, or "
-                  "random/evolution/local/reinforce/predictor/hyperband with --evaluator=train; "
-                  "--cells counts all "
-                  "cells of the network, default 5).")
+flags.DEFINE_enum("space", "nb201", ["nb201", "darts", "mbconv"], "Search space: nb201 "
+                  "(NAS-Bench-201 cells), darts (DARTS normal + reduction cells; "
+                  "--strategy=darts, or random/evolution/local/reinforce/predictor/hyperband "
+                  "with --evaluator=train; --cells counts all cells of the network, default 5) "
+                  "or mbconv (MobileNetV2-style stages of inverted-residual blocks: depth, "
+                  "width, kernel and expansion; --evaluator=train|zero_cost|supernet).")
+flags.DEFINE_string("model", None, "Your own searchable model instead of a built-in space: "
+                    "package.module:ATTR, ATTR a jaxnas.searchable(module, space) or a "
+                    "zero-argument function returning one (the working directory is "
+                    "importable). Searched with --evaluator=train|zero_cost|supernet, any "
+                    "strategy but darts; --mode=retrain retrains its --arch. Not with --space.")
 flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
-                    "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|'.")
+                    "'|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|...|', or of a "
+                    "--model's space ('width=8,depth=1,...').")
 _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
                 "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
                 "train_learning_rate": "learning_rate", "plan": "plan",
-                "bn_batches": "bn_batches", "augment": "augment"}
+                "bn_batches": "bn_batches", "sampling": "sampling", "augment": "augment"}
 
 
 # Flags a retrain reads; any other flag of this CLI given with --mode=retrain is refused.
-_RETRAIN_FLAGS = {"mode", "arch", "space", "dataset", "data_dir", "seed", "workdir", "epochs",
+_RETRAIN_FLAGS = {"mode", "arch", "space", "model", "dataset", "data_dir", "seed", "workdir", "epochs",
                   "checkpoint_every", "augment", "channels", "cells", "batch_size",
                   "train_learning_rate", "cpu_devices", "distributed", "compilation_cache"}
 _SEARCH_ONLY_FLAGS = tuple(sorted(f.name for f in FLAGS.get_key_flags_for_module(
@@ -159,7 +169,8 @@ def _parse(argv):
 
 def _summary(results: dict) -> str:
   c, s = results["config"], results["summary"]
-  lines = [f"{c['strategy']} on {c['evaluator']}/{c['dataset']}: budget {c['budget']}, "
+  model = f" (--model={c['model']})" if c.get("model") else ""
+  lines = [f"{c['strategy']} on {c['evaluator']}/{c['dataset']}{model}: budget {c['budget']}, "
            f"{len(results['runs'])} seeds"
            + (" (already finished; nothing recomputed)" if results.get("already_finished") else "")]
   if "test_accuracy_mean" in s:
@@ -241,6 +252,7 @@ def main(argv):
     return _retrain()
   if FLAGS.arch is not None:
     _fail("--arch applies only to --mode=retrain")
+  _check_model_flags()
   config = search_config()
   workdir = FLAGS.workdir or runner.default_workdir(config)
   try:
@@ -280,8 +292,8 @@ def search_config():
   """The ``runner.SearchConfig`` the parsed flags ask for (not yet validated)."""
   from jaxnas import runner
   evaluator = FLAGS.evaluator
-  if FLAGS.strategy in ("darts", "hyperband") and not FLAGS["evaluator"].present:
-    evaluator = "train"  # they only make sense with real training
+  if (FLAGS.strategy in ("darts", "hyperband") or FLAGS.model) and not FLAGS["evaluator"].present:
+    evaluator = "train"  # they only make sense with real training (no table has a --model)
   dataset = FLAGS.dataset or ("cifar10" if evaluator == "nb201" else "fashion_mnist")
   strategy_args = tuple(sorted((name, getattr(FLAGS, flag)) for flag, name in
                                _STRATEGY_FLAGS.items() if getattr(FLAGS, flag) is not None))
@@ -296,7 +308,15 @@ def search_config():
       checkpoint_every=checkpoint_every, strategy_args=strategy_args,
       evaluator_args=evaluator_args, max_hours=FLAGS.max_hours,
       objectives=tuple(FLAGS.objectives), prefilter=FLAGS.prefilter or "",
-      prefilter_factor=FLAGS.prefilter_factor, space=FLAGS.space)
+      prefilter_factor=FLAGS.prefilter_factor, space=FLAGS.space, model=FLAGS.model or "")
+
+
+def _check_model_flags() -> None:
+  """--model names the searched space, so --space may not also be given."""
+  if FLAGS.model is not None and FLAGS["space"].present:
+    _fail("--model and --space exclude each other: the searched space is the model's")
+  if FLAGS.model == "":
+    _fail("--model is empty; give package.module:ATTR")
 
 
 def default_compilation_cache() -> str:
@@ -341,6 +361,7 @@ def _retrain():
   for name in _SEARCH_ONLY_FLAGS:
     if FLAGS[name].present:
       _fail(f"--{name} does not apply to --mode=retrain")
+  _check_model_flags()
   if FLAGS["space"].present and FLAGS.arch is not None:
     try:
       SPACES[FLAGS.space]().decode(FLAGS.arch)

@@ -29,6 +29,7 @@ next rung and ends with the same results.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -80,28 +81,57 @@ def brackets(max_epochs: float, eta: int, rungs: int, num_brackets: int | None =
 ENUMERABLE = 1_000_000
 
 
-def novel_cells(space, seen: list, n: int, rng: np.random.Generator) -> list[list[int]]:
-  """``n`` distinct decision vectors, uniformly at random among those not in ``seen``.
+@functools.lru_cache(maxsize=8)
+def _network_ranks(space) -> np.ndarray:
+  """Ranks of the canonical vectors of a conditional space (one per distinct network),
+  ascending: those whose inactive decisions are already 0."""
+  ranks = jnp.arange(space.size)
+  canonical = jax.jit(jax.vmap(lambda i: space.rank(space.canonical(space.unrank(i)))))(ranks)
+  return np.nonzero(np.asarray(canonical) == np.arange(space.size))[0]
 
-  Small spaces (NAS-Bench-201: 15,625 cells) draw from the pool of unseen mixed-radix
-  ranks; large ones (the DARTS space) draw vectors and reject repeats. Ordered by rank
-  (lexicographically), so the order does not depend on how they were drawn.
+
+@functools.lru_cache(maxsize=8)
+def _large_space(space):
+  """``(networks, is_canonical)`` of a space too large to enumerate here: its number of
+  distinct networks (the box's size where it cannot be counted) and a host test of one
+  vector (None in an unconditional space, where every vector is)."""
+  if space.active is None:
+    return space.size, None
+  canonical = jax.jit(space.canonical)
+  return (space.num_networks() or space.size,
+          lambda v: tuple(np.asarray(canonical(np.asarray(v, np.int32))).tolist()) == v)
+
+
+def novel_cells(space, seen: list, n: int, rng: np.random.Generator) -> list[list[int]]:
+  """``n`` distinct networks, uniformly at random among those not in ``seen``, as canonical
+  decision vectors (``Space.canonical``: a conditional space's inactive decisions 0, so
+  two vectors are one network only if they are equal).
+
+  Small spaces (NAS-Bench-201: 15,625 cells) draw from the pool of unseen ranks of
+  canonical vectors; large ones (the DARTS space) draw vectors and reject repeats and,
+  in a conditional space, non-canonical vectors: each network has exactly one canonical
+  vector, so what is kept is uniform over networks. Ordered by rank (lexicographically),
+  so the order does not depend on how they were drawn.
   """
   cards = space.cardinalities
-  if space.size - len(seen) < n:
-    raise ValueError(f"the {space.name} space has {space.size - len(seen)} unseen cells left, "
+  known = {tuple(int(d) for d in v) for v in seen}
+  if space.size <= ENUMERABLE:
+    pool = np.arange(space.size) if space.active is None else _network_ranks(space)
+    networks, is_canonical = len(pool), None
+  else:
+    networks, is_canonical = _large_space(space)
+  if networks - len(known) < n:
+    raise ValueError(f"the {space.name} space has {networks - len(known)} unseen networks left, "
                      f"fewer than the {n} a bracket needs; lower --budget")
   if space.size <= ENUMERABLE:
-    taken = (np.ravel_multi_index(np.asarray(seen, np.int64).T, cards) if seen
+    taken = (np.ravel_multi_index(np.asarray(sorted(known), np.int64).T, cards) if known
              else np.zeros(0, np.int64))
-    pool = np.setdiff1d(np.arange(space.size), taken)
-    ranks = np.sort(rng.choice(pool, n, replace=False))
+    ranks = np.sort(rng.choice(np.setdiff1d(pool, taken), n, replace=False))
     return np.stack(np.unravel_index(ranks, cards), -1).tolist()
-  known = {tuple(v) for v in seen}
   out = []
   while len(out) < n:
     v = tuple(int(rng.integers(k)) for k in cards)
-    if v not in known:
+    if v not in known and (is_canonical is None or is_canonical(v)):
       known.add(v)
       out.append(list(v))
   return sorted(out)

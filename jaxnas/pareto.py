@@ -142,7 +142,8 @@ class TableFront:
 
 # Objectives a search can report a front over: (report key or "accuracy", sign).
 # Fronts are computed on maximised values, so costs are negated.
-OBJECTIVES = {"accuracy": 1.0, "params": -1.0, "flops": -1.0}
+# latency: ms of one image on the model's target device (``SearchableModel.latency``).
+OBJECTIVES = {"accuracy": 1.0, "params": -1.0, "flops": -1.0, "latency": -1.0}
 
 
 def cost_objectives(evaluator, names: tuple[str, ...]):

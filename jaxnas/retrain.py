@@ -22,7 +22,9 @@ Workdir layout:
   results.json  test accuracy, parameter count, FLOPs, the full config
 
 ``retrain(config, workdir, model=...)`` retrains an architecture of a user's
-searchable model (``models.protocol.searchable``) the same way.
+searchable model (``models.protocol.searchable``) the same way, as does
+``RetrainConfig(model="package.module:ATTR")`` (``--model``), whose export records that
+spec so that ``export.load`` can rebuild the network from it.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from absl import logging
 from jaxnas import export, host_loop
 from jaxnas.datasets import DATASETS, DatasetError, default_augment, load_dataset
 from jaxnas.estimators.training import check_fields
-from jaxnas.runner import cli_flag
+from jaxnas.runner import MODEL_FIXED_ARGS, cli_flag
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.models import TrainConfig, make_data
-from jaxnas.models.protocol import SearchableModel
-from jaxnas.models.registry import model_of
+from jaxnas.models.protocol import SearchableModel, check_head
+from jaxnas.models.registry import load_model, model_of
 from jaxnas.models.train import compiler_options, make_network, make_train_parts
 from jaxnas.spaces import SPACES
 
@@ -70,6 +72,9 @@ class RetrainConfig:
   # Training steps between checkpoints (0: one epoch). Where a run is cut does not change
   # its results, so a workdir is resumed under any value.
   checkpoint_every: int = 0
+  # A user's model, "package.module:ATTR" (``registry.load_model``; --model): ``arch`` is
+  # of its space. "": the built-in network of the space ``arch`` is written in.
+  model: str = ""
 
 
 def _identity(config: dict) -> dict:
@@ -81,7 +86,7 @@ def _identity(config: dict) -> dict:
 
 
 def default_workdir(c: RetrainConfig) -> str:
-  tag = hashlib.sha1(c.arch.encode()).hexdigest()[:10]
+  tag = hashlib.sha1((f"{c.model}|{c.arch}" if c.model else c.arch).encode()).hexdigest()[:10]
   return os.path.join("runs", f"retrain-{c.dataset}-{tag}-C{c.channels}-N{c.cells}"
                               f"-e{c.epochs:g}-s{c.seed}")
 
@@ -100,9 +105,22 @@ def space_of(arch: str):
   raise RetrainError(f"--arch is not an architecture of any built-in space ({'; '.join(errors)})")
 
 
+def model_of_retrain(c: RetrainConfig,
+                     model: SearchableModel | None = None) -> SearchableModel | None:
+  """``model``, else ``c.model`` imported (RetrainError where it names no model), else None
+  (the built-in network of ``c.arch``'s space)."""
+  if model is not None or not c.model:
+    return model
+  try:
+    return load_model(c.model)
+  except ValueError as e:
+    raise RetrainError(str(e)) from None
+
+
 def check(c: RetrainConfig, model: SearchableModel | None = None):
-  """``(space, arch)`` of a retrain config (of ``model``'s space when given), or
-  ``RetrainError`` saying what is wrong."""
+  """``(space, arch)`` of a retrain config (of ``model``'s space when given, else of
+  ``c.model``'s), or ``RetrainError`` saying what is wrong."""
+  model = model_of_retrain(c, model)
   space = space_of(c.arch) if model is None else model.space
   try:
     arch = space.decode(c.arch)
@@ -138,9 +156,10 @@ def _check_same(workdir: str, previous, c: RetrainConfig) -> None:
 
 def retrain(c: RetrainConfig, workdir: str | None = None,
             model: SearchableModel | None = None) -> dict:
-  """Trains ``c.arch`` (of ``model``, default the built-in network of its space) on the
-  full training set, tests it, exports it; returns results."""
+  """Trains ``c.arch`` (of ``model``, default ``c.model``'s or the built-in network of its
+  space) on the full training set, tests it, exports it; returns results."""
   space, arch = check(c, model)
+  model = model_of_retrain(c, model)
   workdir = os.path.abspath(workdir or default_workdir(c))
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path):
@@ -158,6 +177,11 @@ def retrain(c: RetrainConfig, workdir: str | None = None,
   if c.batch_size > len(ds.train_labels):
     raise RetrainError(f"--batch_size={c.batch_size} is more than the {len(ds.train_labels)} "
                        f"training images of {c.dataset}")
+  if model is not None:
+    try:
+      check_head(model, ds.train_images.shape[1:], ds.num_classes, c.dataset)
+    except ValueError as e:
+      raise RetrainError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   host_loop.write_json_atomic(config_path, dataclasses.asdict(c))
 
@@ -185,11 +209,16 @@ def retrain(c: RetrainConfig, workdir: str | None = None,
   arch_json = {"arch": space.encode(arch), "network": model.name, "channels": c.channels,
                "cells": c.cells, "num_classes": ds.num_classes, "in_channels": int(in_channels),
                "image_size": int(image), "params": int(params), "flops": int(flops)}
+  if config.model is not None:  # a user's model: its module fixes the network's size
+    del arch_json["channels"], arch_json["cells"]
+  if c.model:
+    arch_json["model"] = c.model
   host_loop.write_json_atomic(os.path.join(workdir, "arch.json"), arch_json)
   export.save(os.path.join(workdir, "export"), make_network(config, fixed),
               model.call_arch(fixed), out["variables"], image_shape=image_shape, mean=ds.mean,
               std=ds.std, metadata={"arch": arch_json["arch"], "dataset": c.dataset,
-                                    "test_accuracy": test_accuracy})
+                                    "test_accuracy": test_accuracy},
+              model=c.model or None)
   results = {"config": dataclasses.asdict(c), "arch": arch_json["arch"],
              "test_accuracy": test_accuracy,
              "params": int(params), "flops": int(flops), "steps": config.steps,
@@ -251,7 +280,11 @@ def _train(c: RetrainConfig, config: TrainConfig, fixed, arch, data, workdir: st
 
 
 def network_of(arch_json: dict):
-  """The specialised flax module described by a built-in network's ``arch.json``."""
+  """The specialised flax module described by a retrain's ``arch.json`` (a built-in
+  network, or a ``--model``'s, imported again)."""
+  if arch_json.get("model"):
+    model = load_model(arch_json["model"])
+    return model.network(model.static(model.space.decode(arch_json["arch"])))
   space = space_of(arch_json["arch"])
   config = TrainConfig(channels=arch_json["channels"], cells=arch_json["cells"],
                        num_classes=arch_json["num_classes"], op_impl="switch", space=space.name)
@@ -272,7 +305,12 @@ def config_from_flags(flags) -> RetrainConfig:
   """The ``RetrainConfig`` of parsed CLI flags (the architecture not yet checked: ``check``)."""
   if flags.arch is None:
     raise RetrainError("--mode=retrain needs --arch='|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' "
-                       "(NAS-Bench-201) or --arch=\"Genotype(normal=[...], ...)\" (DARTS)")
+                       "(NAS-Bench-201), --arch=\"Genotype(normal=[...], ...)\" (DARTS) or "
+                       "--arch='choice=value,...' (a --model's space)")
+  if flags.model:
+    for name in MODEL_FIXED_ARGS:
+      if getattr(flags, name) is not None:
+        raise RetrainError(f"--{name} does not apply to --model (its module fixes the network)")
   dataset = flags.dataset or "fashion_mnist"
   if dataset not in DATASETS:
     raise RetrainError(f"unknown dataset {dataset!r} for retrain; choose one of "
@@ -284,12 +322,15 @@ def config_from_flags(flags) -> RetrainConfig:
                                           ("batch_size", "batch_size"),
                                           ("learning_rate", "train_learning_rate"))
         if getattr(flags, f) is not None}
-  return RetrainConfig(arch=flags.arch, dataset=dataset, seed=flags.seed, **kw)
+  return RetrainConfig(arch=flags.arch, dataset=dataset, seed=flags.seed,
+                       model=flags.model or "", **kw)
 
 
 def summary(r: dict) -> str:
   done = " (already finished; nothing recomputed)" if r.get("already_finished") else ""
-  return (f"retrained {r['arch']} on {r['config']['dataset']}{done}\n"
+  model = r["config"].get("model")
+  return (f"retrained {r['arch']}{f' of --model={model}' if model else ''} on "
+          f"{r['config']['dataset']}{done}\n"
           f"  test accuracy {r['test_accuracy']:.2f} %, {r['params']:,} params, "
           f"{r['flops'] / 1e6:.1f} MFLOPs, {r['steps']} steps\n"
           f"  workdir: {r['workdir']} (results.json, arch.json, export/)")

@@ -36,6 +36,7 @@ from absl import logging
 from jaxnas import darts_runner, estimators, host_loop, multifidelity, pareto
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.datasets import DATASETS as _DATASETS
+from jaxnas.datasets import load_dataset
 from jaxnas.estimators import one_shot, zero_cost
 from jaxnas import results as results_lib
 from jaxnas.host_loop import write_json_atomic
@@ -43,7 +44,9 @@ from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
-from jaxnas.models.registry import BUILTINS, builtin
+from jaxnas.models.protocol import check_head
+from jaxnas.models.registry import BUILTINS, builtin, load_model
+from jaxnas.models.train import TrainConfig
 
 EVALUATORS = ("nb201", "train", "zero_cost", "supernet")
 # Evaluators that train or score networks on an image dataset (not the tabular benchmark).
@@ -54,6 +57,10 @@ HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = tuple(BUILTINS)
 DEFAULT_SPACE = "nb201"
+# Evaluators that score a user's model (--model): those that train or score its networks.
+MODEL_EVALUATORS = ("train", "zero_cost", "supernet")
+# Settings a user's model fixes in its own module (so --model refuses them).
+MODEL_FIXED_ARGS = ("channels", "cells")
 # Strategies that train DARTS-space populations (--space=darts --evaluator=train): all.
 DARTS_SPACE_STRATEGIES = tuple(STRATEGIES) + ("hyperband",)
 # Default checkpoint interval by evaluator: every generation when each one trains networks.
@@ -102,34 +109,78 @@ class SearchConfig:
   objectives: tuple = ("accuracy",)  # more than one: a Pareto front is saved (pareto.json)
   prefilter: str = ""  # a zero-cost proxy: keep the best 1/prefilter_factor of the proposals
   prefilter_factor: int = 4
-  space: str = "nb201"  # "darts": the DARTS cell space (--strategy=darts only, for now)
+  space: str = "nb201"  # a built-in space (``registry.BUILTINS``)
+  # A user's model, "package.module:ATTR" (``registry.load_model``): the searched space is
+  # the model's, so ``space`` stays at its default. "": the built-in model of ``space``.
+  model: str = ""
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["strategy_args"] = dict(self.strategy_args)
     d["evaluator_args"] = dict(self.evaluator_args)
     d["objectives"] = list(self.objectives)
+    if self.model:  # the space is the model's: recording the unused default would mislead
+      del d["space"]
+    else:  # records of built-in searches stay as they were before --model existed
+      del d["model"]
     return d
 
 
 def default_workdir(c: SearchConfig) -> str:
   args = "".join(f"-{k}{v}" for k, v in c.strategy_args + c.evaluator_args
                  if k not in ("data_dir", "plan"))
-  space = f"-{c.space}" if c.space != DEFAULT_SPACE else ""
+  space = (f"-{c.model.replace(':', '.')}" if c.model else
+           f"-{c.space}" if c.space != DEFAULT_SPACE else "")
   return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{space}{args}"
                               f"-b{c.budget}-n{c.num_seeds}-s{c.seed}")
 
 
+def search_model(c: SearchConfig):
+  """The user's ``SearchableModel`` of ``c`` (``c.model`` imported), or None for a built-in
+  space; UserError with one line where ``c.model`` names no model."""
+  if not c.model:
+    return None
+  try:
+    return load_model(c.model)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def _checked_model(c: SearchConfig):
+  """``search_model(c)``, checked against the dataset it is searched on (loaded here)."""
+  model = search_model(c)
+  if model is not None:
+    try:
+      ds = load_dataset(c.dataset, dict(c.evaluator_args).get("data_dir"))
+      check_head(model, ds.train_images.shape[1:], ds.num_classes, c.dataset)
+    except ValueError as e:  # DatasetError included
+      raise UserError(f"--model={c.model}: {e}") from None
+  return model
+
+
 def validate(c: SearchConfig) -> None:
   """Checks a config at the edge; raises UserError with one clear line."""
-  if c.space not in SPACES:
-    raise UserError(f"unknown space {c.space!r}; choose one of {', '.join(SPACES)}")
   if c.evaluator not in EVALUATORS:
     raise UserError(f"unknown evaluator {c.evaluator!r}; choose one of {', '.join(EVALUATORS)}")
-  scorers = builtin(c.space).evaluators  # DARTS trains its own supernet, whatever these are
-  if c.strategy != "darts" and c.evaluator not in scorers:
-    raise UserError(f"--space={c.space} is searched by --strategy=darts, or scored by "
-                    f"--evaluator={'|'.join(scorers)}; not by --evaluator={c.evaluator}")
+  if c.model:
+    if c.space != DEFAULT_SPACE:
+      raise UserError("--model and --space exclude each other: the searched space is the "
+                      "model's")
+    if c.evaluator not in MODEL_EVALUATORS:
+      raise UserError(f"--evaluator={c.evaluator} looks NAS-Bench-201 cells up in its table; "
+                      f"a --model is scored by --evaluator={'|'.join(MODEL_EVALUATORS)}")
+    for k, _ in c.evaluator_args:
+      if k in MODEL_FIXED_ARGS:
+        raise UserError(f"{cli_flag(k)} does not apply to --model (its module fixes the "
+                        "network)")
+    search_model(c)
+  else:
+    if c.space not in SPACES:
+      raise UserError(f"unknown space {c.space!r}; choose one of {', '.join(SPACES)}")
+    scorers = builtin(c.space).evaluators  # DARTS trains its own supernet, whatever these are
+    if c.strategy != "darts" and c.evaluator not in scorers:
+      raise UserError(f"--space={c.space} is searched by --strategy=darts, or scored by "
+                      f"--evaluator={'|'.join(scorers)}; not by --evaluator={c.evaluator}")
   if c.evaluator == "nb201" and c.dataset not in estimators.NB201_DATASETS:
     raise UserError(f"unknown dataset {c.dataset!r} for nb201; choose one of "
                     f"{', '.join(estimators.NB201_DATASETS)}")
@@ -161,8 +212,11 @@ def validate(c: SearchConfig) -> None:
   bad = [o for o in c.objectives if o not in pareto.OBJECTIVES]
   if bad or not c.objectives or c.objectives[0] != "accuracy" or len(set(c.objectives)) < len(
       c.objectives):
-    raise UserError(f"--objectives must be accuracy followed by any of params, flops "
+    raise UserError(f"--objectives must be accuracy followed by any of "
+                    f"{', '.join(o for o in pareto.OBJECTIVES if o != 'accuracy')} "
                     f"(e.g. accuracy,params), got {','.join(c.objectives)}")
+  if "latency" in c.objectives:
+    _validate_latency(c)
   if len(c.objectives) > 1 and c.strategy in HOST_STRATEGIES:
     raise UserError(f"--objectives with more than accuracy is not supported by {c.strategy}")
   if not (math.isfinite(c.max_hours) and c.max_hours >= 0):
@@ -188,7 +242,10 @@ def validate(c: SearchConfig) -> None:
       if not 0 <= v < epochs:
         raise UserError(f"--darts_warmup_epochs must be in [0, {epochs}) (--epochs), got {v}")
     elif k == "darts_selection":
-      if v not in builtin(c.space).darts_selections:
+      if c.model and v != "magnitude":
+        raise UserError(f"--darts_selection={v} is implemented for built-in spaces only; use "
+                        "--darts_selection=magnitude with --model")
+      if not c.model and v not in builtin(c.space).darts_selections:
         takers = [n for n in SPACES if v in builtin(n).darts_selections]
         raise UserError(f"--darts_selection={v} is implemented for the {' and '.join(takers)} "
                         f"space only; use --darts_selection=magnitude with --space={c.space}")
@@ -199,6 +256,24 @@ def validate(c: SearchConfig) -> None:
         math.isfinite(v) and v > 0):
       raise UserError(f"{flag} must be > 0 and finite, got {v}")
   _validate_proxy(c)
+
+
+# Evaluators whose ``report`` gives a model's latency (``SearchableModel.latency``).
+LATENCY_EVALUATORS = ("train", "zero_cost", "supernet")
+
+
+def _validate_latency(c: SearchConfig) -> None:
+  """``--objectives=...,latency`` needs a model with a latency model and an evaluator that
+  reports it."""
+  model = search_model(c) if c.model else builtin(c.space).model(TrainConfig(space=c.space))
+  searched = f"--model={c.model}" if c.model else f"--space={c.space}"
+  if model.latency is None:
+    raise UserError(f"--objectives={','.join(c.objectives)}: {searched} has no latency model "
+                    "(a built-in one: --space=mbconv; a user's: jaxnas.searchable(..., "
+                    "latency=...))")
+  if c.evaluator not in LATENCY_EVALUATORS:
+    raise UserError(f"--objectives={','.join(c.objectives)}: latency is reported by "
+                    f"--evaluator={'|'.join(LATENCY_EVALUATORS)}, not --evaluator={c.evaluator}")
 
 
 def _validate_proxy(c: SearchConfig) -> None:
@@ -228,20 +303,28 @@ def make_evaluator(c: SearchConfig, workdir: str | None = None):
   """The evaluator of ``c``; the supernet is trained (or resumed) under ``workdir/supernet``."""
   if c.evaluator == "nb201":
     return estimators.nb201_evaluator(c.dataset)
+  model = _checked_model(c)
   try:
     if c.evaluator == "train":
-      args = dict(c.evaluator_args)
-      if builtin(c.space).cells:
-        args.setdefault("cells", builtin(c.space).cells)
-      return train_evaluator(ProxySpec(dataset=c.dataset, space=c.space, **args))
+      return train_evaluator(_proxy_spec(c), model=model)
     if c.evaluator == "zero_cost":
-      return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args))
+      return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args),
+                                           model=model, space=c.space)
     if c.evaluator == "supernet":
       return one_shot.supernet_evaluator(
-          one_shot.SupernetConfig(dataset=c.dataset, **dict(c.evaluator_args)), workdir)
+          one_shot.SupernetConfig(dataset=c.dataset, space=c.space, **dict(c.evaluator_args)),
+          workdir, model=model)
   except ValueError as e:  # DatasetError included: missing or malformed data
     raise UserError(str(e)) from None
   raise UserError(f"unknown evaluator {c.evaluator!r}")
+
+
+def _proxy_spec(c: SearchConfig) -> ProxySpec:
+  """The training proxy of ``c`` (a built-in space's network depth by default)."""
+  args = dict(c.evaluator_args)
+  if not c.model and builtin(c.space).cells:
+    args.setdefault("cells", builtin(c.space).cells)
+  return ProxySpec(dataset=c.dataset, space=c.space, **args)
 
 
 def _prefilter_score(c: SearchConfig):
@@ -260,7 +343,8 @@ def _prefilter_score(c: SearchConfig):
   # time (still growing with the number of seeds beyond that).
   kw["chunk"] = max(1, PREFILTER_MEMBERS // c.num_seeds)
   try:
-    proxy = zero_cost.zero_cost_evaluator(proxy=c.prefilter, dataset=dataset, **kw)
+    proxy = zero_cost.zero_cost_evaluator(proxy=c.prefilter, dataset=dataset, **kw,
+                                          model=search_model(c), space=c.space)
   except ValueError as e:
     raise UserError(f"--prefilter: {e}") from None
   key = jax.random.PRNGKey(0)  # the default evaluator ignores it: scores are fixed per cell
@@ -521,17 +605,17 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
 
 def _hyperband_evaluators(config: SearchConfig):
   """The space and ``epochs -> Evaluator`` of a Hyperband search (data checked once, now)."""
-  args = dict(config.evaluator_args)
-  spec = ProxySpec(dataset=config.dataset, space=config.space, **args)
+  spec = _proxy_spec(config)
+  model = _checked_model(config)
   try:
-    first = train_evaluator(spec)
+    first = train_evaluator(spec, model=model)
   except ValueError as e:
     raise UserError(str(e)) from None
   cache = {spec.epochs: first}
 
   def at(epochs):
     if epochs not in cache:
-      cache[epochs] = train_evaluator(spec._replace(epochs=epochs))
+      cache[epochs] = train_evaluator(spec._replace(epochs=epochs), model=model)
     return cache[epochs]
 
   return first.space, at
@@ -561,7 +645,7 @@ def collect_front(search, config: SearchConfig, state) -> dict:
 
   def point(i, j):
     arch = space.from_vector(vectors[i, j])
-    values = {o: (round(float(v), 6) if o == "accuracy" else int(v))
+    values = {o: (int(v) if o in ("params", "flops") else round(float(v), 6))
               for o, v in zip(objectives, out["values"][i, j])}
     return {"arch": space.encode(arch), "seed": config.seed + i, **values}
 
@@ -590,10 +674,12 @@ def collect_front(search, config: SearchConfig, state) -> dict:
 def retrain_command(config: SearchConfig, arch: str) -> str:
   """The CLI line that retrains ``arch`` from scratch on the search's data and network size."""
   args = dict(config.evaluator_args)
-  if builtin(config.space).cells:
+  if not config.model and builtin(config.space).cells:
     args.setdefault("cells", builtin(config.space).cells)
-  parts = ["python -m jaxnas.main --mode=retrain", f"--arch={shlex.quote(arch)}",
-           f"--dataset={config.dataset}"]
+  parts = ["python -m jaxnas.main --mode=retrain"]
+  if config.model:
+    parts.append(f"--model={shlex.quote(config.model)}")
+  parts += [f"--arch={shlex.quote(arch)}", f"--dataset={config.dataset}"]
   for k in ("data_dir", "channels", "cells"):
     if k in args:
       parts.append(f"--{k}={args[k]}")

@@ -11,6 +11,8 @@ import pytest
 from jaxnas import multifidelity, runner
 from jaxnas.spaces import darts_space, nb201_space
 
+from byo_model import SPACE as BYO_SPACE  # conditional: kernel.1 exists only at depth 2
+
 
 @pytest.mark.parametrize("space", [nb201_space(), darts_space()], ids=lambda s: s.name)
 def test_novel_cells_are_distinct_valid_unseen_and_sorted(space):
@@ -29,8 +31,45 @@ def test_novel_cells_exhaust_a_small_space_and_then_refuse():
   everything = multifidelity.novel_cells(space, [], space.size, np.random.default_rng(1))
   ranks = np.asarray(jax.vmap(space.rank)(np.asarray(everything, np.int32)))
   np.testing.assert_array_equal(ranks, np.arange(space.size))  # all of them, in rank order
-  with pytest.raises(ValueError, match="unseen cells left"):
+  with pytest.raises(ValueError, match="unseen networks left"):
     multifidelity.novel_cells(space, everything[1:], 2, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("enumerate_pool", [True, False], ids=["pool", "rejection"])
+def test_novel_cells_of_a_conditional_space_are_distinct_networks(enumerate_pool, monkeypatch):
+  """A declared space with conditions: every drawn vector is canonical (inactive decisions
+  0), so distinct vectors are distinct networks, and all num_networks() of them (not the
+  box's size) are drawn before the space refuses; both the enumerated pool and the
+  rejection sampler of large spaces."""
+  if not enumerate_pool:
+    monkeypatch.setattr(multifidelity, "ENUMERABLE", 0)
+  space = BYO_SPACE
+  total = space.num_networks()
+  assert total < space.size  # 24 networks, 32 vectors
+  rng = np.random.default_rng(2)
+  first = multifidelity.novel_cells(space, [], 10, rng)
+  rest = multifidelity.novel_cells(space, first, total - 10, rng)
+  cells = first + rest
+  canonical = np.asarray(jax.vmap(space.canonical)(np.asarray(cells, np.int32)))
+  np.testing.assert_array_equal(canonical, cells)
+  assert len({tuple(v) for v in cells}) == total
+  strings = {space.encode(space.from_vector(np.asarray(v, np.int32))) for v in cells}
+  assert len(strings) == total
+  with pytest.raises(ValueError, match="0 unseen networks left"):
+    multifidelity.novel_cells(space, cells, 1, rng)
+
+
+@pytest.mark.parametrize("enumerate_pool", [True, False], ids=["pool", "rejection"])
+def test_novel_cells_are_uniform_over_networks(enumerate_pool, monkeypatch):
+  """Networks with an inactive decision are drawn no more often than the others (as
+  canonicalised uniform vectors would be: one block as often as two, though 8 of the 24
+  networks have one block)."""
+  if not enumerate_pool:
+    monkeypatch.setattr(multifidelity, "ENUMERABLE", 0)
+  rng = np.random.default_rng(0)
+  draws = [multifidelity.novel_cells(BYO_SPACE, [], 1, rng)[0] for _ in range(2400)]
+  shallow = np.mean([v[1] == 0 for v in draws])  # decision 1: depth (1, 2)
+  assert abs(shallow - 8 / 24) < 0.04, shallow
 
 
 class _Scorer:
@@ -110,3 +149,21 @@ def test_hyperband_scores_failed_trainings_zero_and_counts_them(tmp_path):
            for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
   assert lines[-1]["failed"] == total
   assert [x["failed"] for x in lines] == sorted(x["failed"] for x in lines)  # cumulative
+
+
+def test_hyperband_on_a_declared_space_reports_its_string_form(tmp_path):
+  """Hyperband over a user model's conditional space: distinct networks per bracket, and
+  each run's best_arch is the space's ``encode`` form, which ``decode`` (``--arch``) takes."""
+  space = BYO_SPACE
+  config = runner.SearchConfig(evaluator="train", dataset="fashion_mnist", strategy="hyperband",
+                               model="byo_model:MODEL", budget=12, num_seeds=2)
+  options = {"eta": 2, "rungs": 2, "max_epochs": 2.0}
+  results = multifidelity.run(config, str(tmp_path), lambda e: _Scorer(space, e), space, options)
+  assert results["config"]["model"] == "byo_model:MODEL" and "space" not in results["config"]
+  state = json.load(open(os.path.join(tmp_path, multifidelity.STATE_FILE)))
+  for run, seed_state in zip(results["runs"], state["seeds"]):
+    first_rungs = [tuple(h[0]) for h in seed_state["history"] if h[1] < 2.0]
+    assert len(set(first_rungs)) == len(first_rungs)
+    arch = space.decode(run["best_arch"])
+    assert space.encode(arch) == run["best_arch"]
+    assert list(np.asarray(space.to_vector(arch))) in [h[0] for h in seed_state["history"]]

@@ -13,9 +13,20 @@ from jaxnas import main as cli
 from jaxnas import retrain, runner
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
-from readme_commands import readme_commands  # noqa: E402
+from readme_commands import BYO_MODULE, byo_module_source, readme_commands  # noqa: E402
 
 COMMANDS = readme_commands()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def byo_module(tmp_path_factory):
+  """The README's example model as the importable module its ``--model`` commands name."""
+  directory = tmp_path_factory.mktemp("byo_module")
+  (directory / f"{BYO_MODULE}.py").write_text(byo_module_source())
+  sys.path.insert(0, str(directory))
+  yield
+  sys.path.remove(str(directory))
+  sys.modules.pop(BYO_MODULE, None)
 
 
 def test_the_readme_has_its_commands():

@@ -2,20 +2,28 @@
 
 Everything runs on a tiny network (C=4, 8x8 images, batch 8) and each program
 is compiled once per module at XLA optimisation level 0: compiling the whole
-proxy program dominates, running it takes well under a second.
+proxy program dominates, running it takes well under a second. The second half
+scores a user's ``jaxnas.searchable`` models (tests/byo_model.py, and ``TinyOps``
+here): NASWOT of a member is its specialised network's, degenerate members are
+the worst, and the evaluator runs in a jitted search.
 """
 
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxnas
 from jaxnas import datasets
+from jaxnas import nn as jnn
 from jaxnas.estimators import zero_cost as zc
 from jaxnas.models import nb201_net
+from jaxnas.spaces.declared import to_python
 
+from byo_model import MODEL, SPACE, SmallCNN
 from conftest import FAST_COMPILE, FASHION_MNIST_SUBSET, tiny_evaluator, tiny_space
 
 C, B, NUM_CLASSES = 4, 8, 10
@@ -165,7 +173,7 @@ def test_prefilter_keeps_the_best_distinct(jit):
 def test_evaluator_params_proxy_is_a_fixed_function_of_the_cell():
   """The cheap proxy exercises the evaluator's plumbing; real proxies are in the slow test."""
   ev = zc.zero_cost_evaluator("params", data_dir=FASHION_MNIST_SUBSET, batch_size=4, channels=C)
-  assert ev.jittable and ev.name == "zero_cost/params/fashion_mnist"
+  assert ev.jittable and ev.name == "zero_cost/params/fashion_mnist/nb201"
   archs = jnp.asarray(ARCHS)
   a = jax.jit(ev.evaluate)(jax.random.PRNGKey(0), archs)
   b = jax.jit(ev.evaluate)(jax.random.PRNGKey(1), archs)
@@ -201,3 +209,137 @@ def test_prefiltered_strategy_keeps_the_best_inner_proposals():
                                                          search.num_steps)
   assert int(final.num_duplicates) == 0 and int(final.archive.count) == 12
   assert float(final.best) == space.size - 1
+
+
+# ---------------------------------------------------------------- any searchable model
+
+# width, depth, kernel.0, kernel.1, pool. Members 2 and 3 are one network (kernel.1 is
+# inactive at depth 1), member 1 runs both blocks, members 0, 2, 4 skip the second.
+BYO = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 0, 1], [0, 0, 1, 1, 1], [0, 0, 1, 0, 1],
+                [1, 0, 0, 1, 0]], np.int32)
+
+
+class _ConvBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return jnn.BatchNorm()(jnn.ElasticConv(4, 3)(nn.relu(x)), train)
+
+
+class TinyOps(nn.Module):
+  """An elastic stem, then one op among a conv-BN block (a BN inside a candidate), skip
+  and zero (a member with nothing from its input)."""
+
+  @nn.compact
+  def __call__(self, x, arch, train=False):
+    w = arch["width"]
+    x = jnn.BatchNorm()(jnn.ElasticConv(4, 3)(x, width=w), train, width=w)
+    x = jnn.OpChoice([_ConvBN(), jnn.identity, jnn.zero])(x, arch["op"], train=train)
+    return nn.Dense(2)(jnp.mean(x, (1, 2)))
+
+
+OPS_SPACE = jaxnas.declare({"width": jaxnas.choice(2, 4),
+                            "op": jaxnas.choice("conv", "skip", "zero")}, name="tiny_ops")
+OPS_MODEL = jaxnas.searchable(TinyOps(), OPS_SPACE)
+OPS = np.array([[0, 0], [1, 0], [1, 1], [1, 2], [0, 2]], np.int32)  # width, op
+OPS_CONNECTED = np.array([True, True, True, False, False])
+
+
+def _rbg_init(model, x):
+  """The scorer's shared initialisation from ``PRNGKey(0)`` (``make_scorer``'s ``init``)."""
+  key = jax.random.PRNGKey(0)
+  rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  first = model.space.from_vector(jnp.zeros(model.space.num_decisions, jnp.int32))
+  return model.init(model.network(None), rbg, x[:1], first)
+
+
+def _scores(model, vectors, x, y):
+  archs = jax.vmap(model.space.from_vector)(vectors)
+  score = _compile(zc.make_scorer(model=model), archs, jax.random.PRNGKey(0), x, y)
+  return {k: np.asarray(v) for k, v in score(archs, jax.random.PRNGKey(0), x, y).items()}
+
+
+@pytest.fixture(scope="module")
+def byo_scores(batch):
+  x, y = batch
+  return _scores(MODEL, BYO, x, y % 2)
+
+
+def test_user_model_proxies_are_finite_canonical_and_costed(batch, byo_scores):
+  s = byo_scores
+  assert set(s) == set(zc.PROXIES)
+  for name, v in s.items():
+    chex.assert_shape(v, (len(BYO),))
+    assert np.all(np.isfinite(v)), name
+    assert v[2] == v[3], name  # one canonical form, one score (bit for bit)
+  assert len(np.unique(s["naswot"][[0, 1, 2, 4]])) == 4
+  # Params and FLOPs are the model's cost of each member.
+  params, flops = jax.vmap(lambda a: MODEL.cost(a, batch[0].shape[1:], 2))(
+      jax.vmap(SPACE.from_vector)(BYO))
+  np.testing.assert_array_equal(s["params"], np.asarray(params, np.float32))
+  np.testing.assert_array_equal(s["flops"], np.asarray(flops, np.float32))
+
+
+def _specialised_codes(model, module, variables, vector, x):
+  """NASWOT's kernel of the member's specialised network (Python ints), BN-output codes."""
+  arch = model.space.from_vector(vector)
+  v = model.specialise_variables(variables, model.static(arch), x)
+  return zc.naswot_kernel(module, v, to_python(arch), x, probe=zc.output_probe())
+
+
+@pytest.mark.parametrize("which", ["byo", "tiny_ops"])
+def test_naswot_of_a_member_is_its_specialised_networks(batch, which):
+  """The one-hot relaxation counts only the chosen network: a block past the depth
+  (byo members 0, 2, 4) or a conv-BN candidate not chosen (tiny_ops' skip) would add its
+  BN's units and codes; inactive channels of the elastic widths count for nothing."""
+  x, _ = batch
+  model, module, vectors = ((MODEL, SmallCNN(), BYO[[0, 1, 2, 4]]) if which == "byo"
+                            else (OPS_MODEL, TinyOps(), OPS[OPS_CONNECTED]))
+  variables = _rbg_init(model, x)
+  net = model.network(None)
+  relaxed = _compile(lambda a: zc.naswot_kernel(net, variables, a, x, model=model),
+                     model.space.from_vector(vectors[0]))
+  for vector in vectors:
+    kernel, units = relaxed(model.space.from_vector(vector))
+    want_kernel, want_units = _specialised_codes(model, module, variables, vector, x)
+    assert float(units) == float(want_units), vector
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(want_kernel), err_msg=vector)
+  if which == "tiny_ops":  # the skip member: the stem's 8 * 8 * 4 units, nothing of the conv
+    assert float(relaxed(OPS_SPACE.from_vector(OPS[2]))[1]) == 8 * 8 * 4
+
+
+def test_user_model_scores_use_its_specialised_codes_and_degenerate_members_are_worst(batch):
+  x, y = batch
+  y = y % 2
+  s = _scores(OPS_MODEL, OPS, x, y)
+  for name, v in s.items():
+    assert np.all(np.isfinite(v[OPS_CONNECTED])), name
+    assert np.all(v[~OPS_CONNECTED] == -np.inf), name  # output independent of the input
+  # The population's naswot is each member's specialised network's, same weights.
+  variables = _rbg_init(OPS_MODEL, x)
+  for p in np.nonzero(OPS_CONNECTED)[0]:
+    kernel, units = _specialised_codes(OPS_MODEL, TinyOps(), variables, OPS[p], x)
+    np.testing.assert_allclose(s["naswot"][p], np.linalg.slogdet(np.asarray(kernel,
+                                                                              np.float64))[1],
+                               rtol=1e-5)
+  # A model that neither probes nor relaxes has every proxy but naswot.
+  frozen = OPS_MODEL._replace(space=OPS_SPACE._replace(relax=None))
+  with pytest.raises(ValueError, match="naswot needs the ReLU inputs of model 'tiny_ops'"):
+    zc.make_scorer(("naswot",), model=frozen)
+  zc.make_scorer(("synflow", "params"), model=frozen)
+
+
+def test_user_model_evaluator_inside_a_jitted_search():
+  from jaxnas.search import make_search
+  from jaxnas.strategies import random_search
+  with pytest.raises(ValueError, match=r"logits of shape \(2,\) per 28x28x1 image, but fashion_mnist has 10"):
+    zc.zero_cost_evaluator("params", data_dir=FASHION_MNIST_SUBSET, batch_size=4, model=MODEL)
+  model = jaxnas.searchable(SmallCNN(classes=10), SPACE)
+  ev = zc.zero_cost_evaluator("naswot", data_dir=FASHION_MNIST_SUBSET, batch_size=4,
+                              model=model)
+  assert ev.jittable and ev.name == "zero_cost/naswot/fashion_mnist/byo" and ev.space is SPACE
+  search = make_search(random_search(SPACE, batch_size=2), ev, budget=4)
+  state = search.init(jax.random.PRNGKey(0))
+  run = _compile(lambda s: search.run_chunk(s, 0, search.num_steps), state)
+  final, _ = run(state)
+  assert int(final.archive.count) == 4 and int(final.num_failed) == 0
+  assert np.all(np.isfinite(np.asarray(final.archive.fitness)[:4]))

@@ -1,42 +1,57 @@
-"""One-shot weight sharing: a single-path supernet (SPOS) that scores NAS-Bench-201 cells.
+"""One-shot weight sharing: a single-path supernet (SPOS) that scores any searchable model.
 
 Single Path One-Shot (Guo et al., "Single Path One-Shot Neural Architecture
 Search with Uniform Sampling", ECCV 2020): one supernet holds the weights of
-every op of every edge; each training step samples one cell uniformly and
-trains only that path. A search then scores any cell with the weights it
-inherits from the supernet, after re-estimating the BatchNorm statistics of
-that path on a few training batches (their Sec. 3.3: the running statistics
-of a weight-sharing supernet belong to no single path).
+every member of a space; each training step samples one member and trains only
+its path. A search then scores any member with the weights it inherits from the
+supernet, after re-estimating the BatchNorm statistics of that path on a few
+training batches (their Sec. 3.3: the running statistics of a weight-sharing
+supernet belong to no single path).
 
-The supernet is ``NB201Network`` with the architecture as data: with
-``op_impl="switch"`` and an unbatched cell only the chosen ops run, so SPOS
-training is plain training of that network with a fresh cell every step.
+The supernet is a ``SearchableModel``'s arch-as-data network (``model.network(None)``):
+the built-in model of ``config.space`` (``registry.model_of``: NAS-Bench-201 by
+default) or a user's (``protocol.searchable``). Run one member at a time, its
+choice blocks compute only the chosen ops (NB201's ``op_impl="switch"``, ``lax.cond``
+depth), so SPOS training is plain training of that network with a fresh member
+every step.
 
-* ``make_spos(config, ...)`` gives ``init(key) -> SposState`` and
+* ``make_spos(config, ..., model=None)`` gives ``init(key) -> SposState`` and
   ``run_epoch(state, data) -> (state, metrics)``, pure and jittable
   (purejaxrl style). ``SposState`` is one pytree (params, BN statistics,
   optimizer state, key, step), so a checkpoint restores training bit-exactly.
-  Step ``t`` trains the cell ``space.sample(fold_in(k_arch, t))`` on minibatch
-  ``t mod E`` of epoch ``t div E``'s permutation (``E`` steps per epoch).
-  Parameters of the ops a step did not choose are left exactly as they are
-  (no weight decay, no momentum step), as PyTorch's SGD leaves parameters
-  without a gradient; the optimizer is ``models.make_optimizer``'s
-  (NAS-Bench-201's SGD recipe), its cosine schedule spanning all steps.
-* ``make_scorer(config, ...)`` gives the batched score of a population with
-  inherited weights: per cell, BN statistics recalibrated as the exact average
-  of the batch statistics of ``bn_batches`` fixed training batches (train-mode
-  forwards; PyTorch's ``momentum=None``), then accuracy (%) on the fixed
-  validation subset in eval mode. ``lax.map`` over cells on CPU (a real
-  conditional: each cell runs only its ops), ``vmap`` on accelerators
-  (``op_impl="kernel"``: one grouped conv per edge), as ``models.resolve_plan``.
-* ``supernet_evaluator(config, workdir)`` trains (or resumes, or loads) the
-  supernet, checkpointing to ``workdir/supernet`` after every epoch, and wraps
+  Step ``t`` trains on minibatch ``t mod E`` of epoch ``t div E``'s permutation
+  (``E`` steps per epoch) the members of ``config.sampling``: ``"uniform"`` (SPOS)
+  the member ``space.sample(fold_in(k_arch, t))``; ``"sandwich"`` (BigNAS, Yu et
+  al. 2020; the largest/smallest idea of Once-for-All's progressive shrinking, Cai
+  et al. 2020) the largest member, the smallest and that uniform one, their
+  gradients summed into one optimizer step (no in-place distillation).
+  Parameters that none of a step's members uses (that their specialised networks
+  do not have, ``model.specialise_variables``) are left exactly as they are (no
+  weight decay, no momentum step), as PyTorch's SGD leaves parameters without a
+  gradient; the optimizer is ``models.make_optimizer``'s (NAS-Bench-201's SGD
+  recipe), its cosine schedule spanning all steps.
+* ``make_scorer(config, ..., model=None)`` gives the batched score of a population
+  with inherited weights: per member (its canonical vector: two vectors of one
+  network score the same), BN statistics recalibrated as the exact average of the
+  batch statistics of ``bn_batches`` fixed training batches (train-mode forwards;
+  PyTorch's ``momentum=None``), then accuracy (%) on the fixed validation subset in
+  eval mode. ``lax.map`` over members on CPU (a real conditional: each runs only its
+  ops), ``vmap`` on accelerators (for NB201 ``op_impl="kernel"``: one grouped conv
+  per edge), as ``models.resolve_plan``.
+* ``supernet_evaluator(config, workdir, model=None)`` trains (or resumes, or loads)
+  the supernet, checkpointing to ``workdir/supernet`` after every epoch, and wraps
   the scorer in the ``Evaluator`` protocol: ``--evaluator=supernet``.
+
+"Largest" and "smallest" are the canonical vectors of every decision's last and
+first candidate: a space meant for sandwich sampling declares its candidates in
+increasing size (widths, kernels, depths; ``jaxnas.declare({"width": choice(4, 8)})``).
+NAS-Bench-201's ops have no such order (its "largest" is the all-pool cell, its
+smallest the empty one): use uniform sampling there.
 
 Data are the training evaluator's (``training.search_split``): the same fixed
 search-train/validation split and subsets, so supernet scores and stand-alone
 proxy training are measured on the same examples. A score is a fixed function
-of the cell (no key, no dependence on the rest of the population), like a
+of the network (no key, no dependence on the rest of the population), like a
 table lookup. One supernet serves all seeds of a search (``supernet_seed``).
 """
 
@@ -49,6 +64,7 @@ import os
 from typing import Any, Callable, NamedTuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,12 +76,14 @@ from jaxnas.checkpoint import Checkpointer
 from jaxnas.datasets import default_augment, make_preprocess
 from jaxnas.estimators.base import Evaluator
 from jaxnas.estimators.training import ProxySpec, search_split, validate_spec
-from jaxnas.models import TrainConfig, TrainData, cost, make_optimizer, resolve_plan
-from jaxnas.models.nb201_net import CONV1, CONV3, NB201Network
+from jaxnas.models import TrainConfig, TrainData, make_optimizer, resolve_plan
+from jaxnas.models.protocol import SearchableModel, check_head, cost_report
+from jaxnas.models.registry import BUILTINS, model_of
 from jaxnas.ops import Execution
-from jaxnas.spaces import nb201_space
+from jaxnas.spaces.base import Space
 
 SUPERNET_PLANS = ("auto", "map", "vmap")
+SAMPLINGS = ("uniform", "sandwich")
 _EVAL_BATCH = 500
 # ``init`` runs once per process, and XLA's optimising passes made its compile 7x
 # longer (19 s vs 2.9 s, C=4 N=1 on the 2-core CPU): it is always compiled without them.
@@ -73,20 +91,26 @@ _INIT_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 
 
 class SupernetConfig(NamedTuple):
-  """The supernet and how it scores cells (the CLI's proxy flags where they mean the same).
+  """The supernet and how it scores members (the CLI's proxy flags where they mean the same).
 
   epochs: SPOS training passes over the proxy training subset (fractions allowed).
+  space: the built-in model (``registry.BUILTINS``) trained when no ``model`` is given.
   bn_batches: training batches (of ``batch_size``) whose exact average batch
-    statistics replace every scored cell's BN statistics; 0 scores with the
+    statistics replace every scored member's BN statistics; 0 scores with the
     supernet's running statistics (stale: a baseline, not recommended).
   supernet_seed: the supernet's initialisation and path/minibatch sampling.
+  sampling: the members each training step trains, one of ``SAMPLINGS``: "uniform"
+    (SPOS: one uniformly random member) or "sandwich" (BigNAS: the largest, the
+    smallest and one uniformly random member; see the module docstring).
   execution: the conv and pool implementations (``jaxnas.ops.Execution``; "auto": the
     backend's defaults).
-  Other fields as ``training.ProxySpec``.
+  Other fields as ``training.ProxySpec``; ``channels`` and ``cells`` shape the built-in
+  models only (a user's module fixes its network).
   """
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
   epochs: float = 5.0
+  space: str = "nb201"
   channels: int = 16
   cells: int = 1
   batch_size: int = 128
@@ -98,6 +122,7 @@ class SupernetConfig(NamedTuple):
   split_seed: int = 0
   bn_batches: int = 4
   supernet_seed: int = 0
+  sampling: str = "uniform"
   plan: str = "auto"
   execution: Execution = Execution()
 
@@ -123,6 +148,12 @@ def validate_config(config: SupernetConfig, flag=str) -> SupernetConfig:
   if config.plan not in SUPERNET_PLANS:
     raise ValueError(f"{flag('plan')} {config.plan!r} does not apply to the supernet evaluator; "
                      f"choose one of {', '.join(SUPERNET_PLANS)}")
+  if config.sampling not in SAMPLINGS:
+    raise ValueError(f"{flag('sampling')} {config.sampling!r} is not a supernet sampling rule; "
+                     f"choose one of {', '.join(SAMPLINGS)}")
+  if config.space not in BUILTINS:
+    raise ValueError(f"{flag('space')} {config.space!r} is not a built-in space; choose one of "
+                     f"{', '.join(BUILTINS)}")
   return config
 
 
@@ -145,41 +176,167 @@ class Spos(NamedTuple):
   """SPOS training as pure functions (``make_spos``)."""
   init: Callable[[jax.Array], SposState]
   run_epoch: Callable[[SposState, TrainData], tuple[SposState, dict]]
-  network: NB201Network
+  network: nn.Module
+  model: SearchableModel
   steps_per_epoch: int
   total_steps: int
   num_epochs: int
 
 
-def train_config(config: SupernetConfig, num_classes: int, num_train: int) -> TrainConfig:
-  """The ``TrainConfig`` of SPOS training: ``steps`` is the whole run (the cosine schedule's span)."""
+def train_config(config: SupernetConfig, num_classes: int, num_train: int,
+                 model: SearchableModel | None = None) -> TrainConfig:
+  """The ``TrainConfig`` of SPOS training: ``steps`` is the whole run (the cosine schedule's
+  span); one member at a time (plan "map", NB201's ``switch`` ops)."""
   steps_per_epoch = max(1, num_train // config.batch_size)
   steps = max(1, math.ceil(config.epochs * steps_per_epoch))
   augment = default_augment(config.dataset, config.augment)
   return TrainConfig(steps=steps, batch_size=config.batch_size,
                      learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                      channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     augment=augment, plan="map", op_impl="switch", execution=config.execution)
+                     augment=augment, plan="map", op_impl="switch", space=config.space,
+                     model=model, execution=config.execution)
 
 
-def path_mask(params, arch):
-  """Per parameter leaf: a bool scalar, whether the single path ``arch`` uses it.
+def supernet_model(config: SupernetConfig, num_classes: int, op_impl: str = "switch",
+                   model: SearchableModel | None = None) -> SearchableModel:
+  """``model``, or the built-in model of ``config.space`` built with ``op_impl`` (how its
+  op choices compute: "switch" to run one member, ``resolve_plan``'s per scoring plan)."""
+  return model_of(TrainConfig(channels=config.channels, cells=config.cells,
+                              num_classes=num_classes, op_impl=op_impl, space=config.space,
+                              model=model, execution=config.execution))
 
-  Only the conv ops of cell edges are optional (``edge<e>/nor_conv_1x1`` and
-  ``nor_conv_3x3``, kernel and BN); the stem, reductions and classifier are on
-  every path.
+
+def extremes(space: Space) -> tuple[jax.Array, jax.Array]:
+  """``(largest, smallest)``: the canonical vectors of every decision's last and first
+  candidate (candidates declared in increasing size; module docstring)."""
+  cards = np.asarray(space.cardinalities, np.int32)
+  return (space.canonical(jnp.asarray(cards - 1)),
+          space.canonical(jnp.zeros(len(cards), jnp.int32)))
+
+
+def _leaf_keys(tree) -> list[tuple[str, ...]]:
+  """The path of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
+  leaves = jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(tree))[0]
+  return [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in leaves]
+
+
+class Uses(NamedTuple):
+  """Which ``params`` leaves (``jax.tree.leaves`` order) a member of a space uses.
+
+  ``used(vector) -> bool[L]``: host, for one canonical vector (a tuple), cached.
+  ``rules``: per leaf ``True`` (every member uses it), ``(d, values)`` (exactly the
+  members whose decision ``d`` is in ``values``), or ``None`` (neither: ``used`` decides).
   """
-  ops = {"nor_conv_1x1": CONV1, "nor_conv_3x3": CONV3}
+  used: Callable[[tuple], np.ndarray]
+  rules: tuple
 
-  def used(path, leaf):
-    del leaf
-    names = [getattr(k, "key", None) for k in path]
-    for edge, op in zip(names, names[1:]):
-      if isinstance(edge, str) and edge.startswith("edge") and edge[4:].isdigit() and op in ops:
-        return arch[int(edge[4:])] == ops[op]
-    return jnp.asarray(True)
+  @property
+  def unruled(self) -> list[int]:
+    """The leaves without a rule."""
+    return [j for j, r in enumerate(self.rules) if r is None]
 
-  return jax.tree_util.tree_map_with_path(used, params)
+  def host(self, members) -> np.ndarray:
+    """``bool[..., L']`` for ``members`` (``int32[..., K, D]``): whether any of the ``K``
+    uses each leaf without a rule (host; a ``pure_callback``)."""
+    m = np.asarray(members, np.int32)
+    out = [np.any([self.used(tuple(int(d) for d in v)) for v in step], axis=0)[self.unruled]
+           for step in m.reshape((-1,) + m.shape[-2:])]
+    return np.stack(out).reshape(m.shape[:-2] + (len(self.unruled),))
+
+  def mask(self, vectors, host=None) -> list:
+    """Per leaf, a bool scalar: whether any of ``vectors`` (``int32[D]`` each, traced)
+    uses it; ``host``: ``bool[L']`` for the leaves without a rule (in order)."""
+    out, h = [], 0
+    for rule in self.rules:
+      if rule is True:
+        out.append(jnp.asarray(True))
+      elif rule is None:
+        out.append(host[h])
+        h += 1
+      else:
+        d, values = rule
+        out.append(functools.reduce(jnp.logical_or, [v[d] == c for v in vectors
+                                                     for c in values]))
+    return out
+
+
+def make_uses(model: SearchableModel, variables, images, num_random: int = 4) -> Uses:
+  """Which parameters each member of ``model.space`` uses (``Uses``).
+
+  A member uses exactly the leaves its specialised network has
+  (``model.specialise_variables``: unchosen ops and blocks absent), the parameters
+  exporting it would keep; an elastic leaf it uses in part counts whole, as a PyTorch
+  tensor sliced by the forward pass gets a gradient (zeros outside the slice).
+  ``variables`` and ``images`` give the shapes (arrays or ``ShapeDtypeStruct``).
+
+  The rules come from probing a few members: the largest with every decision ``d`` whose
+  ``d + 1`` has bit ``k`` set changed to candidate ``c`` (for every ``k`` and ``c``: a
+  group test that tells which one decision a leaf's use depends on, in ``log2(D)`` times
+  the most candidates probes), the smallest and ``num_random`` random ones. A leaf whose use by all of them is "always"
+  or "decision d takes one of these values" gets that rule (NAS-Bench-201's conv ops,
+  the blocks of an elastic depth), computed in the program; any other is looked up
+  per member on the host (``used``; slow where specialising a network is). ValueError
+  where the specialised variables are not cut out at the elastic ones' paths.
+  """
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+  images = jax.ShapeDtypeStruct(tuple(images.shape), images.dtype)
+  keys = _leaf_keys(shapes["params"])
+  index = {k: i for i, k in enumerate(keys)}
+  space = model.space
+
+  @functools.lru_cache(maxsize=None)
+  def used(vector: tuple[int, ...]) -> np.ndarray:
+    # Host work, also when called while a program is traced or from its callback.
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
+      arch = jax.tree.map(np.asarray, space.from_vector(np.asarray(vector, np.int32)))
+      static = model.static(arch)
+    kept = jax.eval_shape(lambda v: model.specialise_variables(v, static, images), shapes)
+    out = np.zeros(len(keys), bool)
+    for k in _leaf_keys(flax.core.unfreeze(kept).get("params", {})):
+      if k not in index:
+        raise ValueError(f"model {model.name}: its specialised network has {'/'.join(k)}, which "
+                         "the arch-as-data network has not (SPOS needs specialise_variables to "
+                         "cut the variables out at the same paths)")
+      out[index[k]] = True
+    return out
+
+  cards = np.asarray(space.cardinalities, np.int32)
+  decisions = np.arange(len(cards))
+  largest = cards - 1
+  candidates = [largest, np.zeros_like(cards)] + list(
+      (np.random.default_rng(0).random((num_random, len(cards))) * cards).astype(np.int32))
+  for k in range(int(len(cards)).bit_length()):
+    for c in range(int(cards.max()) - 1):
+      chosen = ((decisions + 1) >> k) & 1 == 1
+      candidates.append(np.where(chosen & (c < cards - 1), c, largest))
+  with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
+    canonical = np.asarray(jax.jit(jax.vmap(space.canonical))(np.stack(candidates)), np.int32)
+  vectors = np.unique(canonical, axis=0)
+  uses = np.stack([used(tuple(int(x) for x in v)) for v in vectors])  # [probes, L]
+
+  def rule(u):
+    if u.all():
+      return True
+    for d in range(len(cards)):
+      values = tuple(sorted({int(x) for x in vectors[u, d]}))
+      if values and np.array_equal(np.isin(vectors[:, d], values), u):
+        return d, values
+    return None
+
+  rules = tuple(rule(uses[:, j]) for j in range(len(keys)))
+  unruled = [keys[j] for j, r in enumerate(rules) if r is None]
+  if unruled:
+    logging.warning("SPOS of %s: whether a member uses %d parameter arrays (%s, ...) depends on "
+                    "more than one decision; each member's is looked up on the host",
+                    model.name, len(unruled), "/".join(unruled[0]))
+  return Uses(used, rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _uses(model: SearchableModel, image_shape: tuple, treedef, leaves: tuple) -> Uses:
+  variables = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*x) for x in leaves])
+  return make_uses(model, variables, jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32))
 
 
 def _select_opt_state(ok, mask, new, old, param_def):
@@ -196,39 +353,62 @@ def _select_opt_state(ok, mask, new, old, param_def):
 
 
 def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, ...],
-              num_train: int) -> Spos:
-  """SPOS training of the NB201 supernet (Guo et al. 2020) as ``init``/``run_epoch``.
+              num_train: int, model: SearchableModel | None = None) -> Spos:
+  """SPOS training (Guo et al. 2020) of ``model``'s supernet as ``init``/``run_epoch``.
 
+  ``model``: a ``SearchableModel``; None: the built-in model of ``config.space``.
   ``image_shape`` is ``(H, W, C)`` and ``num_train`` the size of the training
   data ``run_epoch`` will get. ``run_epoch`` always scans ``steps_per_epoch``
   steps (one compiled program); steps past ``total_steps`` (a fractional last
   epoch) leave the state unchanged. Metrics per step: ``loss`` and
-  ``accuracy`` of the sampled path on its minibatch, ``live`` and ``ok``
+  ``accuracy`` of the uniformly sampled member on its minibatch, ``live`` and ``ok``
   (False: the loss or gradient was not finite and the step was skipped).
   """
   validate_config(config)
-  tc = train_config(config, num_classes, num_train)
-  net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl="switch", bn_momentum=tc.bn_momentum, execution=config.execution)
+  tc = train_config(config, num_classes, num_train, model)
+  model = supernet_model(config, num_classes, tc.op_impl, model)
+  net = model.network(None)
   tx = make_optimizer(tc)
-  space = nb201_space()
+  space = model.space
   bs, total = config.batch_size, tc.steps
   spe = max(1, num_train // bs)
   shape = tuple(int(d) for d in image_shape)
+  with jax.ensure_compile_time_eval():
+    largest, smallest = (np.asarray(v) for v in extremes(space))
+  # Trained together each step: (largest, smallest) and the uniformly sampled member.
+  fixed = (np.stack([largest, smallest]) if config.sampling == "sandwich" else
+           np.zeros((0, space.num_decisions), np.int32))
+
+  def uses_of(state: SposState) -> Uses:
+    """The supernet's ``Uses`` (when ``run_epoch`` is traced; probed once per process)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    leaves, treedef = jax.tree.flatten(variables)
+    return _uses(model, shape, treedef, tuple((x.shape, x.dtype) for x in leaves))
 
   def init(key):
     k_init, k_train = jax.random.split(key)
-    variables = net.init(k_init, jnp.zeros((1,) + shape, jnp.float32),
-                         jnp.zeros(6, jnp.int32), train=False)
+    arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
+    # flax's own init (what ``protocol.searchable`` models' ``init`` is); the built-in
+    # models' ``init`` draws other values, which would change every NB201 supernet.
+    variables = net.init(k_init, jnp.zeros((1,) + shape, jnp.float32), arch, train=False)
     params = variables["params"]
-    return SposState(params=params, batch_stats=variables["batch_stats"],
+    return SposState(params=params, batch_stats=variables.get("batch_stats", {}),
                      opt_state=tx.init(params), key=k_train, step=jnp.asarray(0, jnp.int32))
 
-  def loss_fn(params, stats, x, y, arch):
+  def member_loss(params, stats, x, y, arch):
     logits, new = net.apply({"params": params, "batch_stats": stats}, x, arch, train=True,
                             mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (logits, new["batch_stats"])
+    return loss, logits, new.get("batch_stats", {})
+
+  def loss_fn(params, stats, x, y, vectors):
+    # Members in order (sandwich: largest, smallest, random), each seeing the BN
+    # statistics the previous left; the gradient of the sum is the sum of theirs.
+    losses = []
+    for v in vectors:
+      loss, logits, stats = member_loss(params, stats, x, y, space.from_vector(v))
+      losses.append(loss)
+    return sum(losses[1:], losses[0]), (losses[-1], logits, stats)
 
   def run_epoch(state: SposState, data: TrainData):
     if data.train_labels.shape[0] != num_train:
@@ -239,21 +419,31 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
     # run_epoch starts at an epoch boundary: one permutation serves the whole scan.
     perm = jax.random.permutation(jax.random.fold_in(k_perm, state.step // spe), num_train)
     param_def = jax.tree.structure(state.params)
+    # Step state.step + i (the i-th of this scan, when live) trains these members.
+    sampled = jax.vmap(lambda t: space.sample_vector(jax.random.fold_in(k_arch, t)))(
+        state.step + jnp.arange(spe, dtype=jnp.int32))
+    members = jnp.concatenate([jnp.broadcast_to(jnp.asarray(fixed, jnp.int32),
+                                                (spe,) + fixed.shape), sampled[:, None]], 1)
+    uses = uses_of(state)
+    host = None
+    if uses.unruled:  # leaves that no one-decision rule covers: the host's answer, per epoch
+      host = jax.pure_callback(uses.host, jax.ShapeDtypeStruct((spe, len(uses.unruled)), bool),
+                               members, vmap_method="expand_dims")
 
     def live(s: SposState, i):
-      arch = space.sample(jax.random.fold_in(k_arch, s.step))
+      vectors = [members[i, k] for k in range(members.shape[1])]
       idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
       x = preprocess(jax.random.fold_in(k_aug, s.step), data.train_images[idx])
       y = data.train_labels[idx]
-      (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          s.params, s.batch_stats, x, y, arch)
+      (summed, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          s.params, s.batch_stats, x, y, vectors)
       updates, opt_state = tx.update(grads, s.opt_state, s.params)
       params = optax.apply_updates(s.params, updates)
-      ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-      mask = path_mask(s.params, arch)
+      ok = jnp.isfinite(summed) & jnp.isfinite(optax.tree.norm(grads))
+      mask = jax.tree.unflatten(param_def, uses.mask(vectors, None if host is None else host[i]))
       params = jax.tree.map(lambda m, a, b: jnp.where(ok & m, a, b), mask, params, s.params)
       opt_state = _select_opt_state(ok, mask, opt_state, s.opt_state, param_def)
-      # Only the path's BN layers ran (switch), the others pass their statistics through.
+      # Only the members' BN layers ran (switch, cond), the others pass their statistics through.
       stats = jax.tree.map(lambda a, b: jnp.where(ok, a, b), stats, s.batch_stats)
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
       new = s.replace(params=params, batch_stats=stats, opt_state=opt_state, step=s.step + 1)
@@ -270,7 +460,7 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
 
     return jax.lax.scan(body, state, jnp.arange(spe))
 
-  return Spos(init=init, run_epoch=run_epoch, network=net, steps_per_epoch=spe,
+  return Spos(init=init, run_epoch=run_epoch, network=net, model=model, steps_per_epoch=spe,
               total_steps=total, num_epochs=-(-total // spe))
 
 
@@ -278,7 +468,7 @@ def calibration_batches(config: SupernetConfig, data: TrainData) -> jax.Array:
   """The fixed BN-recalibration batches: ``uint8[bn_batches, batch_size, H, W, C]``.
 
   The first ``bn_batches * batch_size`` examples of a fixed permutation (from
-  ``split_seed``) of the proxy training subset; the same for every cell.
+  ``split_seed``) of the proxy training subset; the same for every member.
   """
   n, need = int(data.train_labels.shape[0]), config.bn_batches * config.batch_size
   if need > n:
@@ -289,19 +479,32 @@ def calibration_batches(config: SupernetConfig, data: TrainData) -> jax.Array:
   return images.reshape((config.bn_batches, config.batch_size) + images.shape[1:])
 
 
-def make_recalibrate(config: SupernetConfig, num_classes: int, op_impl: str = "switch"):
-  """``recalibrate(params, batch_stats, arch, calib, data) -> batch_stats`` of one cell.
+def _bn_momentum_zero(next_fun, args, kwargs, context):
+  """A flax method interceptor: every module with a float ``momentum`` field (the BN
+  layers: ``nn.BatchNorm``, ``jaxnas.nn.BatchNorm``, ``ops.BatchNorm``) runs its methods
+  with momentum 0, so a train-mode forward leaves exactly the batch's statistics."""
+  module = context.module
+  momentum = vars(module).get("momentum")  # vars: no flax __getattr__ (it may run setup)
+  if not isinstance(momentum, float) or momentum == 0.0:
+    return next_fun(*args, **kwargs)
+  object.__setattr__(module, "momentum", 0.0)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__setattr__(module, "momentum", momentum)
 
-  Every BN layer on the cell's path gets the exact average over the
-  ``calib`` batches (``calibration_batches``) of its train-mode batch mean and
-  (biased) variance: PyTorch's cumulative ``momentum=None`` re-estimation, as
-  SPOS does. The statistics of ops off the path are returned as given. With
-  ``bn_batches == 0`` the statistics are returned unchanged.
+
+def recalibration(net: nn.Module, bn_batches: int):
+  """``recalibrate(params, batch_stats, arch, calib, data) -> batch_stats`` of ``net``
+  (an arch-as-data or a specialised network; ``arch`` its architecture argument).
+
+  Every BN layer that runs for ``arch`` gets the exact average over the ``calib``
+  batches (``calibration_batches``) of its train-mode batch mean and (biased)
+  variance: PyTorch's cumulative ``momentum=None`` re-estimation, as SPOS does (each
+  forward runs with BN momentum 0, whatever the network's). The statistics of layers
+  off the path are returned as given. With ``bn_batches == 0`` the statistics are
+  returned unchanged.
   """
-  # Momentum 0: a train-mode forward leaves exactly this batch's statistics in batch_stats.
-  net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl=op_impl, bn_momentum=0.0, execution=config.execution)
-  bn_batches = config.bn_batches
 
   def recalibrate(params, stats, arch, calib, data: TrainData):
     if not bn_batches:
@@ -309,9 +512,10 @@ def make_recalibrate(config: SupernetConfig, num_classes: int, op_impl: str = "s
     preprocess = make_preprocess(data.mean, data.std, augment=False)
 
     def add_batch(total, images):
-      _, new = net.apply({"params": params, "batch_stats": stats}, preprocess(None, images),
-                         arch, train=True, mutable=["batch_stats"])
-      return jax.tree.map(jnp.add, total, new["batch_stats"]), None
+      with nn.intercept_methods(_bn_momentum_zero):
+        _, new = net.apply({"params": params, "batch_stats": stats}, preprocess(None, images),
+                           arch, train=True, mutable=["batch_stats"])
+      return jax.tree.map(jnp.add, total, new.get("batch_stats", {})), None
 
     total, _ = jax.lax.scan(add_batch, jax.tree.map(jnp.zeros_like, stats), calib)
     return jax.tree.map(lambda s: s / bn_batches, total)
@@ -319,95 +523,118 @@ def make_recalibrate(config: SupernetConfig, num_classes: int, op_impl: str = "s
   return recalibrate
 
 
-def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto"):
+def make_recalibrate(config: SupernetConfig, num_classes: int, op_impl: str = "switch",
+                     model: SearchableModel | None = None):
+  """``recalibration`` of the supernet of ``model`` (None: the built-in model of
+  ``config.space`` with ``op_impl``): ``recalibrate(params, batch_stats, arch, calib,
+  data) -> batch_stats`` of one member."""
+  net = supernet_model(config, num_classes, op_impl, model).network(None)
+  return recalibration(net, config.bn_batches)
+
+
+def accuracy(net: nn.Module, variables, arch, data: TrainData) -> jax.Array:
+  """Eval-mode accuracy (%) of ``net`` (arch ``arch``) on ``data``'s validation part,
+  in batches of at most ``_EVAL_BATCH``."""
+  preprocess = make_preprocess(data.mean, data.std, augment=False)
+  n_val = data.val_labels.shape[0]
+  ebs = min(_EVAL_BATCH, n_val)
+  nb = -(-n_val // ebs)
+  pad = nb * ebs - n_val
+  vx = jnp.pad(data.val_images, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+      (nb, ebs) + data.val_images.shape[1:])
+  vy = jnp.pad(data.val_labels, (0, pad), constant_values=-1).reshape(nb, ebs)
+
+  def correct(xy):
+    logits = net.apply(variables, preprocess(None, xy[0]), arch, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == xy[1])
+
+  return 100.0 * jnp.sum(jax.lax.map(correct, (vx, vy))) / n_val
+
+
+def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto",
+                model: SearchableModel | None = None):
   """``score(variables, archs, calib, data) -> float32[P]``: inherited-weight accuracy (%).
 
-  ``variables`` are the supernet's ``{"params", "batch_stats"}``, ``archs``
-  ``int32[P, 6]``, ``calib`` the ``calibration_batches`` and ``data`` the
-  ``TrainData`` whose validation part is scored. Per cell: BN statistics from
-  ``make_recalibrate``, then eval-mode accuracy. Pure; everything is an
-  argument (jit it). ``plan``: "map" (``lax.map``, ``switch``), "vmap"
-  (``kernel`` ops) or "auto": ``config.plan``, by backend if that is "auto"
-  (``models.resolve_plan``).
+  ``variables`` are the supernet's ``{"params", "batch_stats"}``, ``archs`` a
+  population of the space's architectures (leading axis ``P``), ``calib`` the
+  ``calibration_batches`` and ``data`` the ``TrainData`` whose validation part is
+  scored. Per member, its canonical vector (``space.to_vector``/``canonical``/
+  ``from_vector``: a network's score whatever its inactive decisions): BN statistics
+  from ``recalibration``, then eval-mode accuracy. Pure; everything is an argument
+  (jit it). ``model``: None is the built-in model of ``config.space``. ``plan``:
+  "map" (``lax.map``; NB201's ``switch`` ops), "vmap" (NB201's ``kernel`` ops) or
+  "auto": ``config.plan``, by backend if that is "auto" (``models.resolve_plan``).
   """
   validate_config(config)
   resolved = resolve_plan(TrainConfig(plan=config.plan if plan == "auto" else plan))
   if resolved.plan not in ("map", "vmap"):
     raise ValueError(f"plan {resolved.plan!r} does not apply to the supernet scorer")
-  recalibrate = make_recalibrate(config, num_classes, resolved.op_impl)
-  net = NB201Network(channels=config.channels, cells=config.cells, num_classes=num_classes,
-                     op_impl=resolved.op_impl, execution=config.execution)
+  model = supernet_model(config, num_classes, resolved.op_impl, model)
+  net, space = model.network(None), model.space
+  recalibrate = recalibration(net, config.bn_batches)
 
-  def score_one(params, stats, arch, calib, data: TrainData):
+  def score_one(params, stats, vector, calib, data: TrainData):
+    arch = space.from_vector(vector)
     stats = recalibrate(params, stats, arch, calib, data)
-    preprocess = make_preprocess(data.mean, data.std, augment=False)
-    n_val = data.val_labels.shape[0]
-    ebs = min(_EVAL_BATCH, n_val)
-    nb = -(-n_val // ebs)
-    pad = nb * ebs - n_val
-    vx = jnp.pad(data.val_images, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(
-        (nb, ebs) + data.val_images.shape[1:])
-    vy = jnp.pad(data.val_labels, (0, pad), constant_values=-1).reshape(nb, ebs)
-
-    def correct(xy):
-      logits = net.apply({"params": params, "batch_stats": stats}, preprocess(None, xy[0]),
-                         arch, train=False)
-      return jnp.sum(jnp.argmax(logits, -1) == xy[1])
-
-    return 100.0 * jnp.sum(jax.lax.map(correct, (vx, vy))) / n_val
+    return accuracy(net, {"params": params, "batch_stats": stats}, arch, data)
 
   def score(variables, archs, calib, data: TrainData):
-    params, stats = variables["params"], variables["batch_stats"]
-    archs = jnp.asarray(archs, jnp.int32)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    vectors = jax.vmap(lambda a: space.canonical(space.to_vector(a)))(archs)
     if resolved.plan == "vmap":
-      return jax.vmap(score_one, in_axes=(None, None, 0, None, None))(params, stats, archs,
+      return jax.vmap(score_one, in_axes=(None, None, 0, None, None))(params, stats, vectors,
                                                                         calib, data)
-    return jax.lax.map(lambda a: score_one(params, stats, a, calib, data), archs)
+    return jax.lax.map(lambda v: score_one(params, stats, v, calib, data), vectors)
 
   return score
 
 
 @functools.lru_cache(maxsize=16)
 def _programs(config: SupernetConfig, num_classes: int, image_shape: tuple, num_train: int,
-              compiler_options: tuple):
+              compiler_options: tuple, model: SearchableModel | None = None):
   """Jitted SPOS and scoring programs, cached so that in-process reruns compile once
   (``config.execution`` resolved by the callers, so the key names the programs' convs)."""
   options = dict(compiler_options) or None
-  spos = make_spos(config, num_classes, image_shape, num_train)
+  spos = make_spos(config, num_classes, image_shape, num_train, model)
   return (spos, jax.jit(spos.init, compiler_options=_INIT_COMPILE),
           jax.jit(spos.run_epoch, compiler_options=options),
-          jax.jit(make_scorer(config, num_classes), compiler_options=options))
+          jax.jit(make_scorer(config, num_classes, model=model), compiler_options=options))
 
 
 def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
-                   workdir: str | None = None, compiler_options: dict | None = None) -> SposState:
-  """Trains the SPOS supernet epoch by epoch; returns its final state.
+                   workdir: str | None = None, compiler_options: dict | None = None,
+                   model: SearchableModel | None = None) -> SposState:
+  """Trains the SPOS supernet of ``model`` (None: the built-in model of ``config.space``)
+  epoch by epoch; returns its final state.
 
   With a ``workdir`` every epoch is checkpointed to ``workdir/supernet`` (and
   logged to ``workdir/supernet_metrics.jsonl``); a rerun resumes from the
   newest verified checkpoint, so it ends with the same state as an
   uninterrupted run, and a finished supernet is only loaded. A workdir holding
-  a supernet trained with other settings is refused
+  a supernet trained with other settings or of another model is refused
   (``workdir/supernet_config.json``; ``bn_batches`` and ``plan`` only affect
   scoring and may differ).
   """
-  return _train_supernet(config, data, num_classes, workdir, compiler_options)[0]
+  return _train_supernet(config, data, num_classes, workdir, compiler_options, model)[0]
 
 
 def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
-                    workdir: str | None, compiler_options: dict | None):
+                    workdir: str | None, compiler_options: dict | None,
+                    model: SearchableModel | None = None):
   """``train_supernet`` plus its training wall time (seconds, over every run of ``workdir``)."""
   config = config._replace(execution=config.execution.resolve())
   num_train = int(data.train_labels.shape[0])
   spos, init, run_epoch, _ = _programs(config, num_classes, tuple(data.train_images.shape[1:]),
-                                       num_train, tuple(sorted((compiler_options or {}).items())))
+                                       num_train, tuple(sorted((compiler_options or {}).items())),
+                                       model)
   state = init(jax.random.PRNGKey(config.supernet_seed))
   ckpt = log_path = None
   epoch, elapsed = 0, 0.0
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     # Scoring settings (bn_batches, plan) do not change the supernet: a workdir serves them all.
-    described = {"config": trained_by(config), "num_classes": num_classes, "num_train": num_train}
+    described = {"config": trained_by(config), "model": spos.model.name,
+                 "num_classes": num_classes, "num_train": num_train}
     config_path = os.path.join(workdir, "supernet_config.json")
     if os.path.exists(config_path):
       with open(config_path) as f:
@@ -448,37 +675,41 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
 
 
 def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str | None = None,
+                       model: SearchableModel | None = None,
                        compiler_options: dict | None = None) -> Evaluator:
-  """Scores NAS-Bench-201 cells with weights inherited from a SPOS supernet (validation %, higher is better).
+  """Scores ``model``'s architectures with weights inherited from its SPOS supernet
+  (validation %, higher is better).
 
-  Trains the supernet first (``train_supernet``: resumed from / saved to
-  ``workdir/supernet`` when ``workdir`` is given). ``evaluate(key, archs)``
-  ignores ``key``: a cell's score is fixed (BN recalibrated on fixed batches,
-  fixed validation subset), whatever the population. ``report`` gives the
-  stand-alone network's exact params and FLOPs, as ``train_evaluator``.
-  ``compiler_options`` go to XLA (tests compile at low optimisation).
-  Not jittable: scoring is its own compiled program, with the supernet's
-  weights passed as arguments.
+  ``model``: a ``SearchableModel`` (``protocol.searchable``); None: the built-in model
+  of ``config.space`` (NAS-Bench-201 cells by default). Trains the supernet first
+  (``train_supernet``: resumed from / saved to ``workdir/supernet`` when ``workdir`` is
+  given). ``evaluate(key, archs)`` ignores ``key``: a member's score is fixed (BN
+  recalibrated on fixed batches, fixed validation subset), whatever the population.
+  ``report`` gives the specialised network's params and FLOPs (``model.cost``), as
+  ``train_evaluator``. ``compiler_options`` go to XLA (tests compile at low
+  optimisation). Not jittable: scoring is its own compiled program, with the
+  supernet's weights passed as arguments.
   """
   validate_config(config)
   config = config._replace(execution=config.execution.resolve())
   ds, data = search_split(proxy_spec(config))
-  calib = calibration_batches(config, data)
-  state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options)
+  image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
+  num_train = int(data.train_labels.shape[0])
   options = tuple(sorted((compiler_options or {}).items()))
-  *_, score = _programs(config, ds.num_classes, tuple(data.train_images.shape[1:]),
-                        int(data.train_labels.shape[0]), options)
+  spos, *_, score = _programs(config, ds.num_classes, image_shape, num_train, options, model)
+  check_head(spos.model, image_shape, ds.num_classes, config.dataset)
+  calib = calibration_batches(config, data)
+  state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options,
+                                   model)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  image, in_channels = ds.train_images.shape[1], ds.train_images.shape[3]
+  model = spos.model
 
   def evaluate(key, archs):
-    del key  # a cell's score is a fixed function of the cell
-    return score(variables, jnp.asarray(archs, jnp.int32), calib, data)
+    del key  # a member's score is a fixed function of its network
+    return score(variables, archs, calib, data)
 
   def report(archs):
-    params, flops = jax.vmap(lambda a: cost(a, config.channels, config.cells, ds.num_classes,
-                                            in_channels, image))(archs)
-    return {"params": params, "flops": flops}
+    return cost_report(model, archs, image_shape, ds.num_classes)
 
-  return Evaluator(name=f"supernet/{config.dataset}", space=nb201_space(), evaluate=evaluate,
-                   report=report, jittable=False, setup_s=train_s)
+  return Evaluator(name=f"supernet/{config.dataset}/{model.name}", space=model.space,
+                   evaluate=evaluate, report=report, jittable=False, setup_s=train_s)

@@ -27,7 +27,7 @@ from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
 from jaxnas.models import (PLANS, TrainConfig, make_data, resolve_plan,
                            train_population_metrics)
-from jaxnas.models.protocol import SearchableModel
+from jaxnas.models.protocol import SearchableModel, check_head, cost_report
 from jaxnas.models.registry import model_of
 from jaxnas.models.sharded import population_mesh, train_population_sharded
 
@@ -126,7 +126,8 @@ def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None
   ``archs`` (the space's architecture pytree with a leading population axis) as one
   population and returns validation accuracy in percent, NaN for a candidate whose
   training diverged (the search records it as failed). ``report`` gives the
-  specialised network's parameter count and FLOPs (``SearchableModel.cost``), so
+  specialised network's parameter count and FLOPs (``SearchableModel.cost``), and its
+  latency in ms where the model has a latency model (``SearchableModel.latency``), so
   results.json carries the cost of every chosen architecture.
   """
   ds, data = search_split(spec)
@@ -134,6 +135,7 @@ def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None
   config = config._replace(model=model)
   model = model_of(config)
   image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
+  check_head(model, image_shape, ds.num_classes, spec.dataset)
 
   # Sharded over all devices (of all processes) when there is more than one;
   # the per-member results are the same as on one device (tests/test_sharding.py).
@@ -148,8 +150,7 @@ def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None
     return 100.0 * metrics["val_accuracy"]
 
   def report(archs):
-    params, flops = jax.vmap(lambda a: model.cost(a, image_shape, ds.num_classes))(archs)
-    return {"params": params, "flops": flops}
+    return cost_report(model, archs, image_shape, ds.num_classes)
 
-  return Evaluator(name=f"train/{spec.dataset}/{model.name}", space=model.space, evaluate=evaluate, report=report,
-                   jittable=False)
+  return Evaluator(name=f"train/{spec.dataset}/{model.name}", space=model.space,
+                   evaluate=evaluate, report=report, jittable=False)

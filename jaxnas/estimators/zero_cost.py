@@ -1,10 +1,12 @@
-"""Zero-cost proxies: score NAS-Bench-201 cells at initialisation, a population per call.
+"""Zero-cost proxies: score untrained networks of any searchable model, a population per call.
 
 A zero-cost proxy ranks untrained networks from one minibatch (or none), so a
-search can look at thousands of cells for the price of a few trainings. This
-module computes them for a whole population ``int32[P, 6]`` in one ``vmap``
-over the arch-as-data ``NB201Network`` (``op_impl="onehot"`` by default: it
-vmaps without batched kernels, see ``make_scorer``):
+search can look at thousands of architectures for the price of a few trainings.
+This module computes them for a whole population in one ``vmap`` over the
+arch-as-data network of a ``SearchableModel`` (``jaxnas.models.protocol``):
+NAS-Bench-201's by default (``model=None``: ``op_impl="onehot"``, which vmaps
+without batched kernels, see ``make_scorer``), or any other, a user's
+``jaxnas.searchable`` model included:
 
 * ``naswot`` (Mellor et al. 2021, "Neural Architecture Search without
   Training", v2): ``log|det K|`` of the kernel ``K[i, j] = N_A - hamming(c_i,
@@ -25,24 +27,48 @@ vmaps without batched kernels, see ``make_scorer``):
 * ``jacov`` (Mellor et al. 2021 v1, Abdelfattah et al.'s ``jacob_cov``):
   ``-sum(log(v + k) + 1 / (v + k))``, ``k = 1e-5``, over the eigenvalues ``v``
   of the correlation matrix of the per-image input gradients of ``sum(logits)``.
-* ``params`` and ``flops``: the specialised network's size (``models.cost``),
+* ``params`` and ``flops``: the specialised network's size (``model.cost``),
   the baselines every proxy must beat (White et al. 2022, "A Deeper Look at
   Zero-Cost Proxies").
 
-Higher is better for every proxy. A cell with no path from its input to its
-output (all ``none`` on every route, e.g. the all-``none`` cell) computes a
-constant, so every proxy would be degenerate there (``log 0``, ``0/0``):
-those cells score ``WORST = -inf`` in every proxy, as does any non-finite
-value, so a degenerate member can never come out NaN or above a real one.
-``zero_cost_evaluator`` hands the search a finite floor instead (``floor``):
-the search loop would count ``-inf`` as a failed evaluation and record it as
-0, which is above every ``jacov`` score.
+Where NASWOT looks (its activation codes) is the model's: ``model.relu_probe``
+records the input of every ReLU the member uses (NAS-Bench-201's: before each
+conv op its cell chose, in the reduction blocks, after the last BN). A model
+without one (a ``searchable`` model) gets ``output_probe``: the member runs as
+the one-hot relaxation of its architecture (``space.relax``: every choice a
+``Mixture`` whose chosen candidate has weight 1, which computes exactly that
+member), and the codes are taken at the output of every BatchNorm
+(``jaxnas.nn``'s, ``jaxnas.ops``' or flax's): the ReLU inputs of conv-BN-ReLU
+networks, Mellor et al.'s hooks. Each code kernel is weighted by ``jaxnas.nn.gate()``,
+so a candidate the member did not choose and a block past its depth count for
+nothing, and its units are those nonzero on some image of the batch (the inactive
+channels of an elastic width are exact zeros on every image: not units of this
+member). NASWOT of a member is then that of its specialised network with the same
+convention. Relaxing (rather than running the int32 arrays) also keeps every
+candidate an ordinary call that an interceptor can see, not a ``lax.switch`` or
+``nn.cond`` branch whose tracers it could not hand out. The other proxies see the
+same network (outputs and gradients equal in either form).
+
+Higher is better for every proxy. A member whose output does not depend on its
+input (the all-``none`` NB201 cell, or any cell with no path from input to output;
+a ``searchable`` model's member whose only route is a ``zero`` op) computes a
+constant, so every proxy would be degenerate there (``log 0``, ``0/0``): those
+members score ``WORST = -inf`` in every proxy, as does any non-finite value, so a
+degenerate member can never come out NaN or above a real one. Which members are
+degenerate is ``model.connected`` (NB201: a path of non-``none`` edges) or, where
+a model has none, those whose input gradient of the cross-entropy loss (training
+mode, one backward pass shared with grad_norm/snip, and run for this alone where only
+synflow, params or flops are asked for) is exactly zero.
+``zero_cost_evaluator`` hands the search a finite floor instead (``floor``): the
+search loop would count ``-inf`` as a failed evaluation and record it as 0, which
+is above every ``jacov`` score.
 
 Conventions shared by the proxies: parameters come from one ``init`` per call
 (``shared_init=True``): members differ only in their ops, not in their random
 weights (common random numbers, less noise in the ranking); proxies that use
 weights count conv kernels and the classifier matrix only (not BN, not biases),
-as the reference implementations do.
+as the reference implementations do. Architectures are canonicalised first
+(``space.canonical``), so two vectors of one network score identically.
 """
 
 from __future__ import annotations
@@ -55,16 +81,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnas import nn as jnn
+from jaxnas import ops
 from jaxnas.estimators.base import Evaluator
-from jaxnas.models import nb201_net
-from jaxnas.ops import BatchNorm, Execution
-from jaxnas.spaces import Space, nb201_space
+from jaxnas.models import registry
+from jaxnas.models.protocol import SearchableModel, check_head, cost_report
+from jaxnas.models.train import TrainConfig
+from jaxnas.ops import Execution
+from jaxnas.spaces import Space
 
 PROXIES = ("naswot", "synflow", "grad_norm", "snip", "jacov", "params", "flops")
 WORST = -jnp.inf
+# The modules whose outputs ``output_probe`` takes NASWOT's codes at (outermost only:
+# ``jaxnas.ops.BatchNorm`` wraps a flax one).
+BATCH_NORMS = (jnn.BatchNorm, ops.BatchNorm, nn.BatchNorm)
 _SHARED_PASS = ("naswot", "grad_norm", "snip", "jacov")  # one forward pass serves all four
 _SYNFLOW_PROBE = 64  # first synflow pass runs at input scale 2**-64 (see _log_synflow)
 _HI = jax.lax.Precision.HIGHEST
+
+# NAS-Bench-201's cell connectivity (``model.connected`` of the registry's model).
+is_connected = registry.nb201_connected
 
 
 def check_proxies(proxies: Sequence[str]) -> tuple[str, ...]:
@@ -76,15 +112,24 @@ def check_proxies(proxies: Sequence[str]) -> tuple[str, ...]:
   return proxies
 
 
-def is_connected(arch) -> jax.Array:
-  """Whether an NB201 cell has a path of non-``none`` edges from node 0 to node 3 (jittable).
+def _flax_init(net, key, images, arch):
+  return net.init(key, images, arch, train=False)
 
-  Edges are in ``spaces.nb201.EDGES`` order: 1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2.
-  """
-  on = jnp.asarray(arch) != nb201_net.NONE
-  r1 = on[..., 0]
-  r2 = on[..., 1] | (r1 & on[..., 2])
-  return on[..., 3] | (r1 & on[..., 4]) | (r2 & on[..., 5])
+
+@functools.lru_cache(maxsize=32)
+def default_model(channels: int = 16, cells: int = 1, num_classes: int = 10,
+                op_impl: str = "onehot", execution: Execution = Execution(),
+                space: str = "nb201") -> SearchableModel:
+  """What ``model=None`` scores: the registry's model of built-in ``space`` with these
+  fields (``registry.model_of(TrainConfig(...))``), its weights drawn by flax's own
+  ``init`` (the draws every NB201 zero-cost score has been computed with)."""
+  config = TrainConfig(space=space, channels=channels, cells=cells, num_classes=num_classes,
+                       op_impl=op_impl, execution=execution)
+  return registry.model_of(config)._replace(init=_flax_init)
+
+
+def _nb201_of(net) -> SearchableModel:
+  return default_model(net.channels, net.cells, net.num_classes, net.op_impl, net.execution)
 
 
 def _is_weight(path) -> bool:
@@ -96,52 +141,109 @@ def _weights(tree) -> list:
   return [x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _is_weight(p)]
 
 
-def _code_kernel(x) -> jax.Array:
+def _code_kernel(x, active=None) -> jax.Array:
   """``K[i, j] = #units where codes i and j agree`` for the ReLU input ``x`` (batch first).
 
   ``c c^T + (1 - c)(1 - c)^T = D - |c_i| - |c_j| + 2 c_i . c_j`` with one
-  matmul; the counts are integers below 2**24, exact in float32.
+  matmul; the counts are integers below 2**24, exact in float32. ``active``
+  (bool, ``x.shape[1:]``) restricts the units to those it marks, where ``x``
+  is zero on every image elsewhere (so ``c`` is 0 there): ``D = sum(active)``.
   """
   c = jax.lax.stop_gradient(x > 0).reshape(x.shape[0], -1).astype(jnp.float32)
   s = c.sum(1)
-  return c.shape[1] - s[:, None] - s[None, :] + 2.0 * jnp.dot(c, c.T, precision=_HI)
+  d = c.shape[1] if active is None else jnp.sum(active, dtype=jnp.float32)
+  return d - s[:, None] - s[None, :] + 2.0 * jnp.dot(c, c.T, precision=_HI)
 
 
-def _collect_relu_codes(kernels: list, units: list):
-  """A flax method interceptor adding each ReLU's code kernel to ``kernels`` (trace-local lists).
+def _recorder(kernels: list, units: list) -> Callable:
+  """The ``record(x, weight=None, active=None)`` a ``relu_probe`` calls: adds the code
+  kernel of ``x`` and its number of units, both times ``weight`` (None: 1), to the
+  trace-local lists. ``active``: which units of ``x`` count (None: all; see ``_code_kernel``)."""
+  def record(x, weight=None, active=None):
+    kernel = _code_kernel(x, active)
+    if active is not None:
+      n = jnp.sum(active, dtype=jnp.float32)
+    else:
+      n = float(np.prod(x.shape[1:])) if weight is None else np.prod(x.shape[1:])
+    if weight is not None:
+      kernel, n = weight * kernel, weight * n
+    kernels.append(kernel)
+    units.append(n)
 
-  Where NAS-Bench-201 applies a ReLU: before every conv op of a cell edge
-  (only if the edge chose a conv: the arch-as-data net also runs the others),
-  before both convs of a residual reduction block, and after the last BN. The
-  stem (conv + BN) has none. This mirrors Mellor et al.'s forward hooks on
-  every ``nn.ReLU`` of the specialised network.
+  return record
+
+
+def output_probe(space: Space | None = None, modules: tuple = BATCH_NORMS) -> Callable:
+  """The ``relu_probe`` of a model without its own: codes at the output of every
+  ``modules`` instance (the ReLU inputs of conv-BN-ReLU networks).
+
+  With ``space`` (it must ``relax``) the member runs as its one-hot relaxation and each
+  output is weighted by ``jaxnas.nn.gate()`` (1 in the chosen candidates, 0 elsewhere);
+  with ``space=None`` ``arch`` is applied as given (e.g. a specialised network's Python
+  ints). A module called inside another of ``modules`` is not counted twice. The units of
+  an output are those nonzero on some image (module docstring). Outputs traced inside a
+  flax lifted transform (``nn.scan``, ``nn.remat``, ``nn.cond``) cannot leave it through
+  an interceptor: a model that has its BNs there needs its own ``relu_probe``.
   """
-  def interceptor(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    if isinstance(m, nb201_net.Edge):
-      x, op = args[0], args[1]
-      used = ((op == nb201_net.CONV1) | (op == nb201_net.CONV3)).astype(jnp.float32)
-      kernels.append(used * _code_kernel(x))
-      units.append(used * np.prod(x.shape[1:]))
-    elif isinstance(m, nb201_net.ReLUConvBN) and isinstance(m.parent, nb201_net.ResidualReduction):
-      kernels.append(_code_kernel(args[0]))
-      units.append(float(np.prod(args[0].shape[1:])))
-    out = next_fun(*args, **kwargs)
-    if isinstance(m, BatchNorm) and m.name == "last_bn":
-      kernels.append(_code_kernel(out))
-      units.append(float(np.prod(out.shape[1:])))
-    return out
+  if space is not None and space.relax is None:
+    raise ValueError(f"space {space.name!r} cannot relax (space.relax is None): give the model "
+                     "a relu_probe for naswot")
 
-  return interceptor
+  def relaxed(arch):
+    if space is None:
+      return arch
+    v = space.canonical(space.to_vector(arch))
+    return space.relax([jax.nn.one_hot(v[d], k, dtype=jnp.float32)
+                        for d, k in enumerate(space.cardinalities)])
+
+  def probe(net, variables, images, arch, record, **kwargs):
+    depth = [0]
+
+    def interceptor(next_fun, args, kwargs_, context):
+      if context.method_name != "__call__" or not isinstance(context.module, modules):
+        return next_fun(*args, **kwargs_)
+      depth[0] += 1
+      try:
+        out = next_fun(*args, **kwargs_)
+      finally:
+        depth[0] -= 1
+      if depth[0] == 0:
+        record(out, jnn.gate(), active=jnp.any(out != 0, axis=0))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return net.apply(variables, images, relaxed(arch), **kwargs)
+
+  return probe
 
 
-def naswot_kernel(net, variables, arch, images):
-  """Mellor et al.'s ``K`` (float32[B, B]) and the total number of ReLU units ``N_A``."""
+def _probe_of(model: SearchableModel) -> Callable | None:
+  """The model's ``relu_probe``, else ``output_probe`` where its space relaxes, else None."""
+  if model.relu_probe is not None:
+    return model.relu_probe
+  return output_probe(model.space) if model.space.relax is not None else None
+
+
+def _check_probe(model: SearchableModel) -> Callable:
+  probe = _probe_of(model)
+  if probe is None:
+    raise ValueError(f"naswot needs the ReLU inputs of model {model.name!r}: give it a "
+                     "relu_probe, or a space that relaxes (jaxnas.declare)")
+  return probe
+
+
+def naswot_kernel(net, variables, arch, images, model: SearchableModel | None = None,
+                  probe: Callable | None = None):
+  """Mellor et al.'s ``K`` (float32[B, B]) and the total number of ReLU units ``N_A``.
+
+  ``net`` is ``model``'s arch-as-data network (None: an ``NB201Network``) and ``arch``
+  one member; ``probe`` (a ``relu_probe``) overrides the model's, e.g.
+  ``output_probe()`` for a specialised network called with its Python ints.
+  """
+  probe = probe or _check_probe(model or _nb201_of(net))
   kernels, units = [], []
-  with nn.intercept_methods(_collect_relu_codes(kernels, units)):
-    net.apply(variables, images, arch, train=True, mutable=["batch_stats"])
+  probe(net, variables, images, arch, _recorder(kernels, units), train=True,
+        mutable=["batch_stats"])
   return sum(kernels), sum(units)
 
 
@@ -165,11 +267,10 @@ def _log_synflow(net, variables, arch, image_shape):
   limits even where ``R`` itself (or its gradient) would overflow.
   """
   params = jax.tree_util.tree_map(jnp.abs, variables["params"])
-  stats = variables["batch_stats"]
   ones = jnp.ones((1,) + tuple(image_shape), jnp.float32)
 
   def out_sum(p, scale):
-    logits = net.apply({"params": p, "batch_stats": stats}, ones * scale, arch, train=False)
+    logits = net.apply({**variables, "params": p}, ones * scale, arch, train=False)
     return jnp.sum(logits)
 
   r = out_sum(params, jnp.ldexp(jnp.float32(1), -_SYNFLOW_PROBE))
@@ -189,65 +290,110 @@ def _jacov_score(jac):
   return -jnp.sum(jnp.log(v + 1e-5) + 1.0 / (v + 1e-5))
 
 
-def member_scores(net, variables, arch, images, labels, proxies: Sequence[str] = PROXIES) -> dict:
-  """Proxies of one cell ``arch`` (``int32[6]``) with ``variables`` of ``net``: dict of float32 scalars.
+@functools.lru_cache(maxsize=64)
+def _head_width(model: SearchableModel, image_shape: tuple) -> int:
+  """The number of logits of ``model``'s network for images of ``image_shape`` (abstract)."""
+  net, space = model.network(None), model.space
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
 
-  Raw values: a disconnected cell is not special-cased here (see ``make_scorer``).
-  naswot, grad_norm, snip and jacov share one forward pass in training mode
-  (its ReLU codes, then one backward pass per cotangent: the loss gradient for
-  grad_norm/snip, all-ones logits for jacov's input gradients).
-  """
-  out = {}
-  if any(p in proxies for p in _SHARED_PASS):
+  def logits(x):
+    arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
+    variables = model.init(net, jax.random.PRNGKey(0), x, arch)
+    return net.apply(variables, x, arch, train=False)
+
+  return int(jax.eval_shape(logits, x).shape[-1])
+
+
+def _member(net, variables, arch, images, labels, proxies, model, num_classes):
+  """``(raw proxies, connected)`` of one member; ``connected`` None where the model
+  decides it (``model.connected``), else whether the loss's input gradient is nonzero."""
+  out, connected = {}, None
+  generic = model.connected is None
+  if generic or any(p in proxies for p in _SHARED_PASS):
+    probe = _probe_of(model)  # the same network form whichever proxies are asked for
+
     def forward(params, x):
       kernels, units = [], []
-      with nn.intercept_methods(_collect_relu_codes(kernels, units)):
-        logits, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                              arch, train=True, mutable=["batch_stats"])
-      return logits, (sum(kernels), sum(units))
+      v, kw = {**variables, "params": params}, dict(train=True, mutable=["batch_stats"])
+      if probe is None:
+        logits, _ = net.apply(v, x, arch, **kw)
+      else:
+        logits, _ = probe(net, v, x, arch, _recorder(kernels, units), **kw)
+      return logits, (sum(kernels, jnp.float32(0)), sum(units, jnp.float32(0)))
 
     logits, backward, (kernel, units) = jax.vjp(forward, variables["params"], images, has_aux=True)
     if "naswot" in proxies:
       out["naswot"] = _logdet_codes(kernel, units)
-    if "grad_norm" in proxies or "snip" in proxies:
+    if "grad_norm" in proxies or "snip" in proxies or generic:
       # d(mean cross-entropy)/d(logits), the cotangent of the loss gradient.
       onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-      grads, _ = backward((jax.nn.softmax(logits) - onehot) / logits.shape[0])
+      grads, dx = backward((jax.nn.softmax(logits) - onehot) / logits.shape[0])
       ws, gs = _weights(variables["params"]), _weights(grads)
       out["grad_norm"] = sum(jnp.sqrt(jnp.sum(g * g)) for g in gs)
       out["snip"] = sum(jnp.sum(jnp.abs(w * g)) for w, g in zip(ws, gs))
+      if generic:
+        connected = jnp.any(dx != 0)
     if "jacov" in proxies:
       out["jacov"] = _jacov_score(backward(jnp.ones_like(logits))[1])
   if "synflow" in proxies:
     out["synflow"] = _log_synflow(net, variables, arch, images.shape[1:])
   if "params" in proxies or "flops" in proxies:
-    params, flops = nb201_net.cost(arch, net.channels, net.cells, net.num_classes,
-                                   images.shape[-1], images.shape[1])
-    out["params"], out["flops"] = params, flops
-  return {p: jnp.asarray(out[p], jnp.float32) for p in proxies}
+    out["params"], out["flops"] = model.cost(arch, images.shape[1:], num_classes)
+  return {p: jnp.asarray(out[p], jnp.float32) for p in proxies}, connected
+
+
+def member_scores(net, variables, arch, images, labels, proxies: Sequence[str] = PROXIES,
+                  model: SearchableModel | None = None, num_classes: int | None = None) -> dict:
+  """Proxies of one member ``arch`` of ``model`` (None: NB201, ``net`` an ``NB201Network``
+  and ``arch`` its ``int32[6]``) with ``variables`` of its arch-as-data network ``net``:
+  dict of float32 scalars.
+
+  Raw values: a degenerate member is not special-cased here (see ``make_scorer``).
+  naswot, grad_norm, snip and jacov share one forward pass in training mode
+  (its ReLU codes, then one backward pass per cotangent: the loss gradient for
+  grad_norm/snip, all-ones logits for jacov's input gradients). ``num_classes``
+  is what ``model.cost`` is told (None: the network's number of logits).
+  """
+  if model is None:
+    model, num_classes = _nb201_of(net), net.num_classes
+  if num_classes is None:
+    num_classes = _head_width(model, tuple(images.shape[1:]))
+  proxies = check_proxies(proxies)
+  if "naswot" in proxies:
+    _check_probe(model)
+  return _member(net, variables, arch, images, labels, proxies, model, num_classes)[0]
 
 
 def make_scorer(proxies: Sequence[str] = PROXIES, channels: int = 16, cells: int = 1,
                 num_classes: int = 10, op_impl: str = "onehot", shared_init: bool = True,
-                chunk: int | None = None, execution: Execution = Execution()) -> Callable:
-  """``score(archs, key, images, labels) -> {proxy: float32[P]}`` for ``archs`` ``int32[P, 6]``.
+                chunk: int | None = None, execution: Execution = Execution(),
+                model: SearchableModel | None = None, space: str = "nb201") -> Callable:
+  """``score(archs, key, images, labels) -> {proxy: float32[P]}`` for a population ``archs``.
 
-  Pure and jittable. ``images`` is one float32 NHWC minibatch (already
-  normalised), ``labels`` its int32 classes; ``key`` draws the initial
-  weights, one draw for all members when ``shared_init`` (else one per
-  member). ``op_impl``: ``"onehot"`` (default) keeps the weights unbatched
-  under ``vmap``, so each conv of the population is one ordinary conv over
-  ``P * B`` images; ``"kernel"`` gives the same numbers with grouped convs
-  (cheaper where those are fast: accelerators). ``chunk`` bounds memory: the
-  population is vmapped ``chunk`` members at a time with ``lax.map``. ``execution``: the
-  conv and pool implementations (``jaxnas.ops.Execution``).
-  Disconnected cells and non-finite values score ``WORST`` (module docstring).
+  Pure and jittable. ``model``: whose architectures ``archs`` are (a population: the
+  space's pytree with a leading axis) and whose arch-as-data network scores them; None:
+  the built-in ``space`` (``default_model`` of ``channels``, ``cells``, ``num_classes``,
+  ``op_impl``, ``execution``; NAS-Bench-201 by default, ``archs`` ``int32[P, 6]``),
+  otherwise those are the model's and ignored. ``images`` is one float32 NHWC minibatch (already normalised), ``labels`` its
+  int32 classes; ``key`` draws the initial weights (``model.init``), one draw for all
+  members when ``shared_init`` (else one per member). NB201's ``op_impl``:
+  ``"onehot"`` (default) keeps the weights unbatched under ``vmap``, so each conv of the
+  population is one ordinary conv over ``P * B`` images; ``"kernel"`` gives the same
+  numbers with grouped convs (cheaper where those are fast: accelerators). ``chunk``
+  bounds memory: the population is vmapped ``chunk`` members at a time with
+  ``lax.map``. ``execution``: the conv and pool implementations (``jaxnas.ops.Execution``).
+  Degenerate members and non-finite values score ``WORST`` (module docstring).
   """
   proxies = check_proxies(proxies)
-  if op_impl not in ("onehot", "kernel"):
-    raise ValueError(f"op_impl {op_impl!r} does not vmap into one program; use onehot or kernel")
-  net = nb201_net.NB201Network(channels=channels, cells=cells, num_classes=num_classes,
-                               op_impl=op_impl, execution=execution)
+  classes = None
+  if model is None:
+    if op_impl not in ("onehot", "kernel"):
+      raise ValueError(f"op_impl {op_impl!r} does not vmap into one program; use onehot or kernel")
+    model = default_model(channels, cells, num_classes, op_impl, execution, space)
+    classes = num_classes
+  if "naswot" in proxies:
+    _check_probe(model)
+  net, space = model.network(None), model.space
 
   def init(key, images):
     # Drawn with XLA's RngBitGenerator, seeded from ``key``: flax's per-parameter
@@ -255,42 +401,48 @@ def make_scorer(proxies: Sequence[str] = PROXIES, channels: int = 16, cells: int
     # statistical gain here. Deterministic per key and backend.
     seed = jax.random.bits(key, (4,), jnp.uint32)
     rbg_key = jax.random.wrap_key_data(seed, impl="rbg")
-    return net.init(rbg_key, images[:1], jnp.zeros(nb201_net.NUM_EDGES, jnp.int32), train=False)
+    first = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
+    return model.init(net, rbg_key, images[:1], first)
 
   def score(archs, key, images, labels):
-    archs = jnp.asarray(archs, jnp.int32)
+    archs = np.asarray(archs) if isinstance(archs, list) else archs
+    archs = jax.vmap(lambda a: space.from_vector(space.canonical(space.to_vector(a))))(archs)
     images = jnp.asarray(images, jnp.float32)
-    one = lambda a, v: member_scores(net, v, a, images, labels, proxies)
+    width = classes or _head_width(model, tuple(images.shape[1:]))
+    one = lambda a, v: _member(net, v, a, images, labels, proxies, model, width)
     if shared_init:
       variables = init(key, images)
       f, xs = (lambda x: one(x, variables)), archs
     else:
-      keys = jax.random.split(key, archs.shape[0])
+      keys = jax.random.split(key, jax.tree.leaves(archs)[0].shape[0])
       f, xs = (lambda x: one(x[0], init(x[1], images))), (archs, keys)
-    raw = jax.vmap(f)(xs) if chunk is None else jax.lax.map(f, xs, batch_size=chunk)
-    ok = is_connected(archs)
+    raw, connected = jax.vmap(f)(xs) if chunk is None else jax.lax.map(f, xs, batch_size=chunk)
+    ok = connected if model.connected is None else jax.vmap(model.connected)(archs)
     return {p: jnp.where(ok & jnp.isfinite(v), v, WORST) for p, v in raw.items()}
 
   return score
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_scorer(*args):
-  return jax.jit(make_scorer(*args))
+def _jitted_scorer(*args, model=None, space="nb201"):
+  options = model.compiler_options() if model is not None else None
+  return jax.jit(make_scorer(*args, model=model, space=space), compiler_options=options)
 
 
 def zero_cost_scores(archs, key, images, labels, proxies: Sequence[str] = PROXIES,
                      channels: int = 16, cells: int = 1, num_classes: int = 10,
                      op_impl: str = "onehot", shared_init: bool = True,
-                     chunk: int | None = None, execution: Execution = Execution()) -> dict:
-  """Every requested proxy of every cell of ``archs`` (``int32[P, 6]``): ``{name: float32[P]}``.
+                     chunk: int | None = None, execution: Execution = Execution(),
+                     model: SearchableModel | None = None, space: str = "nb201") -> dict:
+  """Every requested proxy of every member of ``archs`` (a population of ``model``'s
+  architectures; None: NB201 cells ``int32[P, 6]``): ``{name: float32[P]}``.
 
   One compiled, vmapped program per configuration, execution resolved (cached); see
   ``make_scorer`` for the arguments. Inside your own ``jit``, call ``make_scorer(...)``
   instead.
   """
   score = _jitted_scorer(check_proxies(proxies), channels, cells, num_classes, op_impl,
-                         shared_init, chunk, execution.resolve())
+                         shared_init, chunk, execution.resolve(), model=model, space=space)
   return score(archs, key, images, labels)
 
 
@@ -331,34 +483,46 @@ def zero_cost_evaluator(proxy: str = "naswot", dataset: str = "fashion_mnist",
                         data_dir: str | None = None, batch_size: int = 64, channels: int = 16,
                         cells: int = 1, seed: int = 0, resample: bool = False,
                         op_impl: str = "onehot", chunk: int | None = None,
-                        execution: Execution = Execution()) -> Evaluator:
-  """Fitness = one zero-cost proxy of the NB201 cell (higher is better); report = all proxies.
+                        execution: Execution = Execution(),
+                        model: SearchableModel | None = None, space: str = "nb201") -> Evaluator:
+  """Fitness = one zero-cost proxy of a member of ``model`` (higher is better); report =
+  every proxy the model supports (all of them, naswot where it has a probe).
 
-  Disconnected cells get the finite ``floor(proxy, batch_size)`` as fitness
+  ``model=None``: the built-in ``space`` (``default_model`` of ``channels``, ``cells``,
+  ``op_impl``, ``execution`` and the dataset's classes; the NB201 cell by default);
+  otherwise its space, network and cost are the model's, and its head must have the
+  dataset's classes. Named ``zero_cost/{proxy}/{dataset}/{model name}``.
+
+  Degenerate members get the finite ``floor(proxy, batch_size)`` as fitness
   (not a failure: they are legitimately the worst); the report keeps ``WORST``.
 
-  By default the score is a fixed function of the cell, like a table: one
+  By default the score is a fixed function of the architecture, like a table: one
   minibatch and one initialisation, both from ``seed``, and the search key is
-  ignored, so re-evaluating a cell gives the same fitness. ``resample=True``
+  ignored, so re-evaluating a member gives the same fitness. ``resample=True``
   draws the minibatch (from a pool of 16, all baked into the program) and the
   weights from the evaluation key instead. Jittable: usable inside the
   scanned search loop; the runner wires it as ``--evaluator=zero_cost``.
   """
   (proxy,) = check_proxies((proxy,))
-  space = nb201_space()
   pool = 16 if resample else 1
   images, labels, num_classes = fixed_minibatch(dataset, data_dir, batch_size, seed, pool)
+  given = model is not None
+  if model is None:
+    model = default_model(channels, cells, num_classes, op_impl, execution.resolve(), space)
+  if given:
+    check_head(model, images.shape[2:], num_classes, dataset)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   fixed_key = jax.random.PRNGKey(seed)
   kw = dict(channels=channels, cells=cells, num_classes=num_classes, op_impl=op_impl, chunk=chunk,
-            execution=execution.resolve())
+            execution=execution.resolve(), model=model if given else None, space=space)
   score_one = make_scorer((proxy,), **kw)
-  score_all = make_scorer(PROXIES, **kw)
+  reported = tuple(p for p in PROXIES if p != "naswot" or _probe_of(model))
+  score_all = make_scorer(reported, **kw)
+  name = f"zero_cost/{proxy}/{dataset}/{model.name}"
 
   worst = floor(proxy, batch_size)
 
   def evaluate(key, archs):
-    archs = space.to_vector(archs)
     if resample:
       k_batch, k_init = jax.random.split(key)
       b = jax.random.randint(k_batch, (), 0, pool)
@@ -368,10 +532,13 @@ def zero_cost_evaluator(proxy: str = "naswot", dataset: str = "fashion_mnist",
     return jnp.where(s == WORST, worst, s)
 
   def report(archs):
-    return score_all(space.to_vector(archs), fixed_key, images[0], labels[0])
+    out = score_all(archs, fixed_key, images[0], labels[0])
+    if model.latency is not None:
+      out["latency"] = cost_report(model, archs, images.shape[2:], num_classes)["latency"]
+    return out
 
-  return Evaluator(name=f"zero_cost/{proxy}/{dataset}", space=space, evaluate=evaluate,
-                   report=report, jittable=True)
+  return Evaluator(name=name, space=model.space, evaluate=evaluate, report=report,
+                   jittable=True)
 
 
 def prefilter(space: Space, score_fn: Callable, key: jax.Array, num_candidates: int,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnas.models.remat import fan_in_uniform
+from jaxnas.nn.elastic import ElasticConv, ElasticDense
 from jaxnas.nn.extract import extract, specialised_shapes
 from jaxnas.spaces.base import Space
 from jaxnas.spaces.declared import to_python
@@ -67,6 +68,20 @@ class SearchableModel(NamedTuple):
       whose mixture gradient-based search trains (None: not searchable by DARTS/GDAS).
     table() -> dict | None: a tabular benchmark of its architectures (NAS-Bench-201's),
       that reports look derived architectures up in; None: none.
+    relu_probe(net, variables, images, arch, record, **kwargs) -> ``net.apply(variables,
+      images, arch, **kwargs)``'s result, calling ``record(x, weight=None)`` as it traces,
+      with ``x`` the input of each ReLU (batch first) and ``weight`` 0 or 1 (a float32
+      scalar; None: 1) whether the member ``arch`` uses it: the activations of
+      activation-based zero-cost proxies (NASWOT, Mellor et al. 2021); None: the BatchNorm
+      outputs of its one-hot relaxation (``estimators.zero_cost.output_probe``).
+    connected(arch) -> bool: whether a member's output depends on its input (jittable;
+      False: degenerate, e.g. no path of non-``none`` ops); None: zero-cost proxies test
+      its input gradient.
+    latency(arch, image_shape) -> float32: milliseconds of inference of one image (batch 1,
+      evaluation mode) of a member's specialised network on a target device (jittable,
+      vmappable; ``image_shape`` (H, W, C) static), e.g. a lookup table of its blocks'
+      measured latencies (``jaxnas.models.latency``; ProxylessNAS, Cai et al. 2019): the
+      ``latency`` objective (``--objectives=accuracy,latency``); None: it has none.
   """
   name: str
   space: Space
@@ -81,6 +96,9 @@ class SearchableModel(NamedTuple):
   compiler_options: Callable[[], dict | None] = lambda: None
   supernet: Callable | None = None
   table: Callable | None = None
+  relu_probe: Callable | None = None
+  connected: Callable | None = None
+  latency: Callable | None = None
 
 
 # Leaves of the networks' variables that flax initialises to a constant, by (collection, name).
@@ -123,20 +141,70 @@ def count_params(variables) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables.get("params", {}))))
 
 
-def measured_flops(module, variables, images, arch) -> int:
-  """Multiply-accumulates of one image through ``module`` in evaluation mode, from XLA's
-  cost analysis of the compiled forward pass (FLOPs / 2, the NAS-Bench-201 convention
-  counts multiply-accumulates)."""
+# Layers whose multiply-accumulates ``layer_macs`` counts: convolutions (any groups) and
+# dense layers, the convention of NAS-Bench-201's FLOPs and of module-hook counters
+# (ptflops, fvcore). BN, activations, pooling and sums are not counted.
+_COUNTED = (ElasticConv, ElasticDense, nn.Conv, nn.Dense)
+
+
+def layer_macs(module, images, arch, **kwargs) -> int:
+  """Multiply-accumulates of one image through ``module`` (specialised, or any form) in
+  evaluation mode: per conv ``out_h * out_w * kernel size`` (``kh * kw * in/groups * out``)
+  and per dense layer ``positions * in * out``, read from the shapes of an abstract
+  evaluation, whatever implementation the convs compute with (XLA's cost analysis does not
+  see into a custom call such as oneDNN's)."""
+  counts = []
+
+  def count(next_fun, args, kwargs_, context):
+    out = next_fun(*args, **kwargs_)
+    m = context.module
+    if context.method_name == "__call__" and isinstance(m, _COUNTED):
+      kernel = m.variables["params"]["kernel"]
+      positions = int(np.prod(out.shape[1:-1])) if out.ndim > 2 else 1
+      counts.append(positions * int(np.prod(kernel.shape)))
+    return out
+
   x = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), jnp.float32)
-  lowered = jax.jit(lambda v, x: module.apply(v, x, arch, train=False)).lower(variables, x)
-  analysis = lowered.compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return int(round(float((analysis or {}).get("flops", 0.0)) / 2))
+
+  def forward(x):
+    variables = module.init(jax.random.PRNGKey(0), x, arch, train=False, **kwargs)
+    with nn.intercept_methods(count):
+      return module.apply(variables, x, arch, train=False, **kwargs)
+
+  jax.eval_shape(forward, x)
+  return int(sum(counts))
+
+
+def cost_report(model: SearchableModel, archs, image_shape: tuple, num_classes: int) -> dict:
+  """What evaluators report of a population ``archs`` (jittable): ``params`` and ``flops``
+  (``model.cost``), and ``latency`` where the model has a latency model; the keys
+  ``pareto.OBJECTIVES`` reads."""
+  params, flops = jax.vmap(lambda a: model.cost(a, tuple(image_shape), num_classes))(archs)
+  out = {"params": params, "flops": flops}
+  if model.latency is not None:
+    out["latency"] = jax.vmap(lambda a: model.latency(a, tuple(image_shape)))(archs)
+  return out
+
+
+def check_head(model: SearchableModel, image_shape: tuple, num_classes: int,
+               dataset: str = "the dataset") -> None:
+  """ValueError (one line) where ``model``'s network does not give one logit per class of
+  ``dataset`` for its images (a head of the wrong width would train on out-of-range labels
+  and every loss would be NaN)."""
+  space = model.space
+  arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  logits = jax.eval_shape(lambda key, x: model.network(None).init_with_output(
+      key, x, arch, train=False)[0], jax.random.PRNGKey(0), images)
+  if tuple(logits.shape) != (1, num_classes):
+    raise ValueError(f"model {model.name}: its network gives logits of shape "
+                     f"{tuple(logits.shape[1:])} per {'x'.join(map(str, image_shape))} image, "
+                     f"but {dataset} has {num_classes} classes")
 
 
 def searchable(module: nn.Module, space: Space, *, name: str | None = None,
-               cost: Callable | None = None, work: Callable | None = None) -> SearchableModel:
+               cost: Callable | None = None, work: Callable | None = None,
+               latency: Callable | None = None) -> SearchableModel:
   """The ``SearchableModel`` of a user's flax ``module`` over a declared ``space``.
 
   ``module(images, arch, train=False)`` is written with ``jaxnas.nn`` blocks and reads
@@ -146,8 +214,11 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
   ``space.relax``'s architecture: every decision a softmax-weighted ``Mixture``, so DARTS
   and GDAS search op choices, widths, kernels and depths alike (FBNetV2's masks, Wan et
   al. 2020, for the elastic ones). ``cost`` (jittable ``(arch, image_shape, num_classes)
-  -> (params, flops)``) defaults to measuring the specialised network on the host: exact parameter
-  count, and FLOPs from XLA's cost analysis, cached per architecture.
+  -> (params, flops)``) defaults to measuring the specialised network on the host: exact
+  parameter count, and the multiply-accumulates of its conv and dense layers
+  (``layer_macs``), cached per architecture. ``latency`` (jittable ``(arch, image_shape)
+  -> float32`` ms of one image, ``SearchableModel.latency``; e.g. a lookup table measured on
+  the user's device, ``jaxnas.models.latency``) makes ``latency`` an objective; None: none.
   """
 
   # Host computations (also when called while a program is traced).
@@ -190,11 +261,10 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
 
   @functools.lru_cache(maxsize=4096)
   def _measure(s, image_shape):
-    images = jnp.zeros((1,) + image_shape, jnp.float32)
+    images = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
     arch = call_arch(s)
-    shapes = specialised_shapes(module, images, arch, train=False)
-    variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-    return count_params(shapes), measured_flops(module, variables, images, arch)
+    return (count_params(specialised_shapes(module, images, arch, train=False)),
+            layer_macs(module, images, arch))
 
   def measured_cost(arch, image_shape, num_classes):
     del num_classes  # the user's module fixes its head
@@ -212,7 +282,7 @@ def searchable(module: nn.Module, space: Space, *, name: str | None = None,
       name=name or space.name, space=space, network=lambda s: module, static=static,
       arrays=arrays, call_arch=call_arch, init=init,
       specialise_variables=specialise_variables, cost=cost or measured_cost, work=work,
-      supernet=supernet)
+      supernet=supernet, latency=latency)
 
 
 class _Relaxed(nn.Module):

@@ -58,6 +58,19 @@ class Mixture:
     """``sum_k weights[k] * f(values[k])``."""
     return sum(self.weights[k] * f(v) for k, v in enumerate(self.values))
 
+  def __mul__(self, other):
+    """The product's Mixture (with a number, or with an independent Mixture: every pair of
+    candidates, weighted by the product of their weights), e.g. an expansion ratio times a
+    width."""
+    if isinstance(other, Mixture):
+      w = (self.weights[:, None] * other.weights[None, :]).reshape(-1)
+      return Mixture(w, tuple(a * b for a in self.values for b in other.values))
+    if isinstance(other, (int, float, np.integer, np.floating)):
+      return Mixture(self.weights, tuple(v * other for v in self.values))
+    return NotImplemented
+
+  __rmul__ = __mul__
+
 
 def choice(*values, when: Callable[[Any], Any] | None = None) -> Choice:
   """A decision among ``values`` (all numbers, or all names); ``when(arch)`` -> bool:

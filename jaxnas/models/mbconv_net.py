@@ -1,0 +1,118 @@
+"""The MBConv network of ``jaxnas.spaces.mbconv``, written only with the public choice blocks.
+
+An inverted-residual block (Sandler et al. 2018, MobileNetV2): a 1x1 expansion
+to ``expand x`` its input channels, BN, ReLU6; a ``k x k`` depthwise conv (the
+block's stride), BN, ReLU6; a 1x1 projection, BN; plus the input where the shape
+is kept (every block of a stage but the first). Each stage is an ``ElasticDepth``
+over its four blocks (the first two always run); widths are ``ElasticConv``
+prefixes (the expansion's width is ``expand * input width``, as in Once-for-All),
+kernels centre crops of a 7x7 depthwise kernel. The same module, called with
+Python numbers, is the specialised network of one architecture (``jaxnas.nn``),
+so weight sharing and export need nothing of their own; it is what a user could
+have written with ``jaxnas.nn`` and ``jaxnas.searchable``.
+
+``cost`` counts parameters and multiply-accumulates exactly (conv and linear
+layers; BN parameters counted, BN arithmetic not), as ``nb201_net.cost`` does.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxnas import nn as jnn
+from jaxnas.ops import Execution
+from jaxnas.spaces.mbconv import DEPTHS, EXPANSIONS, HEAD, KERNELS, STAGES, STEM
+
+
+class MBConv(nn.Module):
+  """One inverted-residual block; ``choice = (kernel, expand, in_width, out_width)``."""
+  in_max: int
+  out_max: int
+  stride: int
+  residual: bool
+  conv: str = "auto"
+  kernel_impl: str = "switch"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, choice, train=False):
+    kernel, expand, w_in, w_out = choice
+    mid, mid_max = expand * w_in, max(EXPANSIONS) * self.in_max
+    h = jnn.ElasticConv(mid_max, 1, conv=self.conv, name="expand")(x, width=mid)
+    h = nn.relu6(jnn.BatchNorm(self.bn_momentum, name="expand_bn")(h, train, width=mid))
+    h = jnn.ElasticConv(mid_max, max(KERNELS), strides=self.stride, depthwise=True,
+                        kernel_impl=self.kernel_impl, kernel_sizes=KERNELS,
+                        name="depthwise")(h, kernel_size=kernel)
+    h = nn.relu6(jnn.BatchNorm(self.bn_momentum, name="depthwise_bn")(h, train, width=mid))
+    h = jnn.ElasticConv(self.out_max, 1, conv=self.conv, name="project")(h, width=w_out)
+    h = jnn.BatchNorm(self.bn_momentum, name="project_bn")(h, train, width=w_out)
+    return x + h if self.residual else h
+
+
+class MBConvNetwork(nn.Module):
+  """Stem, the four stages of ``spaces.mbconv.STAGES``, head; ``arch`` as ``mbconv_space``
+  builds it (arrays: one program for every member; Python numbers: the specialised network;
+  ``Mixture``s: the relaxation).
+
+  ``kernel_impl``: how a traced kernel choice runs (``jnn.ElasticConv``): ``"switch"``
+  computes only the chosen size where members run one at a time (``lax.map``), ``"mask"``
+  always the 7x7 conv with the outer taps zeroed.
+  """
+  num_classes: int = 10
+  bn_momentum: float = 0.9
+  kernel_impl: str = "switch"
+  execution: Execution = Execution()
+
+  @nn.compact
+  def __call__(self, x, arch, train=False):
+    conv = self.execution.resolve().conv
+    bn = lambda name: jnn.BatchNorm(self.bn_momentum, name=name)
+    x = jnn.ElasticConv(STEM, 3, conv=conv, name="stem")(x)
+    x = nn.relu6(bn("stem_bn")(x, train))
+    w_in, in_max = STEM, STEM
+    for s, stage in enumerate(STAGES, 1):
+      a = arch[f"stage{s}"]
+      w = a["width"]
+      blocks = [MBConv(in_max if b == 1 else stage.width, stage.width,
+                       stage.stride if b == 1 else 1, residual=b > 1, conv=conv,
+                       kernel_impl=self.kernel_impl, bn_momentum=self.bn_momentum,
+                       name=f"stage{s}_block{b}") for b in range(1, max(DEPTHS) + 1)]
+      choices = [(a[f"block{b}"]["kernel"], a[f"block{b}"]["expand"], w_in if b == 1 else w, w)
+                 for b in range(1, max(DEPTHS) + 1)]
+      x = jnn.ElasticDepth(blocks, min_depth=min(DEPTHS), name=f"stage{s}")(
+          x, a["depth"], choices, train=train)
+      w_in, in_max = w, stage.width
+    x = jnn.ElasticConv(HEAD, 1, conv=conv, name="head")(x)
+    x = nn.relu6(bn("head_bn")(x, train))
+    return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, (1, 2)))
+
+
+def cost(arch, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+  """Exact ``(params, flops)`` (int32 scalars, jittable, vmappable) of the specialised
+  network of ``arch`` (as ``mbconv_space().from_vector`` gives it): trainable parameters
+  (conv kernels, BN scale/bias, classifier) and multiply-accumulates of the convs and the
+  classifier for one image."""
+  i32 = lambda v: jnp.asarray(v, jnp.int32)
+  params = i32(9 * in_channels * STEM + 2 * STEM)
+  h = image_size
+  flops = i32(h * h * 9 * in_channels * STEM)
+  w_in = i32(STEM)
+  for s, stage in enumerate(STAGES, 1):
+    a = jax.tree.map(i32, arch[f"stage{s}"])
+    w = a["width"]
+    for b in range(1, max(DEPTHS) + 1):
+      on = i32(a["depth"] >= b)
+      k, e = a[f"block{b}"]["kernel"], a[f"block{b}"]["expand"]
+      c_in = w_in if b == 1 else w
+      stride = stage.stride if b == 1 else 1
+      h_out = (h - 1) // stride + 1  # padding k // 2
+      mid = e * c_in
+      params = params + on * (c_in * mid + 2 * mid + k * k * mid + 2 * mid + mid * w + 2 * w)
+      flops = flops + on * (h * h * c_in * mid + h_out * h_out * (k * k * mid + mid * w))
+      h = h_out
+    w_in = w
+  params = params + w_in * HEAD + 2 * HEAD + HEAD * num_classes + num_classes
+  flops = flops + h * h * w_in * HEAD + HEAD * num_classes
+  return params, flops
