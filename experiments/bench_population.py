@@ -1,11 +1,16 @@
-"""Wall time of training a population of random NAS-Bench-201 networks in JAX.
+"""Wall time of training a population of random NAS-Bench-201 (or MBConv) networks in JAX.
 
-Trains ``--population`` random cells (BN, SGD momentum + weight decay, cosine
-LR) for ``--steps`` steps each on Fashion-MNIST (or random data of the same
-shape when it is not installed), then scores them on a validation split.
+Trains ``--population`` random architectures of ``--space`` (BN, SGD momentum +
+weight decay, cosine LR) for ``--steps`` steps each on Fashion-MNIST (or random
+data of the same shape when it is not installed), then scores them on a
+validation split. ``--space=nb201``: NAS-Bench-201 cells in a network of
+``--channels`` and ``--cells``; ``--space=mbconv``: the MBConv macro space
+(``jaxnas.spaces.mbconv``), whose layout is fixed (no ``--channels``/``--cells``).
 
   python experiments/bench_population.py --population=16 --steps=50 --channels=16 \
       --cells=1 --batch=128 --image=28 --in_channels=1 [--plan=map|vmap|sequential|...]
+  python experiments/bench_population.py --space=mbconv --population=16 --steps=50 \
+      --batch=128 --image=28 --in_channels=1
 
 On CPU it exposes one single-threaded XLA device per core (``--cpu_devices``)
 and the ``map`` plan runs a slice of the population on each.
@@ -26,7 +31,19 @@ and evaluation by difference: the same population with ``--short_steps`` steps
 (``steady_s`` - ``short_steady_s``), training steps only (as in
 torch_peer_population.py), and ``init_eval_s``, the rest of a steady call
 (initialisation, evaluation, dispatch). ``--short_steps=0`` skips it (then
-``candidate_steps_per_s`` is null). The LAST line printed is a JSON object.
+``candidate_steps_per_s`` is null).
+
+``step_memory_mb`` is XLA's buffer assignment (``memory_analysis()``) of the
+compiled program(s) that ``compile_s`` times: the scratch (temp) bytes, which
+hold a member's parameters, optimizer state, BN statistics and the activations
+and gradients of its training step (arguments, i.e. the dataset, not counted;
+buffers of library calls such as oneDNN's not seen). Under ``map`` that is the
+population program per device, which trains one member at a time with the
+arch-as-data network (every member the same buffers: the widest); under
+``vmap`` the whole population at once; under ``sequential`` one member's
+program; under ``sequential_static`` the largest of the specialised members'
+programs. Null with ``--no_compile_timing``. The LAST line printed is a JSON
+object.
 """
 
 from __future__ import annotations
@@ -48,7 +65,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from jaxnas.datasets import DatasetError, load_fashion_mnist, train_val_split  # noqa: E402
 from jaxnas import ops  # noqa: E402
 from jaxnas.models import train as train_lib  # noqa: E402
-from jaxnas.spaces import nb201_space  # noqa: E402
+from jaxnas.models.registry import model_of  # noqa: E402
 
 
 def load_data(args):
@@ -71,10 +88,11 @@ def load_data(args):
   return "random", (tx, ty, vx, vy, (0.5,) * args.in_channels, (0.25,) * args.in_channels)
 
 
-def population(args):
-  space = nb201_space()
+def population(args, space):
+  """``args.population`` uniform architectures of ``space`` (canonical: inactive choices 0),
+  batched; torch_peer_population.py draws the same ones."""
   keys = jax.random.split(jax.random.PRNGKey(args.seed), args.population)
-  return jax.vmap(space.sample)(keys)
+  return jax.vmap(lambda k: space.from_vector(space.canonical(space.sample_vector(k))))(keys)
 
 
 def setup_cpu_devices(n: int) -> int:
@@ -93,36 +111,69 @@ def setup_cpu_devices(n: int) -> int:
   return n
 
 
-def time_compile(config, archs, key, data, population) -> float:
-  """Seconds to compile, on a fresh trace, the program(s) ``config.plan`` runs."""
+def time_compile(config, archs, key, data, population):
+  """Seconds to compile, on a fresh trace, the program(s) ``config.plan`` runs, and the
+  compiled programs (for their ``memory_analysis``)."""
   t = time.perf_counter()
   data_key, init_key = jax.random.split(key)
   keys = jax.random.split(init_key, population)
   scales = jnp.ones(population, jnp.float32)
+  member = lambda p: jax.tree.map(lambda a: a[p], archs)
+  compiled = []
   if config.plan in ("map", "vmap"):
+    devices = jax.local_device_count()
+    if config.plan == "map" and devices > 1:  # the padded, balanced order it runs in
+      order = train_lib.device_layout(archs, config, devices)[0]
+      archs, keys, scales = jax.tree.map(lambda a: a[order], (archs, keys, scales))
     train_lib._compiled.cache_clear()
-    train_lib._compiled(config, config.plan).lower(archs, keys, data_key, data, scales).compile()
+    compiled.append(train_lib._compiled(config, config.plan).lower(
+        archs, keys, data_key, data, scales).compile())
   elif config.plan == "sequential":
     train_lib._compiled.cache_clear()
-    train_lib._compiled(config, "sequential").lower(archs[0], keys[0], data_key, data,
-                                                    scales[0]).compile()
+    compiled.append(train_lib._compiled(config, "sequential").lower(
+        member(0), keys[0], data_key, data, scales[0]).compile())
   else:
-    seen = set()
-    for a in np.asarray(archs):
-      fixed = tuple(int(o) for o in a)
+    model, seen = model_of(config), set()
+    for p in range(population):
+      fixed = model.static(member(p))
       if fixed not in seen:
         seen.add(fixed)
-        jax.jit(train_lib.make_train(config, fixed)).lower(archs[0], keys[0], data_key, data,
-                                                           scales[0]).compile()
-  return time.perf_counter() - t
+        compiled.append(jax.jit(train_lib.make_train(config, fixed)).lower(
+            member(p), keys[p], data_key, data, scales[p]).compile())
+  return time.perf_counter() - t, compiled
+
+
+def step_memory_mb(compiled) -> float | None:
+  """The largest scratch (temp) allocation of ``compiled``'s programs, MB (None: the
+  backend does not say)."""
+  temps = []
+  for c in compiled:
+    try:
+      stats = c.memory_analysis()
+    except Exception:  # a backend without buffer statistics
+      stats = None
+    if stats is not None:
+      temps.append(stats.temp_size_in_bytes)
+  return round(max(temps) / 2**20, 1) if temps else None
+
+
+STEP_MEMORY_WHAT = {
+    "map": "XLA temp bytes of the population program per device (one member at a time, "
+           "arch-as-data: the widest network's buffers)",
+    "vmap": "XLA temp bytes of the population program (every member at once)",
+    "sequential": "XLA temp bytes of one member's program (arch-as-data: the widest "
+                  "network's buffers)",
+    "sequential_static": "XLA temp bytes of the largest specialised member's program",
+}
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--space", default="nb201", choices=("nb201", "mbconv"))
   p.add_argument("--population", type=int, default=16)
   p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--channels", type=int, default=16)
-  p.add_argument("--cells", type=int, default=1)
+  p.add_argument("--channels", type=int, default=None, help="nb201 only (default 16)")
+  p.add_argument("--cells", type=int, default=None, help="nb201 only (default 1)")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--in_channels", type=int, default=1)
@@ -149,15 +200,21 @@ def main():
                  help="skip the fresh compile that times compile_s (sequential_static compiles "
                  "one program per distinct cell)")
   args = p.parse_args()
+  if args.space == "mbconv" and (args.channels is not None or args.cells is not None):
+    p.error("--channels/--cells apply to --space=nb201 only (the MBConv layout is fixed)")
+  if args.space == "nb201":
+    args.channels = 16 if args.channels is None else args.channels
+    args.cells = 1 if args.cells is None else args.cells
   cpu_devices = setup_cpu_devices(args.cpu_devices)
 
   source, arrays = load_data(args)
   data = train_lib.make_data(*arrays)
-  archs = population(args)
+  sizes = {} if args.space == "mbconv" else {"channels": args.channels, "cells": args.cells}
   config = train_lib.resolve_plan(train_lib.TrainConfig(
-      steps=args.steps, batch_size=args.batch, channels=args.channels, cells=args.cells,
-      num_classes=10, plan=args.plan, op_impl=args.op_impl, map_batch=args.map_batch,
-      execution=ops.Execution(args.conv_impl, args.pool_impl)))
+      steps=args.steps, batch_size=args.batch, num_classes=10, plan=args.plan,
+      op_impl=args.op_impl, map_batch=args.map_batch, space=args.space,
+      execution=ops.Execution(args.conv_impl, args.pool_impl), **sizes))
+  archs = population(args, model_of(config).space)
   key = jax.random.PRNGKey(args.seed + 1)
 
   metrics = train_lib.train_population_metrics(archs, key, data, config)
@@ -189,13 +246,16 @@ def main():
   if not step_s > 0:  # timing noise larger than the steps' time: no estimate
     step_s = float("nan")
 
-  compile_s = (None if args.no_compile_timing else
-               round(time_compile(config, archs, key, data, args.population), 3))
+  compile_s = memory = None
+  if not args.no_compile_timing:
+    seconds, compiled = time_compile(config, archs, key, data, args.population)
+    compile_s, memory = round(seconds, 3), step_memory_mb(compiled)
 
   steps_total = args.population * args.steps
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
-      "plan": config.plan, "op_impl": config.op_impl, "map_batch": args.map_batch,
+      "space": args.space, "plan": config.plan, "op_impl": config.op_impl,
+      "map_batch": args.map_batch,
       "conv_impl": config.execution.conv, "pool_impl": config.execution.pool,
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
@@ -211,6 +271,8 @@ def main():
                                                if steady == steady else None),
       "end_to_end_candidate_steps_per_s": round(steps_total / end_to_end, 2),
       "val_accuracy_mean": float(np.nanmean(acc)), "failed": int(np.isnan(acc).sum()),
+      "step_memory_mb": memory,
+      "step_memory_what": STEP_MEMORY_WHAT[config.plan] if memory is not None else None,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   print(json.dumps(out))

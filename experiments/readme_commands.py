@@ -44,6 +44,22 @@ def readme_commands(path: str = os.path.join(ROOT, "README.md")) -> list[list[st
   return commands
 
 
+# The module the README's ``--model`` commands name: its "Bring your own model" example.
+BYO_MODULE = "my_models"
+
+
+def byo_module_source(path: str = os.path.join(ROOT, "README.md")) -> str:
+  """The README's "Bring your own model" example down to its ``model = ...`` line, the
+  ``my_models.py`` its ``--model=my_models:model`` commands import."""
+  with open(path) as f:
+    text = f.read()
+  section = text[text.index("## Bring your own model"):]
+  code = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+  lines = code.splitlines()
+  end = next(i for i, line in enumerate(lines) if line.startswith("model = "))
+  return "\n".join(lines[:end + 1]) + "\n"
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
@@ -57,6 +73,8 @@ def main() -> int:
     if not re.search(a.only, line) or (a.skip and re.search(a.skip, line)):
       continue
     with tempfile.TemporaryDirectory() as cwd:
+      with open(os.path.join(cwd, f"{BYO_MODULE}.py"), "w") as f:
+        f.write(byo_module_source())
       t0 = time.time()
       try:
         proc = subprocess.run([sys.executable, "-m", "jaxnas.main", *args], cwd=cwd,
