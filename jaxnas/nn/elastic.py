@@ -90,7 +90,7 @@ class ElasticConv(nn.Module):
 
   def _conv(self, x, kernel, k):
     if self.depthwise:
-      return depthwise(x, kernel, self.strides)
+      return depthwise(x, kernel, self.strides, impl=None if self.conv == "auto" else self.conv)
     return conv2d(x, kernel, self.strides, k // 2, None if self.conv == "auto" else self.conv)
 
   @nn.compact

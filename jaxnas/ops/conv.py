@@ -211,58 +211,67 @@ def _onednn_threads() -> int:
   return native.onednn_threads()
 
 
-def _onednn(target, shape, a, b, stride, pad):
+def _onednn(target, shape, a, b, stride, pad, groups):
   """One oneDNN convolution primitive (``jaxnas.native``) as an XLA FFI call."""
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")
-  return call(a, b, stride=np.int64(stride), pad=np.int64(pad),
+  return call(a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups),
               threads=np.int64(_onednn_threads()))
 
 
-# Forward, input gradient and kernel gradient of the oneDNN conv: each is linear in each
+# Forward, input gradient and kernel gradient of the oneDNN conv (``groups`` channel
+# groups; the input's channels = groups x the kernel's third axis): each is linear in each
 # operand and its VJP is the other two, so reverse over reverse (DARTS' exact mixed
 # second derivative) works too.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x, kernel, stride, pad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_conv(x, kernel, stride, pad, groups):
   k, (n, h, w, _) = kernel.shape[0], x.shape
   shape = (n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, kernel.shape[3])
-  return _onednn("jaxnas_onednn_conv_fwd", shape, x, kernel, stride, pad)
+  return _onednn("jaxnas_onednn_conv_fwd", shape, x, kernel, stride, pad, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _onednn_input_grad(g, kernel, stride, pad, x_shape):
-  return _onednn("jaxnas_onednn_conv_bwd_data", x_shape, g, kernel, stride, pad)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_input_grad(g, kernel, stride, pad, groups, x_shape):
+  return _onednn("jaxnas_onednn_conv_bwd_data", x_shape, g, kernel, stride, pad, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _onednn_kernel_grad(x, g, stride, pad, kernel_shape):
-  return _onednn("jaxnas_onednn_conv_bwd_weights", kernel_shape, x, g, stride, pad)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_kernel_grad(x, g, stride, pad, groups, kernel_shape):
+  return _onednn("jaxnas_onednn_conv_bwd_weights", kernel_shape, x, g, stride, pad, groups)
 
 
-def _onednn_conv_bwd(stride, pad, res, g):
+def _onednn_conv_bwd(stride, pad, groups, res, g):
   x, kernel = res
-  return (_onednn_input_grad(g, kernel, stride, pad, x.shape),
-          _onednn_kernel_grad(x, g, stride, pad, kernel.shape))
+  return (_onednn_input_grad(g, kernel, stride, pad, groups, x.shape),
+          _onednn_kernel_grad(x, g, stride, pad, groups, kernel.shape))
 
 
-def _onednn_input_grad_bwd(stride, pad, x_shape, res, c):
+def _onednn_input_grad_bwd(stride, pad, groups, x_shape, res, c):
   g, kernel = res  # <c, conv^T(g; kernel)> = <conv(c; kernel), g>
-  return (_onednn_conv(c, kernel, stride, pad),
-          _onednn_kernel_grad(c, g, stride, pad, kernel.shape))
+  return (_onednn_conv(c, kernel, stride, pad, groups),
+          _onednn_kernel_grad(c, g, stride, pad, groups, kernel.shape))
 
 
-def _onednn_kernel_grad_bwd(stride, pad, kernel_shape, res, c):
+def _onednn_kernel_grad_bwd(stride, pad, groups, kernel_shape, res, c):
   x, g = res  # <c, dK(x, g)> = <conv(x; c), g>
-  return (_onednn_input_grad(g, c, stride, pad, x.shape), _onednn_conv(x, c, stride, pad))
+  return (_onednn_input_grad(g, c, stride, pad, groups, x.shape),
+          _onednn_conv(x, c, stride, pad, groups))
 
 
-_onednn_conv.defvjp(lambda x, k, s, p: (_onednn_conv(x, k, s, p), (x, k)), _onednn_conv_bwd)
+_onednn_conv.defvjp(lambda x, k, s, p, gr: (_onednn_conv(x, k, s, p, gr), (x, k)),
+                    _onednn_conv_bwd)
 _onednn_input_grad.defvjp(
-    lambda g, k, s, p, shape: (_onednn_input_grad(g, k, s, p, shape), (g, k)),
+    lambda g, k, s, p, gr, shape: (_onednn_input_grad(g, k, s, p, gr, shape), (g, k)),
     _onednn_input_grad_bwd)
 _onednn_kernel_grad.defvjp(
-    lambda x, g, s, p, shape: (_onednn_kernel_grad(x, g, s, p, shape), (x, g)),
+    lambda x, g, s, p, gr, shape: (_onednn_kernel_grad(x, g, s, p, gr, shape), (x, g)),
     _onednn_kernel_grad_bwd)
+
+
+def onednn_depthwise(x, kernel, stride: int, pad: int):
+  """Depthwise NHWC conv (``kernel`` ``[k, k, 1, C]``) as oneDNN's grouped convolution
+  (``groups = C``), forward and both gradients (CPU, float32)."""
+  return _onednn_conv(x, kernel, stride, pad, x.shape[-1])
 
 
 CONV_IMPLS = ("onednn", "taps", "im2col", "gemm", "xla")
@@ -314,7 +323,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int | None = None, impl: str | N
     if native.onednn_status() is not None:
       raise ValueError(f"conv impl 'onednn' is unavailable: {native.onednn_status()}")
     if x.dtype == kernel.dtype == jnp.float32:
-      return _onednn_conv(x, kernel, stride, p)
+      return _onednn_conv(x, kernel, stride, p, 1)
     impl = "taps"  # the FFI kernels are float32 only
   if impl == "gemm":
     return _conv_gemm(x, kernel, stride, p)
