@@ -204,11 +204,14 @@ def retrain(c: RetrainConfig, workdir: str | None = None,
                        "--train_learning_rate")
   image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
   params, flops = jax.jit(model.cost, static_argnums=(1, 2))(arch, image_shape, ds.num_classes)
+  costs = {"params": int(params), "flops": int(flops)}
+  if model.latency is not None:  # ms of batch-1 inference from the model's latency model
+    costs["latency"] = round(float(model.latency(arch, image_shape)), 6)
   image, in_channels = image_shape[0], image_shape[-1]
   test_accuracy = round(100.0 * float(out["val_accuracy"]), 4)
   arch_json = {"arch": space.encode(arch), "network": model.name, "channels": c.channels,
                "cells": c.cells, "num_classes": ds.num_classes, "in_channels": int(in_channels),
-               "image_size": int(image), "params": int(params), "flops": int(flops)}
+               "image_size": int(image), **costs}
   if config.model is not None:  # a user's model: its module fixes the network's size
     del arch_json["channels"], arch_json["cells"]
   if c.model:
@@ -221,7 +224,7 @@ def retrain(c: RetrainConfig, workdir: str | None = None,
               model=c.model or None)
   results = {"config": dataclasses.asdict(c), "arch": arch_json["arch"],
              "test_accuracy": test_accuracy,
-             "params": int(params), "flops": int(flops), "steps": config.steps,
+             **costs, "steps": config.steps,
              "final_loss": float(out["final_loss"]), "train_seconds": round(seconds, 2),
              "workdir": workdir}
   # Last: its presence means the retrain finished.
@@ -332,5 +335,6 @@ def summary(r: dict) -> str:
   return (f"retrained {r['arch']}{f' of --model={model}' if model else ''} on "
           f"{r['config']['dataset']}{done}\n"
           f"  test accuracy {r['test_accuracy']:.2f} %, {r['params']:,} params, "
-          f"{r['flops'] / 1e6:.1f} MFLOPs, {r['steps']} steps\n"
+          f"{r['flops'] / 1e6:.1f} MFLOPs, "
+          f"{'%.3f ms latency, ' % r['latency'] if 'latency' in r else ''}{r['steps']} steps\n"
           f"  workdir: {r['workdir']} (results.json, arch.json, export/)")
