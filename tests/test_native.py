@@ -258,7 +258,7 @@ def test_an_exception_in_onednn_is_an_error_not_an_abort():
           "x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1))\n"
           "for shape, stride in (((1, 1, 1, 1), 1), ((1, 4, 4, 1), 0)):\n"
           "  try:\n"
-          "    n._onednn('jaxnas_onednn_conv_fwd', shape, x, w, stride, 0).block_until_ready()\n"
+          "    n._onednn('jaxnas_onednn_conv_fwd', shape, x, w, stride, 0, 1).block_until_ready()\n"
           "  except Exception as e:\n"
           "    print(type(e).__name__, str(e).splitlines()[0])\n"
           "print(float(n.conv2d(x, w, impl='onednn').sum()))\n")
