@@ -7,6 +7,14 @@ then rename), so a SIGKILL during a save leaves the previous steps intact.
 Restoring walks from the newest step back: a step that fails to restore or
 whose checksum does not match is reported, moved aside (never silently used,
 never deleted) and the previous one is tried.
+
+Across several processes (``jaxnas.distributed``) every process calls ``save`` and
+``restore_latest`` with the same state: arrays sharded over the processes' devices are
+written shard by shard by their owners, host-local arrays (a training search's state,
+the same in every process) as numpy by process 0; the checksum is of the whole gathered
+state, so it is the one a single process computes. A step counts as restored only when
+it loads and verifies on every process, and process 0 alone moves a bad one aside, so
+all processes resume from the same step.
 """
 
 from __future__ import annotations
@@ -24,14 +32,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxnas import distributed
+
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint although the directory holds some."""
 
 
+class CheckpointsDiffer(CheckpointError):
+  """The processes of a multi-process run list different checkpoints (nothing moved)."""
+
+
 def tree_checksum(tree: Any) -> str:
-  """SHA-256 of a pytree's structure, leaf dtypes, shapes and bytes."""
+  """SHA-256 of a pytree's structure, leaf dtypes, shapes and bytes (of the whole value of
+  arrays sharded over several processes: then a collective)."""
   h = hashlib.sha256()
+  if jax.process_count() > 1:
+    tree = distributed.host(tree)
   leaves, treedef = jax.tree.flatten(tree)
   h.update(str(treedef).encode())
   for leaf in leaves:
@@ -85,6 +102,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, extra: dict | None = None) -> None:
+    state = _savable(state)
     meta = {"step": int(step), "checksum": tree_checksum(state), **(extra or {})}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -96,15 +114,22 @@ class Checkpointer:
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(os.path.dirname(self.directory),
                        f"corrupt-{os.path.basename(self.directory)}-{step}")
-    logging.warning("checkpoint step %d is unusable (%s); moved to %s", step, reason, dst)
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    shutil.move(src, dst)
+    if jax.process_index() == 0:  # the others wait, then see it gone
+      logging.warning("checkpoint step %d is unusable (%s); moved to %s", step, reason, dst)
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      shutil.move(src, dst)
+    distributed.barrier(f"jaxnas-quarantine-{step}")
     self._manager.reload()
 
   def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
     """(step, state, meta) of the newest verified checkpoint, or None if there are none."""
     steps = self.all_steps()
+    if jax.process_count() > 1:
+      template = _savable(template)
+      if not distributed.all_processes(_agreed(steps)):
+        raise CheckpointsDiffer(f"the processes see different checkpoints in {self.directory} "
+                              "(it must be one directory that every process reads)")
     if not steps:
       return None
     problems = []
@@ -117,8 +142,18 @@ class Checkpointer:
       step_reports = _StepReadErrors(os.path.join(self.directory, str(step)) + os.sep)
       asyncio_log.addFilter(step_reports)
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        restored, error = None, None
+        try:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - raised below, once all processes know
+          error = e
+        # Every process learns whether all read the step before any verifies it (the
+        # checksum of a sharded state is a collective).
+        if jax.process_count() > 1 and not distributed.all_processes(error is None):
+          error = error or CheckpointError("another process could not read it")
+        if error is not None:
+          raise error
         state, meta = restored["state"], restored["meta"]
         if meta.get("checksum") != tree_checksum(state):
           raise CheckpointError("checksum mismatch")
@@ -136,6 +171,23 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _savable(state: Any) -> Any:
+  """``state`` as orbax saves it from several processes: arrays on this process's devices
+  only (the same in every process) as numpy, which process 0 writes; arrays sharded over
+  the processes as they are. Unchanged in one process."""
+  if jax.process_count() == 1:
+    return state
+  return jax.tree.map(lambda x: np.asarray(x) if not isinstance(x, jax.Array)
+                      or x.is_fully_addressable else x, state)
+
+
+def _agreed(steps: list[int]) -> bool:
+  """Whether process 0 lists the same checkpoint ``steps`` as this process (a collective)."""
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(str(steps).encode()).digest()[:8], np.uint32)
+  return bool(np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest))
 
 
 def truncate_log(path: str, upto: int, field: str = "step") -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import host_loop, memory
+from jaxnas import distributed, host_loop, memory
 from jaxnas import results as results_lib
 from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.estimators.training import ProxySpec, search_split
@@ -58,11 +58,18 @@ def build(config) -> tuple:
                    batch_size=spec.batch_size, channels=spec.channels, cells=spec.cells,
                    num_classes=ds.num_classes, w_lr=spec.learning_rate if "learning_rate" in args
                    else DartsConfig().w_lr, **kw)
-  # With several local devices the bilevel steps are data-parallel over them.
-  mesh = data_mesh() if jax.local_device_count() > 1 else None
+  # With several devices the bilevel steps are data-parallel over them: the local ones, or
+  # those of all processes when the search spans several.
+  devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  mesh = data_mesh(devices) if len(devices) > 1 else None
   darts = make_darts(dc, mesh)
   if mesh is not None:
-    data = jax.device_put(data, NamedSharding(mesh, P()))
+    replicated = NamedSharding(mesh, P())
+    if jax.process_count() > 1:  # local arrays cannot enter a program that spans processes
+      data = jax.tree.map(lambda a: jax.make_array_from_callback(
+          a.shape, replicated, lambda index, a=np.asarray(a): a[index]), data)
+    else:
+      data = jax.device_put(data, replicated)
   return darts, data
 
 
@@ -82,7 +89,8 @@ def compile_once(f, *args, options: dict | None = None):
 
 def run(config, workdir: str, darts, data) -> dict:
   n = config.num_seeds
-  keys = jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n))
+  # Host keys: across processes every process passes the same (a device array is local).
+  keys = np.asarray(jax.vmap(jax.random.PRNGKey)(config.seed + jnp.arange(n)))
   init = jax.vmap(darts.init, in_axes=(0, None))
   # With a mesh the state lives replicated on every device.
   init = jax.jit(init, out_shardings=None if darts.mesh is None else
@@ -111,7 +119,7 @@ def run(config, workdir: str, darts, data) -> dict:
 
   def advance(epoch):
     new_state, m = run_epoch(state, data)
-    return epoch + 1, (new_state, jax.device_get(m))
+    return epoch + 1, (new_state, distributed.host(m))
 
   def commit(epoch, out, seconds, elapsed):
     nonlocal state
@@ -140,14 +148,14 @@ def run(config, workdir: str, darts, data) -> dict:
   t0 = time.time()
   selected = None
   if darts.config.selection == "perturbation":
-    selected = jax.device_get(seeds(darts.select)(state, data))
+    selected = distributed.host(seeds(darts.select)(state, data))
     logging.info("perturbation selection: %s (%.1fs)",
                  [space.encode(a) for a in _unstack(selected[0], n)], time.time() - t0)
     cells = selected[0]
   else:
     cells = jax.vmap(darts.supernet.derive)(state.alpha)
   cell_acc = seeds(lambda sc, d: darts.cell_accuracy(sc[0], d, sc[1]))((state, cells), data)
-  cell_acc = np.asarray(jax.device_get(cell_acc), np.float64)
+  cell_acc = np.asarray(distributed.host(cell_acc), np.float64)
   logging.info("derived cells' validation accuracy with the supernet's weights: %s",
                np.round(100 * cell_acc, 2).tolist())
   timing = host_loop.timing(elapsed)
@@ -158,7 +166,7 @@ def run(config, workdir: str, darts, data) -> dict:
 
 
 def _softmax(alpha):
-  return jax.tree.map(lambda a: np.asarray(jax.device_get(jax.nn.softmax(a))), alpha)
+  return distributed.host(jax.tree.map(jax.nn.softmax, alpha))
 
 
 def _round(tree, digits):
@@ -187,7 +195,7 @@ def _results(config, darts, state, history, stopped, cell_acc, selected=None) ->
   supernet = darts.supernet
   space = supernet.space
   n = config.num_seeds
-  magnitude = _unstack(jax.device_get(jax.vmap(supernet.derive)(state.alpha)), n)
+  magnitude = _unstack(distributed.host(jax.vmap(supernet.derive)(state.alpha)), n)
   finals = magnitude if selected is None else _unstack(selected[0], n)
   alphas = _unstack(_softmax(state.alpha), n)
   table_of = (darts.config.model or model_of(TrainConfig(space=config.space))).table

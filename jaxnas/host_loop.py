@@ -9,7 +9,9 @@ checked between chunks, so a chunk in progress is never cut, and a chunk that
 would likely overrun the limit (the last one took longer than what is left) is
 not started. Elapsed time is carried in the checkpoint, so resumes count too.
 
-Only process 0 writes files (checkpoints themselves are collective).
+Only process 0 writes files (checkpoints themselves are collective); across processes
+every one resumes from the same checkpoint and reads the log only once process 0 has cut
+it back.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
+from jaxnas import distributed
 from jaxnas.checkpoint import Checkpointer, truncate_log
 
 
@@ -118,11 +121,13 @@ def resume(ckpt: Checkpointer, template: Any, log_path: str, field: str = "step"
   if restored is None:
     if os.path.exists(log_path) and primary():
       os.remove(log_path)
+    distributed.barrier("jaxnas-log-reset")  # no process reads the log before it is reset
     return 0, template, 0.0
   step, state, meta = restored
   logging.info("%sresuming from checkpoint at %s %d", what, field, step)
   if primary():
     truncate_log(log_path, step, field)
+  distributed.barrier("jaxnas-log-reset")
   return step, state, float(meta.get("elapsed_s", 0.0))
 
 
@@ -138,7 +143,9 @@ def drive(step: int, elapsed: float, advance: Callable[[int], tuple[int, Any]],
   """
   limit_s, last_s = max_hours * 3600.0, 0.0
   while not done(step):
-    if limit_s and step > 0 and elapsed + last_s > limit_s:
+    # Across processes, process 0's clock decides for all (else one could stop while the
+    # others wait for it in the next chunk's collectives).
+    if limit_s and distributed.from_process_0(step > 0 and elapsed + last_s > limit_s):
       logging.warning("stopping at step %d: --max_hours=%g reached (%.0f s used)", step,
                       max_hours, elapsed)
       return step, elapsed, {"reason": "max_hours", "max_hours": max_hours, "at_step": step}
@@ -155,4 +162,4 @@ def timing(elapsed: float, **extra) -> dict:
   an interrupted and an uninterrupted run must write identically)."""
   n = jax.device_count()
   return {"wall_s": round(elapsed, 3), **extra, "devices": n, "device_s": round(elapsed * n, 3),
-          "backend": jax.default_backend()}
+          "processes": jax.process_count(), "backend": jax.default_backend()}

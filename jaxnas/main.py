@@ -112,9 +112,21 @@ flags.DEFINE_string("plan", None, "train: population execution plan auto | map |
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
                      "(e.g. one per core) so population training runs a slice per core; 0 keeps "
                      "JAX's default (one multi-threaded device).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host, "
-                  "e.g. a Cloud TPU pod: every host runs the same command); populations are "
-                  "then sharded over the devices of all hosts.")
+flags.DEFINE_bool("distributed", False, "Run as one of several processes (jax.distributed): "
+                  "every process runs the same command; the processes are detected (Cloud TPU "
+                  "pod, SLURM, Open MPI) or given by --coordinator_address, --num_processes "
+                  "and --process_id. Seeds of table and zero-cost searches and the "
+                  "populations of training searches are sharded over the devices of all "
+                  "processes; process 0 writes the workdir.")
+flags.DEFINE_string("coordinator_address", None, "With several processes: host:port of process "
+                    "0, where the others find it (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "With several processes: how many (implies "
+                     "--distributed).")
+flags.DEFINE_integer("process_id", None, "With several processes: this one's index, 0 .. "
+                     "num_processes - 1 (implies --distributed; the only flag that differs "
+                     "between the processes' commands).")
+flags.DEFINE_float("peer_timeout", 60.0, "With several processes: seconds a process waits for "
+                   "a silent peer (killed, crashed) before it stops with an error.")
 flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache, "
                     "so a resumed or repeated run loads its compiled programs instead of "
                     "compiling them again (default: $JAX_COMPILATION_CACHE_DIR, else "
@@ -142,12 +154,20 @@ _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "c
 # Flags a retrain reads; any other flag of this CLI given with --mode=retrain is refused.
 _RETRAIN_FLAGS = {"mode", "arch", "space", "model", "dataset", "data_dir", "seed", "workdir", "epochs",
                   "checkpoint_every", "augment", "channels", "cells", "batch_size",
-                  "train_learning_rate", "cpu_devices", "distributed", "compilation_cache"}
+                  "train_learning_rate", "cpu_devices", "distributed", "compilation_cache",
+                  "coordinator_address", "num_processes", "process_id", "peer_timeout"}
+# Flags that launch the processes of a run, not what it computes (so they may differ
+# between the processes' commands; everything else must be the same).
+_LAUNCH_FLAGS = ("process_id", "coordinator_address", "num_processes", "distributed",
+                 "compilation_cache")
 _SEARCH_ONLY_FLAGS = tuple(sorted(f.name for f in FLAGS.get_key_flags_for_module(
     sys.modules[__name__]) if f.name not in _RETRAIN_FLAGS))
 
 
 def _fail(message: str) -> None:
+  distributed = sys.modules.get("jaxnas.distributed")  # imported by multi-process runs only
+  if distributed is not None and distributed.active():
+    distributed.fail(message, 2)  # tells the other processes, which stop too
   print(f"jaxnas: error: {message}", file=sys.stderr)
   sys.exit(2)
 
@@ -241,12 +261,7 @@ def main(argv):
                                " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  if FLAGS.distributed:
-    import jax
-    try:
-      jax.distributed.initialize()
-    except (RuntimeError, ValueError) as e:
-      _fail(f"--distributed: jax.distributed.initialize() failed: {str(e).splitlines()[0]}")
+  _start_processes()
   if FLAGS.mode == "retrain":
     _compilation_cache(FLAGS.compilation_cache)
     return _retrain()
@@ -268,6 +283,9 @@ def main(argv):
     _fail_if_out_of_memory(e, "--num_seeds, --population, --batch_size or --channels "
                                  "(those that apply)")
     raise
+  import jax
+  if jax.process_index() != 0:  # process 0 writes the plots and reports
+    return
   plot = os.path.join(workdir, "trajectory.png")
   if not os.path.exists(plot):
     if plotting.plot_trajectories(results, plot) is None:
@@ -286,6 +304,44 @@ def main(argv):
   if os.path.exists(plot):
     files.append("trajectory.png")
   print(f"  workdir: {workdir} ({', '.join(files)})")
+
+
+def _start_processes() -> None:
+  """Joins the other processes of a multi-process run (``--distributed`` or the explicit
+  launch flags) and checks that they were all started with this command line."""
+  explicit = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+              if FLAGS[name].value is not None]
+  if explicit and FLAGS["distributed"].present and not FLAGS.distributed:
+    _fail(f"{', '.join(explicit)} {'start' if len(explicit) > 1 else 'starts'} a "
+          "multi-process run; drop --nodistributed")
+  if not (FLAGS.distributed or explicit):
+    if FLAGS["peer_timeout"].present:
+      _fail("--peer_timeout applies to multi-process runs (--distributed)")
+    return
+  if FLAGS.num_processes is not None and FLAGS.num_processes < 1:
+    _fail(f"--num_processes must be >= 1, got {FLAGS.num_processes}")
+  if FLAGS.process_id is not None and not (
+      0 <= FLAGS.process_id < (FLAGS.num_processes or FLAGS.process_id + 1)):
+    _fail(f"--process_id must be in [0, --num_processes), got {FLAGS.process_id}")
+  address = FLAGS.coordinator_address
+  if address is not None and not (address.rpartition(":")[0] and
+                                  address.rpartition(":")[2].isdigit()):
+    _fail(f"--coordinator_address must be host:port, got {address!r}")
+  if not (FLAGS.peer_timeout > 0 and FLAGS.peer_timeout < float("inf")):
+    _fail(f"--peer_timeout must be > 0 and finite, got {FLAGS.peer_timeout}")
+  if FLAGS.mode == "retrain":
+    _fail("--mode=retrain runs in one process; drop --distributed and the launch flags")
+  from jaxnas import distributed
+  try:
+    distributed.initialize(address, FLAGS.num_processes, FLAGS.process_id, FLAGS.peer_timeout)
+    distributed.check_same_command(
+        {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])
+         if f.name not in _LAUNCH_FLAGS})
+  except distributed.DistributedError as e:
+    _fail(str(e))
+  import jax
+  if jax.process_index() != 0:  # one progress log: process 0's
+    logging.set_verbosity(logging.WARNING)
 
 
 def search_config():

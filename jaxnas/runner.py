@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import darts_runner, estimators, host_loop, multifidelity, pareto
-from jaxnas.checkpoint import Checkpointer, CheckpointError
+from jaxnas import darts_runner, distributed, estimators, host_loop, multifidelity, pareto
+from jaxnas.checkpoint import Checkpointer, CheckpointError, CheckpointsDiffer
 from jaxnas.datasets import DATASETS as _DATASETS
 from jaxnas.datasets import load_dataset
 from jaxnas.estimators import one_shot, zero_cost
@@ -57,7 +57,8 @@ HYPERBAND_ARGS = ("eta", "rungs", "hyperband_brackets")
 HOST_STRATEGIES = ("hyperband", "darts")
 SPACES = tuple(BUILTINS)
 DEFAULT_SPACE = "nb201"
-# Evaluators that score a user's model (--model): those that train or score its networks.
+# Evaluators that score through the model protocol: a user's model (--model), and every
+# model's latency (their reports come from ``protocol.cost_report``).
 MODEL_EVALUATORS = ("train", "zero_cost", "supernet")
 # Settings a user's model fixes in its own module (so --model refuses them).
 MODEL_FIXED_ARGS = ("channels", "cells")
@@ -258,10 +259,6 @@ def validate(c: SearchConfig) -> None:
   _validate_proxy(c)
 
 
-# Evaluators whose ``report`` gives a model's latency (``SearchableModel.latency``).
-LATENCY_EVALUATORS = ("train", "zero_cost", "supernet")
-
-
 def _validate_latency(c: SearchConfig) -> None:
   """``--objectives=...,latency`` needs a model with a latency model and an evaluator that
   reports it."""
@@ -271,9 +268,9 @@ def _validate_latency(c: SearchConfig) -> None:
     raise UserError(f"--objectives={','.join(c.objectives)}: {searched} has no latency model "
                     "(a built-in one: --space=mbconv; a user's: jaxnas.searchable(..., "
                     "latency=...))")
-  if c.evaluator not in LATENCY_EVALUATORS:
+  if c.evaluator not in MODEL_EVALUATORS:
     raise UserError(f"--objectives={','.join(c.objectives)}: latency is reported by "
-                    f"--evaluator={'|'.join(LATENCY_EVALUATORS)}, not --evaluator={c.evaluator}")
+                    f"--evaluator={'|'.join(MODEL_EVALUATORS)}, not --evaluator={c.evaluator}")
 
 
 def _validate_proxy(c: SearchConfig) -> None:
@@ -389,7 +386,8 @@ def environment(compute: dict | None = None) -> dict:
       versions[pkg] = None
   return {"python": sys.version.split()[0], "platform": platform.platform(),
           "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "versions": versions, "command": " ".join(sys.argv), "compute": compute}
+          "processes": jax.process_count(), "versions": versions,
+          "command": " ".join(sys.argv), "compute": compute}
 
 
 def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
@@ -409,17 +407,23 @@ def _aggregate(metrics: dict, live: np.ndarray) -> list[dict]:
   return lines
 
 
-def make_advance(search, chunk: int, root_key: jax.Array):
+def make_advance(search, chunk: int, root_key: jax.Array, sharding=None):
   """``advance(state, step) -> (state, metrics[seeds, chunk])``: the next ``chunk`` steps of all seeds.
 
-  With a jittable evaluator this is one compiled ``vmap(scan)``. Otherwise
+  With a jittable evaluator this is one compiled ``vmap(scan)`` (its state and metrics
+  laid out by ``sharding``, ``seed_sharding``, where given). Otherwise
   ``ask`` and ``tell`` are compiled and vmapped over seeds, and the evaluator
   (its own compiled program, e.g. population training) is called between them
   once per step on the candidates of all seeds together, with the key
   ``fold_in(PRNGKey(seed), step)``.
   """
   if search.evaluator.jittable:
-    run_chunk = jax.jit(jax.vmap(lambda s, t: search.run_chunk(s, t, chunk), in_axes=(0, None)))
+    chunk_fn = jax.vmap(lambda s, t: search.run_chunk(s, t, chunk), in_axes=(0, None))
+    if sharding is not None:
+      run_chunk = jax.jit(chunk_fn, out_shardings=(sharding, sharding))
+      # A host scalar: every process passes the same step (a device scalar would be local).
+      return lambda state, step: run_chunk(state, np.int32(step))
+    run_chunk = jax.jit(chunk_fn)
     return lambda state, step: run_chunk(state, jnp.int32(step))
 
   ask = jax.jit(jax.vmap(search.ask))
@@ -447,6 +451,29 @@ def make_advance(search, chunk: int, root_key: jax.Array):
   return advance
 
 
+def seed_sharding(num_seeds: int):
+  """Where a jittable search's seeds live when it spans several processes: a
+  ``NamedSharding`` over the devices of all processes, seeds split between them when
+  their number divides over the devices, else replicated (every device runs every seed,
+  with a warning); None in one process (all seeds on the default device, as always).
+
+  Seeds never communicate, so a seed computes the same program on the same inputs
+  wherever it lies: results are the same as in one process (tests/test_distributed.py).
+  """
+  if jax.process_count() == 1:
+    return None
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.asarray(jax.devices()), ("seeds",))
+  if num_seeds % jax.device_count():
+    if host_loop.primary():
+      print(f"jaxnas: warning: --num_seeds={num_seeds} does not divide over the "
+            f"{jax.device_count()} devices of the {jax.process_count()} processes, so every "
+            "device runs every seed; give a multiple of it to split them", file=sys.stderr,
+            flush=True)
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, PartitionSpec("seeds"))
+
+
 def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: int,
                  max_hours: float = 0.0, checkpoint: bool = True):
   """Runs ``num_seeds`` seeds (``seed + i``) of ``search`` to the end in chunks of ``chunk``
@@ -455,16 +482,28 @@ def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: 
   With a ``workdir``, each chunk appends its per-step lines to metrics.jsonl and (with
   ``checkpoint``) saves the state, and a rerun resumes from the newest verified checkpoint
   (UserError where none is readable). ``stopped`` says whether ``max_hours`` ended it early.
+  Across several processes a jittable search's seeds are sharded over all their devices
+  (``seed_sharding``; the returned state is then gathered to host arrays), while a
+  training search runs ask and tell in every process alike and its evaluator shards the
+  population.
   """
   n, num_steps = num_seeds, search.num_steps
+  sharding = seed_sharding(n) if search.evaluator.jittable else None
   keys = jax.vmap(jax.random.PRNGKey)(seed + jnp.arange(n))
-  state = jax.jit(jax.vmap(search.init))(keys)
+  if sharding is None:
+    state = jax.jit(jax.vmap(search.init))(keys)
+  else:
+    keys = np.asarray(keys)
+    keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
+    state = jax.jit(jax.vmap(search.init), out_shardings=sharding)(keys)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints")) if workdir else None
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
   step, elapsed = 0, 0.0
   if ckpt is not None:
     try:
       step, state, elapsed = host_loop.resume(ckpt, state, metrics_path)
+    except CheckpointsDiffer as e:
+      raise UserError(str(e)) from None
     except CheckpointError as e:
       raise UserError(f"{e}; the unreadable steps were moved aside, rerun to start afresh"
                       ) from None
@@ -472,11 +511,11 @@ def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: 
   # against --max_hours; a resumed search's checkpoint already includes it.
   if step == 0:
     elapsed = float(search.evaluator.setup_s)
-  advance = make_advance(search, chunk, jax.random.PRNGKey(seed))
+  advance = make_advance(search, chunk, jax.random.PRNGKey(seed), sharding)
 
   def run_chunk(step):
     new_state, metrics = advance(state, step)
-    return int(new_state.step[0]), (new_state, jax.device_get(metrics))
+    return int(distributed.host(new_state.step)[0]), (new_state, distributed.host(metrics))
 
   def commit(step, out, seconds, elapsed):
     nonlocal state
@@ -496,6 +535,8 @@ def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: 
                                            max_hours=max_hours)
   if ckpt is not None:
     ckpt.close()
+  if sharding is not None:
+    state = distributed.host(state)
   return state, elapsed, stopped
 
 
@@ -521,6 +562,13 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   supernet trained) and written after.
   """
   validate(config)
+  if jax.process_count() > 1 and (config.strategy == "hyperband" or
+                                  config.evaluator == "supernet"):
+    what = ("--strategy=hyperband" if config.strategy == "hyperband" else
+            "--evaluator=supernet")
+    raise UserError(f"{what} runs in one process only so far; drop --distributed and the "
+                    "launch flags (--strategy=darts and init/ask/tell strategies with "
+                    "--evaluator=nb201, zero_cost or train span processes)")
   workdir = workdir or default_workdir(config)
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")

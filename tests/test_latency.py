@@ -171,7 +171,7 @@ def test_objectives_latency_needs_a_latency_model():
   with pytest.raises(runner.UserError, match="--objectives=accuracy,latency: --space=nb201 "
                                              "has no latency model"):
     runner.validate(runner.SearchConfig(evaluator="train", objectives=("accuracy", "latency")))
-  for evaluator in runner.LATENCY_EVALUATORS:  # every evaluator of the space reports it
+  for evaluator in runner.MODEL_EVALUATORS:  # every evaluator of the space reports it
     runner.validate(runner.SearchConfig(space="mbconv", evaluator=evaluator,
                                         objectives=("accuracy", "latency")))
 

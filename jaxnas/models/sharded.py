@@ -11,10 +11,13 @@ that does not divide the device count is padded with copies of member 0 whose
 results are dropped; the members are first ordered so that every device's block
 holds about equal work (``train.device_layout``).
 
-Multi-host (Cloud TPU pods): after ``jax.distributed.initialize()`` the mesh
-spans ``jax.devices()`` of all processes; every process loads the same data and
-passes the same population, and ``jax.make_array_from_callback`` places each
-device's block, so the same code runs on one host or many.
+Several processes (a Cloud TPU pod, a GPU cluster, or processes on one CPU machine;
+``jaxnas.distributed``): the mesh spans ``jax.devices()`` of all processes; every
+process loads the same data and passes the same population and key,
+``jax.make_array_from_callback`` places each device's block (and the data and key,
+replicated, on every device: a process cannot pass its local arrays to a program that
+spans others), and the per-member results are gathered back to every process, so all
+of them hold the same fitness and go on in step (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -78,7 +81,12 @@ def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = 
   # equal work (what "map" runs one after another; harmless under "vmap").
   order, back = device_layout(archs, config, mesh.devices.size)
   archs, keys, scales = jax.tree.map(lambda a: a[order], (archs, keys, scales))
+  if jax.process_count() > 1:
+    data_key, data = jax.tree.map(lambda a: _global(np.asarray(a), mesh, P()), (data_key, data))
   out = _sharded(config, mesh)(jax.tree.map(lambda a: _global(a, mesh, P(AXIS)), archs),
                                _global(keys, mesh, P(AXIS)),
                                data_key, data, _global(scales, mesh, P(AXIS)))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)[back], out)
   return jax.tree.map(lambda x: x[back], out)
