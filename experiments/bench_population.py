@@ -192,6 +192,9 @@ def main():
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="CPU backend: expose this many single-threaded CPU devices and shard the "
                  "population over them (0: one per core; 1: one multi-threaded device)")
+  p.add_argument("--unrolled_cells", action="store_true",
+                 help="--cells > 1: unrolled cells instead of one nn.scan per stage (the "
+                 "training evaluator's form, TrainConfig.scan_cells)")
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
   p.add_argument("--short_steps", type=int, default=-1,
                  help="steps of the shorter steady-state run that times the training steps "
@@ -213,7 +216,8 @@ def main():
   config = train_lib.resolve_plan(train_lib.TrainConfig(
       steps=args.steps, batch_size=args.batch, num_classes=10, plan=args.plan,
       op_impl=args.op_impl, map_batch=args.map_batch, space=args.space,
-      execution=ops.Execution(args.conv_impl, args.pool_impl), **sizes))
+      execution=ops.Execution(args.conv_impl, args.pool_impl),
+      scan_cells=not args.unrolled_cells, **sizes))
   archs = population(args, model_of(config).space)
   key = jax.random.PRNGKey(args.seed + 1)
 
@@ -259,7 +263,9 @@ def main():
       "conv_impl": config.execution.conv, "pool_impl": config.execution.pool,
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
-      "channels": args.channels, "cells": args.cells, "batch": args.batch, "image": args.image,
+      "channels": args.channels, "cells": args.cells,
+      "scan_cells": bool(args.space == "nb201" and args.cells > 1 and not args.unrolled_cells),
+      "batch": args.batch, "image": args.image,
       "end_to_end_s": round(end_to_end, 3), "compile_s": compile_s,
       "steady_s": round(steady, 3),
       "short_steps": short,

@@ -55,6 +55,50 @@ def test_arch_as_data_equals_specialised(op_impl):
                                   new_s["batch_stats"], atol=1e-5, rtol=1e-5)
 
 
+def test_scanned_cells_compute_the_unrolled_network():
+  """``scan_cells``: a stage's cells as one ``nn.scan`` over stacked variables compute the
+  unrolled network's function (outputs, BN updates, gradients), ``init_variables`` draws
+  every stacked kernel on its own, and a population trains with it."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 2))
+  net = net_lib.NB201Network(channels=4, cells=2, num_classes=7)
+  scanned = net.clone(scan_cells=True)
+  a0 = jnp.zeros(6, jnp.int32)
+  v = net.init(jax.random.PRNGKey(1), x, a0)
+  sv = net_lib.stack_cells(v, 2)
+  assert "cells1" in sv["params"] and "cell1_0" not in sv["params"]
+  assert (jax.tree.structure(sv) ==
+          jax.tree.structure(jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(1), x, a0))))
+
+  def run(net, v, a):
+    def loss(p):
+      y, new = net.apply({**v, "params": p}, x, a, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), new
+    (l, new), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
+    return l, new, g, net.apply(v, x, a, train=False)
+
+  unrolled = _compile(lambda v, a: run(net, v, a), v, a0)
+  stacked = _compile(lambda v, a: run(scanned, v, a), sv, a0)
+  for arch in ARCHS:
+    a = jnp.asarray(arch, jnp.int32)
+    l, new, g, y = unrolled(v, a)
+    ls, new_s, gs, ys = stacked(sv, a)
+    np.testing.assert_allclose(ls, l, rtol=1e-5)
+    chex.assert_trees_all_close(ys, y, atol=1e-5)
+    chex.assert_trees_all_close(new_s, net_lib.stack_cells(new, 2), atol=1e-5)
+    chex.assert_trees_all_close(gs, net_lib.stack_cells({"params": g}, 2)["params"],
+                                atol=1e-4, rtol=1e-4)
+  drawn = train_lib.init_variables(scanned, jax.random.PRNGKey(2), x, a0, train=False)
+  k = np.asarray(drawn["params"]["cells0"]["cell"]["edge0"]["nor_conv_3x3"]["kernel"])
+  assert k.shape == (2, 3, 3, 4, 4) and not np.allclose(k[0], k[1])
+  bound = 1 / np.sqrt(3 * 3 * 4)
+  assert bound >= np.abs(k).max() > 0.5 * bound
+  config = train_lib.TrainConfig(steps=4, batch_size=16, channels=4, cells=2, plan="map",
+                                 eval_batch_size=64, scan_cells=True)
+  metrics = train_lib.train_population_metrics(
+      jnp.asarray(ARCHS[:2], jnp.int32), jax.random.PRNGKey(0), _data(), config)
+  assert np.all(np.isfinite(np.asarray(metrics["val_accuracy"])))
+
+
 def test_switch_edge_gradients_equal_specialised():
   # The training-mode switch edge has a custom VJP (one residual set, a backward switch):
   # its parameter gradients must be autodiff's of the specialised network, and zero for

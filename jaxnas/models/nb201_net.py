@@ -36,7 +36,7 @@ a field of every module here: the default ``"auto"`` is the backend's measured d
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -317,6 +317,10 @@ class NB201Network(nn.Module):
       ``arch`` is ignored and may be ``None``).
     bn_momentum: running-statistics decay (0.9 = PyTorch's momentum 0.1).
     execution: the conv and pool implementations (``jaxnas.ops.Execution``).
+    scan_cells: with ``cells`` > 1, each stage's cells run as one ``nn.scan`` over
+      stacked variables (``cells{stage}/cell/...``, leading axis ``cells``; otherwise
+      ``cell{stage}_{n}``): the program's size, and its compile time, stop growing with
+      ``cells`` (the same function; not the unrolled form's initial values).
   """
   channels: int = 16
   cells: int = 5
@@ -325,6 +329,7 @@ class NB201Network(nn.Module):
   fixed_arch: tuple[int, ...] | None = None
   bn_momentum: float = 0.9
   execution: Execution = Execution()
+  scan_cells: bool = False
 
   @nn.compact
   def __call__(self, images, arch=None, train: bool = False):
@@ -349,14 +354,51 @@ def skeleton(net: nn.Module, images, train: bool, cell):
   m, ex = net.bn_momentum, net.execution.resolve()
   k = net.param("stem", conv_init, (3, 3, images.shape[-1], net.channels))
   x = BatchNorm(m, name="stem_bn")(conv2d(images, k, impl=ex.conv), train)
+  scan = getattr(net, "scan_cells", False) and net.cells > 1
   for stage in range(3):
     c = net.channels * 2 ** stage
     if stage:
       x = ResidualReduction(c, m, ex, name=f"reduce{stage}")(x, train)
-    for n in range(net.cells):
-      x = cell(x, c, f"cell{stage}_{n}")
+    if scan:
+      x = _scanned_cells(x, c, net.cells, f"cells{stage}", cell)
+    else:
+      for n in range(net.cells):
+        x = cell(x, c, f"cell{stage}_{n}")
   x = nn.relu(BatchNorm(m, name="last_bn")(x, train))
   return nn.Dense(net.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+class _CellBody(nn.Module):
+  """One cell as an ``nn.scan`` body: ``(x, None) -> (cell(x), None)``."""
+  features: int
+  cell: Callable
+
+  @nn.compact
+  def __call__(self, x, _):
+    return self.cell(x, self.features, "cell"), None
+
+
+def _scanned_cells(x, features: int, cells: int, name: str, cell):
+  """``cells`` applications of ``cell`` as one ``nn.scan``: every variable gets a leading
+  axis of ``cells`` (under ``name/cell``), and the program holds one cell's code (and its
+  gradient's) however many cells the stage has."""
+  stack = nn.scan(_CellBody, variable_axes={True: 0}, split_rngs={"params": True},
+                  length=cells)
+  return stack(features, cell, name=name)(x, None)[0]
+
+
+def stack_cells(variables, cells: int):
+  """The variables of an unrolled network (``cell{stage}_{n}``) in the ``scan_cells``
+  layout (``cells{stage}/cell``, stacked over ``n``): the same network."""
+  def convert(tree):
+    out = {k: v for k, v in tree.items() if not (k.startswith("cell") and "_" in k)}
+    for stage in range(3):
+      parts = [tree[f"cell{stage}_{n}"] for n in range(cells) if f"cell{stage}_{n}" in tree]
+      if parts:
+        out[f"cells{stage}"] = {"cell": jax.tree.map(lambda *a: jnp.stack(a), *parts)}
+    return out
+
+  return {col: convert(dict(tree)) for col, tree in variables.items()}
 
 
 def specialise(net: NB201Network, arch: Sequence[int]) -> NB201Network:

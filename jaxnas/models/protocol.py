@@ -110,7 +110,8 @@ def init_variables(net: nn.Module, key, *args, **kwargs):
   """``net.init(key, *args, **kwargs)``'s variables, drawn with two RNG computations.
 
   Same tree, shapes and distributions as flax's init of this package's networks
-  (NB201 and DARTS space): every conv kernel (a 4-D param, ``conv_init``)
+  (NB201 and DARTS space): every conv kernel (a 4-D param, ``conv_init``; with leading
+  axes, a stack of them under ``nn.scan``)
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from one uniform draw
   (``remat.fan_in_uniform``), the classifier's kernel ``lecun_normal`` (flax
   ``Dense``'s default), BatchNorm's scale/bias and statistics their constants.
@@ -121,7 +122,7 @@ def init_variables(net: nn.Module, key, *args, **kwargs):
   """
   shapes = jax.eval_shape(lambda k: net.init(k, *args, **kwargs), jax.random.PRNGKey(0))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-  convs = {p: v for p, v in flat.items() if p[0] == "params" and v.ndim == 4}
+  convs = {p: v for p, v in flat.items() if p[0] == "params" and v.ndim >= 4}
   dense = [p for p, v in flat.items() if p[0] == "params" and v.ndim == 2 and p[-1] == "kernel"]
   k_conv, k_dense = jax.random.split(key)
   values = fan_in_uniform(k_conv, convs)
@@ -186,19 +187,28 @@ def cost_report(model: SearchableModel, archs, image_shape: tuple, num_classes: 
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def head_width(model: SearchableModel, image_shape: tuple) -> int:
+  """The number of logits ``model``'s network gives per image of ``image_shape`` (traced
+  abstractly: nothing is computed)."""
+  space, net = model.space, model.network(None)
+  arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  logits = jax.eval_shape(
+      lambda key, x: net.apply(model.init(net, key, x, arch), x, arch, train=False),
+      jax.random.PRNGKey(0), images)
+  return int(logits.shape[-1])
+
+
 def check_head(model: SearchableModel, image_shape: tuple, num_classes: int,
                dataset: str = "the dataset") -> None:
   """ValueError (one line) where ``model``'s network does not give one logit per class of
   ``dataset`` for its images (a head of the wrong width would train on out-of-range labels
   and every loss would be NaN)."""
-  space = model.space
-  arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
-  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  logits = jax.eval_shape(lambda key, x: model.network(None).init_with_output(
-      key, x, arch, train=False)[0], jax.random.PRNGKey(0), images)
-  if tuple(logits.shape) != (1, num_classes):
-    raise ValueError(f"model {model.name}: its network gives logits of shape "
-                     f"{tuple(logits.shape[1:])} per {'x'.join(map(str, image_shape))} image, "
+  width = head_width(model, tuple(int(d) for d in image_shape))
+  if width != num_classes:
+    raise ValueError(f"model {model.name}: its network gives {width} logits per "
+                     f"{'x'.join(map(str, image_shape))} image, "
                      f"but {dataset} has {num_classes} classes")
 
 

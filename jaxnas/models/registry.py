@@ -89,7 +89,8 @@ def nb201_model(config) -> SearchableModel:
     return nb201_net.NB201Network(
         channels=config.channels, cells=config.cells, num_classes=config.num_classes,
         op_impl=config.op_impl if config.op_impl != "auto" else "switch", fixed_arch=static,
-        bn_momentum=config.bn_momentum, execution=config.execution)
+        bn_momentum=config.bn_momentum, execution=config.execution,
+        scan_cells=config.scan_cells)
 
   def cost(arch, image_shape, num_classes):
     return nb201_net.cost(arch, config.channels, config.cells, num_classes, image_shape[-1],
@@ -175,8 +176,7 @@ def mbconv_model(config) -> SearchableModel:
     return mbconv_net.cost(arch, num_classes, image_shape[-1], image_shape[0])
 
   widest = np.asarray([c - 1 for c in space.cardinalities], np.int32)
-  elastic = np.asarray(["width" in p or "expand" in p for p in space.encode(
-      space.from_vector(widest)).split(",")])  # all decisions are active at the widest
+  elastic = np.asarray([label.endswith((".width", ".expand")) for label in space.labels])
 
   def work(archs):
     vectors = np.asarray(jax.vmap(space.to_vector)(archs))

@@ -108,17 +108,19 @@ def fan_in_uniform(rng, shapes, lead: tuple[int, ...] = ()):
 
   Each flax initialiser is its own RNG computation (a threefry loop, plus a
   ``fold_in`` of its name): the DARTS-space supernet has ~1000 of them, which
-  dominate its init program's compile time. Here a group of edges costs one.
+  dominate its init program's compile time. Here a group of edges costs one. A kernel
+  with axes before its HWIO ones (a stack of layers under ``nn.scan``) is a stack of
+  independent kernels.
   """
   leaves, treedef = jax.tree.flatten(shapes)
   for leaf in leaves:
-    if len(leaf.shape) != 4:
+    if len(leaf.shape) < 4:
       raise ValueError(f"fan_in_uniform initialises conv kernels (HWIO), got shape {leaf.shape}")
   sizes = [math.prod(leaf.shape) for leaf in leaves]
   u = jax.random.uniform(rng, lead + (sum(sizes),), minval=-1.0, maxval=1.0)
   out, start = [], 0
   for leaf, n in zip(leaves, sizes):
-    bound = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
+    bound = 1.0 / math.sqrt(math.prod(leaf.shape[-4:-1]))
     out.append((u[..., start:start + n] * bound).reshape(lead + leaf.shape).astype(leaf.dtype))
     start += n
   return treedef.unflatten(out)

@@ -76,6 +76,9 @@ class TrainConfig(NamedTuple):
   space: str = "nb201"  # a built-in model (``registry.MODELS``) when ``model`` is None
   model: SearchableModel | None = None  # a user's model (``protocol.searchable``)
   execution: Execution = Execution()
+  # Cells that repeat (NB201's ``cells`` per stage) as one ``nn.scan`` over stacked
+  # variables: compile time independent of ``cells`` (``nb201_net.NB201Network``).
+  scan_cells: bool = False
 
 
 class TrainData(NamedTuple):

@@ -55,6 +55,9 @@ class Space(NamedTuple):
   # continuous relaxation that DARTS-style search and the one-hot scoring of zero-cost
   # proxies feed to a ``jaxnas.nn`` model (declared spaces); None: not relaxable.
   relax: Callable[[Any], Arch] | None = None
+  # Optional name of each decision (a declared space's dotted paths, as ``encode`` writes
+  # them, e.g. ``stage1.block2.kernel``); None: unnamed.
+  labels: tuple[str, ...] | None = None
 
   # ------------------------------------------------------------------ sizes
   @property

@@ -214,7 +214,8 @@ def declare(structure, name: str = "declared") -> Space:
 
   return Space(name=name, cardinalities=tuple(len(c.values) for c in choices),
                to_vector=to_vector, from_vector=from_vector, encode=encode, decode=decode,
-               active=active if conditional else None, relax=relax)
+               active=active if conditional else None, relax=relax,
+               labels=tuple(labels))
 
 
 def to_python(arch):
