@@ -331,7 +331,7 @@ def test_user_model_scores_use_its_specialised_codes_and_degenerate_members_are_
 def test_user_model_evaluator_inside_a_jitted_search():
   from jaxnas.search import make_search
   from jaxnas.strategies import random_search
-  with pytest.raises(ValueError, match=r"logits of shape \(2,\) per 28x28x1 image, but fashion_mnist has 10"):
+  with pytest.raises(ValueError, match=r"gives 2 logits per 28x28x1 image, but fashion_mnist has 10"):
     zc.zero_cost_evaluator("params", data_dir=FASHION_MNIST_SUBSET, batch_size=4, model=MODEL)
   model = jaxnas.searchable(SmallCNN(classes=10), SPACE)
   ev = zc.zero_cost_evaluator("naswot", data_dir=FASHION_MNIST_SUBSET, batch_size=4,
@@ -343,3 +343,40 @@ def test_user_model_evaluator_inside_a_jitted_search():
   final, _ = run(state)
   assert int(final.archive.count) == 4 and int(final.num_failed) == 0
   assert np.all(np.isfinite(np.asarray(final.archive.fitness)[:4]))
+
+
+class Relu6Net(nn.Module):
+  """Three elastic conv-BN layers with ``jnn.relu6`` (or ReLU): SynFlow's bounded case."""
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x, arch, train=False):
+    w = arch["width"]
+    for _ in range(3):
+      x = jnn.BatchNorm()(jnn.ElasticConv(8, 3)(x, width=w), train, width=w)
+      x = nn.relu(x) if self.relu else jnn.relu6(x)
+    return nn.Dense(NUM_CLASSES)(jnp.mean(x, (1, 2)))
+
+
+def test_synflow_scores_relu6_as_its_linear_network(batch, monkeypatch):
+  """SynFlow traces under ``jnn.linearized()``: a model with ``jnn.relu6`` scores exactly as
+  the same model with ReLU (the linear network SynFlow assumes), so its widths rank by
+  their paths; with ReLU6 clipping (the linearization switched off) they would tie."""
+  x, y = batch
+  space = jaxnas.declare({"width": jaxnas.choice(2, 4, 8)})
+  relu6, relu = Relu6Net(), Relu6Net(relu=True)
+  v = relu.init(jax.random.PRNGKey(0), x, space.from_vector(jnp.zeros(1, jnp.int32)))
+  v = {**v, "params": jax.tree.map(lambda p: 8 * p, v["params"])}  # activations well past 6
+
+  def scores(net):
+    model = jaxnas.searchable(net, space)
+    f = jax.jit(lambda a: zc.member_scores(net, v, space.from_vector(a), x, y, ("synflow",),
+                                           model=model, num_classes=NUM_CLASSES)["synflow"])
+    return np.asarray([f(jnp.asarray([w], jnp.int32)) for w in range(3)])
+
+  linear = scores(relu)
+  np.testing.assert_allclose(scores(relu6), linear, rtol=1e-5)
+  assert np.all(np.diff(linear) > 1.0), linear  # wider: many more paths
+  monkeypatch.setattr(jnn.activations, "is_linearized", lambda: False)
+  clipped = scores(relu6)
+  assert np.all(np.abs(clipped - linear) > 0.1), (clipped, linear)

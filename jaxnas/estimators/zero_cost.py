@@ -85,7 +85,7 @@ from jaxnas import nn as jnn
 from jaxnas import ops
 from jaxnas.estimators.base import Evaluator
 from jaxnas.models import registry
-from jaxnas.models.protocol import SearchableModel, check_head, cost_report
+from jaxnas.models.protocol import SearchableModel, check_head, cost_report, head_width
 from jaxnas.models.train import TrainConfig
 from jaxnas.ops import Execution
 from jaxnas.spaces import Space
@@ -264,13 +264,16 @@ def _log_synflow(net, variables, arch, image_shape):
   Pass 1 measures ``R ~ 2**k`` at a tiny input scale; pass 2 uses
   ``s * t = 2**-k`` split evenly, so activations stay near ``2**(k/2)`` at most
   and the products sum to about the mean path depth, far from float32's
-  limits even where ``R`` itself (or its gradient) would overflow.
+  limits even where ``R`` itself (or its gradient) would overflow. Traced under
+  ``jaxnas.nn.linearized()``: a bounded activation (``jnn.relu6``) is its unbounded form,
+  else activations past its bound would clip and members would tie.
   """
   params = jax.tree_util.tree_map(jnp.abs, variables["params"])
   ones = jnp.ones((1,) + tuple(image_shape), jnp.float32)
 
   def out_sum(p, scale):
-    logits = net.apply({**variables, "params": p}, ones * scale, arch, train=False)
+    with jnn.linearized():  # ReLU6 as ReLU: the linear network SynFlow scores
+      logits = net.apply({**variables, "params": p}, ones * scale, arch, train=False)
     return jnp.sum(logits)
 
   r = out_sum(params, jnp.ldexp(jnp.float32(1), -_SYNFLOW_PROBE))
@@ -288,20 +291,6 @@ def _jacov_score(jac):
   """Abdelfattah et al.'s ``jacob_cov`` of per-image input gradients ``jac`` (float32[B, ...])."""
   v = jnp.linalg.eigvalsh(jnp.corrcoef(jac.reshape(jac.shape[0], -1)))
   return -jnp.sum(jnp.log(v + 1e-5) + 1.0 / (v + 1e-5))
-
-
-@functools.lru_cache(maxsize=64)
-def _head_width(model: SearchableModel, image_shape: tuple) -> int:
-  """The number of logits of ``model``'s network for images of ``image_shape`` (abstract)."""
-  net, space = model.network(None), model.space
-  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-
-  def logits(x):
-    arch = space.from_vector(jnp.zeros(space.num_decisions, jnp.int32))
-    variables = model.init(net, jax.random.PRNGKey(0), x, arch)
-    return net.apply(variables, x, arch, train=False)
-
-  return int(jax.eval_shape(logits, x).shape[-1])
 
 
 def _member(net, variables, arch, images, labels, proxies, model, num_classes):
@@ -357,7 +346,7 @@ def member_scores(net, variables, arch, images, labels, proxies: Sequence[str] =
   if model is None:
     model, num_classes = _nb201_of(net), net.num_classes
   if num_classes is None:
-    num_classes = _head_width(model, tuple(images.shape[1:]))
+    num_classes = head_width(model, tuple(images.shape[1:]))
   proxies = check_proxies(proxies)
   if "naswot" in proxies:
     _check_probe(model)
@@ -408,7 +397,7 @@ def make_scorer(proxies: Sequence[str] = PROXIES, channels: int = 16, cells: int
     archs = np.asarray(archs) if isinstance(archs, list) else archs
     archs = jax.vmap(lambda a: space.from_vector(space.canonical(space.to_vector(a))))(archs)
     images = jnp.asarray(images, jnp.float32)
-    width = classes or _head_width(model, tuple(images.shape[1:]))
+    width = classes or head_width(model, tuple(images.shape[1:]))
     one = lambda a, v: _member(net, v, a, images, labels, proxies, model, width)
     if shared_init:
       variables = init(key, images)

@@ -41,11 +41,11 @@ class MBConv(nn.Module):
     kernel, expand, w_in, w_out = choice
     mid, mid_max = expand * w_in, max(EXPANSIONS) * self.in_max
     h = jnn.ElasticConv(mid_max, 1, conv=self.conv, name="expand")(x, width=mid)
-    h = nn.relu6(jnn.BatchNorm(self.bn_momentum, name="expand_bn")(h, train, width=mid))
+    h = jnn.relu6(jnn.BatchNorm(self.bn_momentum, name="expand_bn")(h, train, width=mid))
     h = jnn.ElasticConv(mid_max, max(KERNELS), strides=self.stride, depthwise=True,
                         kernel_impl=self.kernel_impl, kernel_sizes=KERNELS,
                         name="depthwise")(h, kernel_size=kernel)
-    h = nn.relu6(jnn.BatchNorm(self.bn_momentum, name="depthwise_bn")(h, train, width=mid))
+    h = jnn.relu6(jnn.BatchNorm(self.bn_momentum, name="depthwise_bn")(h, train, width=mid))
     h = jnn.ElasticConv(self.out_max, 1, conv=self.conv, name="project")(h, width=w_out)
     h = jnn.BatchNorm(self.bn_momentum, name="project_bn")(h, train, width=w_out)
     return x + h if self.residual else h
@@ -70,7 +70,7 @@ class MBConvNetwork(nn.Module):
     conv = self.execution.resolve().conv
     bn = lambda name: jnn.BatchNorm(self.bn_momentum, name=name)
     x = jnn.ElasticConv(STEM, 3, conv=conv, name="stem")(x)
-    x = nn.relu6(bn("stem_bn")(x, train))
+    x = jnn.relu6(bn("stem_bn")(x, train))
     w_in, in_max = STEM, STEM
     for s, stage in enumerate(STAGES, 1):
       a = arch[f"stage{s}"]
@@ -85,7 +85,7 @@ class MBConvNetwork(nn.Module):
           x, a["depth"], choices, train=train)
       w_in, in_max = w, stage.width
     x = jnn.ElasticConv(HEAD, 1, conv=conv, name="head")(x)
-    x = nn.relu6(bn("head_bn")(x, train))
+    x = jnn.relu6(bn("head_bn")(x, train))
     return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, (1, 2)))
 
 

@@ -18,6 +18,7 @@ the same code.
 * ``ElasticDepth``: a stack of max-depth blocks, blocks past the chosen depth
   exact identity (and skipped by ``lax.cond`` where members run one at a time).
 * ``input_choice``: which earlier tensor feeds a node (NNI's ``InputChoice``).
+* ``relu6``: ReLU6 that data-free proxies can unbound (``linearized``; SynFlow).
 
 Every block also takes a ``Mixture`` (``Space.relax``): the weighted sum over its
 candidates, which DARTS/GDAS train (``protocol.searchable``'s supernet) and
@@ -25,6 +26,7 @@ zero-cost proxies score one-hot; ``gate()`` says how much the code being traced
 contributes under it.
 """
 
+from jaxnas.nn.activations import linearized, relu6
 from jaxnas.nn.choice import (ElasticDepth, OpChoice, gate, gated, identity, input_choice,
                               is_static, zero)
 from jaxnas.nn.elastic import BatchNorm, ElasticConv, ElasticDense, channel_mask
@@ -33,4 +35,4 @@ from jaxnas.spaces.declared import Mixture
 
 __all__ = ["BatchNorm", "ElasticConv", "ElasticDense", "ElasticDepth", "Mixture", "OpChoice",
            "channel_mask", "extract", "gate", "gated", "identity", "input_choice", "is_static",
-           "specialised_shapes", "zero"]
+           "linearized", "relu6", "specialised_shapes", "zero"]
