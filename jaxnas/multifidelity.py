@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxnas import host_loop
+from jaxnas import distributed, host_loop
 from jaxnas import results as results_lib
 from jaxnas.checkpoint import truncate_log
 
@@ -158,11 +158,16 @@ def run(config, workdir: str, make_evaluator_at, space, options: dict) -> dict:
     for seed_state in state["seeds"]:
       seed_state.setdefault("failed", 0)  # states written before failures were counted
     logging.info("resuming from hyperband state at rung %d", state["rung_counter"])
-    truncate_log(metrics_path, state["rung_counter"])
+    if host_loop.primary():
+      truncate_log(metrics_path, state["rung_counter"])
   else:
     state = _initial_state(config)
-    if os.path.exists(metrics_path):
+    if host_loop.primary() and os.path.exists(metrics_path):
       os.remove(metrics_path)
+  # Across processes: every process has read the state (the same file: one workdir) before
+  # process 0 writes the next, and nobody reads a log being cut. Every rung's scores come
+  # back to every process (the evaluator gathers them), so the states stay equal.
+  distributed.barrier("jaxnas-hyperband-start")
   evaluators = {}
 
   def done(rung_counter):

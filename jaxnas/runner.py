@@ -562,13 +562,10 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   supernet trained) and written after.
   """
   validate(config)
-  if jax.process_count() > 1 and (config.strategy == "hyperband" or
-                                  config.evaluator == "supernet"):
-    what = ("--strategy=hyperband" if config.strategy == "hyperband" else
-            "--evaluator=supernet")
-    raise UserError(f"{what} runs in one process only so far; drop --distributed and the "
-                    "launch flags (--strategy=darts and init/ask/tell strategies with "
-                    "--evaluator=nb201, zero_cost or train span processes)")
+  if jax.process_count() > 1 and config.evaluator == "supernet":
+    raise UserError("--evaluator=supernet runs in one process only so far; drop --distributed "
+                    "and the launch flags (--strategy=darts and hyperband, and init/ask/tell "
+                    "strategies with --evaluator=nb201, zero_cost or train span processes)")
   workdir = workdir or default_workdir(config)
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")

@@ -197,6 +197,24 @@ def test_sigkill_of_one_process_stops_the_other_then_a_rerun_resumes(train_runs)
     assert _read(root / "cut" / name) == _read(root / "two" / name), name
 
 
+def test_hyperband_across_processes_writes_the_single_process_results(tmp_path):
+  """Hyperband's rungs (2 seeds x 2 cells, then the better cell of each at full epochs)
+  train sharded over 2 processes x 2 devices; every process gets each rung's scores and
+  keeps the same host state, process 0 writes it: the results of 1 process x 4 devices."""
+  flags = ("--strategy=hyperband", "--num_seeds=2", "--budget=3", "--eta=2", "--rungs=2",
+           "--hyperband_brackets=1", "--epochs=1", "--channels=4", "--cells=1",
+           "--batch_size=32", "--train_fraction=0.05", f"--data_dir={FASHION_MNIST_SUBSET}")
+  two = _start(tmp_path, "two", flags)
+  one = _start(tmp_path, "one", flags, processes=1, devices=4)
+  _finish(two)
+  _finish(one)
+  for name in ("results.json", "metrics.jsonl"):
+    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  results = json.loads(_read(tmp_path / "two" / "results.json"))
+  assert results["budget"]["evaluations_used"] == 3
+  assert all(r["best_score"] > 10.0 for r in results["runs"])
+
+
 def test_darts_across_processes_derives_the_cell_of_one_process(tmp_path):
   """DARTS with its minibatches split over 2 processes x 2 devices (gradients and BN
   moments all-reduced across the processes) derives the cell of 1 process x 4 devices,
