@@ -93,8 +93,8 @@ def run_child(code: str, *args, devices: int = 1, timeout: int = 900) -> str:
 # The suite runs under pytest-xdist with --dist loadfile (README's test command): each worker
 # takes whole modules, so module-scoped fixtures and caches are built once. The modules that
 # compile the most are handed out first, so the workers finish at about the same time.
-SLOW_FIRST = ("test_train_search.py", "test_darts.py", "test_darts_runner.py",
-              "test_darts_space.py", "test_one_shot.py",
+SLOW_FIRST = ("test_train_search.py", "test_darts.py", "test_distributed.py",
+              "test_darts_runner.py", "test_darts_space.py", "test_one_shot.py",
               "test_strategies.py", "test_declared.py", "test_models.py",
               "test_search.py", "test_objectives.py", "test_zero_cost.py", "test_sharding.py")
 
