@@ -192,9 +192,9 @@ def main():
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="CPU backend: expose this many single-threaded CPU devices and shard the "
                  "population over them (0: one per core; 1: one multi-threaded device)")
-  p.add_argument("--unrolled_cells", action="store_true",
-                 help="--cells > 1: unrolled cells instead of one nn.scan per stage (the "
-                 "training evaluator's form, TrainConfig.scan_cells)")
+  p.add_argument("--scan_cells", action="store_true",
+                 help="--cells > 1: each stage's cells as one nn.scan over stacked variables "
+                 "(TrainConfig.scan_cells) instead of unrolled")
   p.add_argument("--no_steady", action="store_true", help="skip the steady-state second call")
   p.add_argument("--short_steps", type=int, default=-1,
                  help="steps of the shorter steady-state run that times the training steps "
@@ -217,7 +217,7 @@ def main():
       steps=args.steps, batch_size=args.batch, num_classes=10, plan=args.plan,
       op_impl=args.op_impl, map_batch=args.map_batch, space=args.space,
       execution=ops.Execution(args.conv_impl, args.pool_impl),
-      scan_cells=not args.unrolled_cells, **sizes))
+      scan_cells=args.scan_cells, **sizes))
   archs = population(args, model_of(config).space)
   key = jax.random.PRNGKey(args.seed + 1)
 
@@ -264,7 +264,7 @@ def main():
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,
       "channels": args.channels, "cells": args.cells,
-      "scan_cells": bool(args.space == "nb201" and args.cells > 1 and not args.unrolled_cells),
+      "scan_cells": bool(args.space == "nb201" and args.cells > 1 and args.scan_cells),
       "batch": args.batch, "image": args.image,
       "end_to_end_s": round(end_to_end, 3), "compile_s": compile_s,
       "steady_s": round(steady, 3),

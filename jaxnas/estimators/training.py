@@ -113,8 +113,7 @@ def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> Tra
   augment = default_augment(spec.dataset, spec.augment)
   return TrainConfig(steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                      weight_decay=spec.weight_decay, channels=spec.channels, cells=spec.cells,
-                     num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space,
-                     scan_cells=True)
+                     num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space)
 
 
 def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None = None

@@ -77,7 +77,8 @@ class TrainConfig(NamedTuple):
   model: SearchableModel | None = None  # a user's model (``protocol.searchable``)
   execution: Execution = Execution()
   # Cells that repeat (NB201's ``cells`` per stage) as one ``nn.scan`` over stacked
-  # variables: compile time independent of ``cells`` (``nb201_net.NB201Network``).
+  # variables (``nb201_net.NB201Network``): compile time nearly independent of ``cells``,
+  # but on CPU each step is slower than unrolled (BUILD_NOTES.md), so off by default.
   scan_cells: bool = False
 
 
