@@ -127,7 +127,7 @@ class Checkpointer:
     steps = self.all_steps()
     if jax.process_count() > 1:
       template = _savable(template)
-      if not distributed.all_processes(_agreed(steps)):
+      if not distributed.all_processes(distributed.same_as_process_0(steps)):
         raise CheckpointsDiffer(f"the processes see different checkpoints in {self.directory} "
                               "(it must be one directory that every process reads)")
     if not steps:
@@ -182,12 +182,6 @@ def _savable(state: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x) if not isinstance(x, jax.Array)
                       or x.is_fully_addressable else x, state)
 
-
-def _agreed(steps: list[int]) -> bool:
-  """Whether process 0 lists the same checkpoint ``steps`` as this process (a collective)."""
-  from jax.experimental import multihost_utils
-  digest = np.frombuffer(hashlib.sha256(str(steps).encode()).digest()[:8], np.uint32)
-  return bool(np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest))
 
 
 def truncate_log(path: str, upto: int, field: str = "step") -> None:

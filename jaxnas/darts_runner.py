@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxnas.models.registry import builtin, load_model, model_of
 from jaxnas.models.train import TrainConfig
-from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts, over_seeds
+from jaxnas.strategies.darts import DATA_AXIS, DartsConfig, make_darts, over_seeds
 
 # --strategy_args a DARTS search takes (flag name -> DartsConfig field).
 DARTS_ARGS = {"darts_variant": "variant", "darts_order": "order", "remat": "remat",
@@ -61,13 +61,12 @@ def build(config) -> tuple:
   # With several devices the bilevel steps are data-parallel over them: the local ones, or
   # those of all processes when the search spans several.
   devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
-  mesh = data_mesh(devices) if len(devices) > 1 else None
+  mesh = distributed.mesh(DATA_AXIS, devices) if len(devices) > 1 else None
   darts = make_darts(dc, mesh)
   if mesh is not None:
     replicated = NamedSharding(mesh, P())
     if jax.process_count() > 1:  # local arrays cannot enter a program that spans processes
-      data = jax.tree.map(lambda a: jax.make_array_from_callback(
-          a.shape, replicated, lambda index, a=np.asarray(a): a[index]), data)
+      data = jax.tree.map(lambda a: distributed.put(a, replicated), data)
     else:
       data = jax.device_put(data, replicated)
   return darts, data

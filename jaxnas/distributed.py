@@ -22,6 +22,7 @@ once, with its fatal error (no hook for a Python callback there).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 # Seconds between a process's beats (and its checks of the others').
 BEAT_S = 1.0
@@ -50,8 +52,9 @@ _watchdog: "_Watchdog | None" = None
 
 
 def _client():
-  from jax._src import distributed as jax_distributed  # no public handle on the client
-  return jax_distributed.global_state.client
+  # JAX has no public handle on its coordination client; orbax's is the one it uses too.
+  from orbax.checkpoint import multihost
+  return multihost.get_jax_distributed_client()
 
 
 def active() -> bool:
@@ -237,6 +240,33 @@ def host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def mesh(axis: str, devices=None) -> Mesh:
+  """A 1-D mesh named ``axis`` over ``devices`` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (axis,))
+
+
+def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The host array ``x`` (the same in every process) as one global array laid out by
+  ``sharding``, each process placing its own devices' blocks: the form in which host data
+  enters a program that spans processes (a local array cannot)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _from_process_0(x: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def same_as_process_0(value: Any) -> bool:
+  """Whether process 0 holds the same ``value`` as this process, compared by a digest of
+  its ``repr`` (a collective; True in one process)."""
+  if jax.process_count() == 1:
+    return True
+  digest = np.frombuffer(hashlib.sha256(repr(value).encode()).digest()[:8], np.uint32)
+  return bool(np.array_equal(_from_process_0(digest), digest))
+
+
 def all_processes(flag: bool) -> bool:
   """Whether ``flag`` holds on every process (a collective; True with one process)."""
   if jax.process_count() == 1:
@@ -249,8 +279,7 @@ def from_process_0(flag: bool) -> bool:
   """Process 0's ``flag`` on every process (a collective; ``flag`` with one process)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+  return bool(_from_process_0(np.int32(bool(flag))))
 
 
 def barrier(name: str) -> None:

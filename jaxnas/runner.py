@@ -462,8 +462,8 @@ def seed_sharding(num_seeds: int):
   """
   if jax.process_count() == 1:
     return None
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  mesh = Mesh(np.asarray(jax.devices()), ("seeds",))
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = distributed.mesh("seeds")
   if num_seeds % jax.device_count():
     if host_loop.primary():
       print(f"jaxnas: warning: --num_seeds={num_seeds} does not divide over the "
@@ -493,8 +493,7 @@ def drive_search(search, num_seeds: int, seed: int, workdir: str | None, chunk: 
   if sharding is None:
     state = jax.jit(jax.vmap(search.init))(keys)
   else:
-    keys = np.asarray(keys)
-    keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
+    keys = distributed.put(keys, sharding)
     state = jax.jit(jax.vmap(search.init), out_shardings=sharding)(keys)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints")) if workdir else None
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None

@@ -162,14 +162,15 @@ def test_conv_vjp_matches_autodiff(impl):
 
 
 def test_data_parallel_darts_builds_im2col_convs_unless_a_conv_is_set():
-  from jaxnas.strategies.darts import DartsConfig, data_mesh, make_darts
+  from jaxnas.distributed import mesh
+  from jaxnas.strategies.darts import DATA_AXIS, DartsConfig, make_darts
   c = DartsConfig(channels=2, batch_size=8)
   default = ops.Execution().resolve()
   assert make_darts(c).config.execution == default
-  assert make_darts(c, data_mesh()).config.execution == default._replace(conv="im2col")
-  assert make_darts(c, data_mesh()).supernet.net.execution.conv == "im2col"
+  assert make_darts(c, mesh(DATA_AXIS)).config.execution == default._replace(conv="im2col")
+  assert make_darts(c, mesh(DATA_AXIS)).supernet.net.execution.conv == "im2col"
   gemm = c._replace(execution=ops.Execution(conv="gemm"))
-  assert make_darts(gemm, data_mesh()).config.execution.conv == "gemm"
+  assert make_darts(gemm, mesh(DATA_AXIS)).config.execution.conv == "gemm"
 
 
 def test_execution_travels_in_the_config_and_keys_the_program_cache():

@@ -23,13 +23,14 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jaxnas import distributed
 from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
 from jaxnas.models import (PLANS, TrainConfig, make_data, resolve_plan,
                            train_population_metrics)
 from jaxnas.models.protocol import SearchableModel, check_head, cost_report
 from jaxnas.models.registry import model_of
-from jaxnas.models.sharded import population_mesh, train_population_sharded
+from jaxnas.models.sharded import AXIS as POPULATION_AXIS, train_population_sharded
 
 
 class ProxySpec(NamedTuple):
@@ -140,7 +141,7 @@ def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None
   # Sharded over all devices (of all processes) when there is more than one;
   # the per-member results are the same as on one device (tests/test_sharding.py).
   sharded = jax.device_count() > 1 and resolve_plan(config).plan in ("map", "vmap")
-  mesh = population_mesh() if sharded else None
+  mesh = distributed.mesh(POPULATION_AXIS) if sharded else None
 
   def evaluate(key, archs):
     if sharded:

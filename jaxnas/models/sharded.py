@@ -14,7 +14,7 @@ holds about equal work (``train.device_layout``).
 Several processes (a Cloud TPU pod, a GPU cluster, or processes on one CPU machine;
 ``jaxnas.distributed``): the mesh spans ``jax.devices()`` of all processes; every
 process loads the same data and passes the same population and key,
-``jax.make_array_from_callback`` places each device's block (and the data and key,
+``distributed.put`` places each device's block (and the data and key,
 replicated, on every device: a process cannot pass its local arrays to a program that
 spans others), and the per-member results are gathered back to every process, so all
 of them hold the same fitness and go on in step (tests/test_distributed.py).
@@ -29,16 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxnas import distributed
 from jaxnas.models.train import (TrainConfig, TrainData, device_layout, make_train, model_of,
                                  population, resolve_plan)
 
 AXIS = "population"
-
-
-def population_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (AXIS,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,9 +53,8 @@ def _sharded(config: TrainConfig, mesh: Mesh):
       check_vma=False))
 
 
-def _global(x: np.ndarray, mesh: Mesh, spec) -> jax.Array:
-  sharding = NamedSharding(mesh, spec)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+def _global(x, mesh: Mesh, spec) -> jax.Array:
+  return distributed.put(x, NamedSharding(mesh, spec))
 
 
 def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
@@ -69,7 +63,7 @@ def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = 
   config = resolve_plan(config)
   if config.plan not in ("map", "vmap"):
     raise ValueError(f"plan {config.plan!r} runs members from the host; sharding needs map or vmap")
-  mesh = mesh or population_mesh()
+  mesh = mesh or distributed.mesh(AXIS)
   archs, size = population(archs, model_of(config).space)
   archs = jax.tree.map(np.asarray, archs)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -82,11 +76,10 @@ def train_population_sharded(archs, key, data: TrainData, config: TrainConfig = 
   order, back = device_layout(archs, config, mesh.devices.size)
   archs, keys, scales = jax.tree.map(lambda a: a[order], (archs, keys, scales))
   if jax.process_count() > 1:
-    data_key, data = jax.tree.map(lambda a: _global(np.asarray(a), mesh, P()), (data_key, data))
+    data_key, data = jax.tree.map(lambda a: _global(a, mesh, P()), (data_key, data))
   out = _sharded(config, mesh)(jax.tree.map(lambda a: _global(a, mesh, P(AXIS)), archs),
                                _global(keys, mesh, P(AXIS)),
                                data_key, data, _global(scales, mesh, P(AXIS)))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)[back], out)
+    out = distributed.host(out)
   return jax.tree.map(lambda x: x[back], out)

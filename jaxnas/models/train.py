@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from jaxnas import distributed
 from jaxnas.datasets.loaders import make_preprocess
 from jaxnas.models.nb201_net import OP_IMPLS
 from jaxnas.models.protocol import SearchableModel, init_variables  # noqa: F401 (re-export)
@@ -337,7 +338,7 @@ def _compiled(config: TrainConfig, plan: str, fixed_arch=None):
       return jit(run)
     # Several local devices (e.g. CPU cores exposed with ``jax_num_cpu_devices``):
     # each runs its own slice of the population, concurrently.
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("pop",))
+    mesh = distributed.mesh("pop", devices)
     pop, rep = jax.sharding.PartitionSpec("pop"), jax.sharding.PartitionSpec()
     return jit(jax.shard_map(run, mesh=mesh, in_specs=(pop, pop, rep, rep, pop),
                              out_specs=pop, check_vma=False))

@@ -56,7 +56,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -195,12 +194,6 @@ def check_config(c: DartsConfig) -> None:
     raise ValueError(f"selection_batches must be >= 1, got {c.selection_batches}")
   if c.tune_steps is not None and c.tune_steps < 0:
     raise ValueError(f"tune_steps must be >= 0, got {c.tune_steps}")
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D ``"data"`` mesh over ``devices`` (default: all local devices)."""
-  devices = jax.local_devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
