@@ -173,6 +173,45 @@ def test_data_parallel_darts_builds_im2col_convs_unless_a_conv_is_set():
   assert make_darts(gemm, mesh(DATA_AXIS)).config.execution.conv == "gemm"
 
 
+def test_data_parallel_supernets_leave_no_unpartitionable_conv():
+  """Under a mesh every conv of the DARTS-space and MBConv supernets, depthwise ones
+  included, takes a form XLA's partitioner can split over the batch: no oneDNN call
+  (which it can only run whole, all-gathering the batch onto every device)."""
+  from jaxnas.distributed import mesh
+  from jaxnas.estimators import one_shot
+  from jaxnas.models import TrainData
+  from jaxnas.strategies.darts import DATA_AXIS, DartsConfig, make_darts
+  if not native.onednn_available():
+    pytest.skip("the oneDNN convs are not built here")
+  images, labels = np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32)
+  data = TrainData(images, labels, images, labels, np.full(3, 0.5, np.float32),
+                   np.full(3, 0.25, np.float32))
+  key = jax.random.PRNGKey(0)
+
+  def darts_calls_onednn(m):
+    d = make_darts(DartsConfig(space="darts", channels=2, cells=1, batch_size=8), m)
+    text = jax.jit(d.step).lower(jax.eval_shape(d.init, key, data), data).as_text()
+    return "jaxnas_onednn" in text
+
+  def mbconv_calls_onednn(m):  # the SPOS supernet's network, as make_spos builds it
+    config = one_shot.for_mesh(one_shot.SupernetConfig(space="mbconv", batch_size=8), m)
+    model = one_shot.supernet_model(config, 10)
+    net, x = model.network(None), jnp.zeros((8, 32, 32, 3))
+    arch = model.space.from_vector(jnp.zeros(model.space.num_decisions, jnp.int32))
+    v = jax.eval_shape(lambda k: net.init(k, x, arch, train=False), key)
+
+    def loss(params, stats):
+      out, _ = net.apply({"params": params, "batch_stats": stats}, x, arch, train=True,
+                         mutable=["batch_stats"])
+      return out.sum()
+
+    text = jax.jit(jax.grad(loss)).lower(v["params"], v["batch_stats"]).as_text()
+    return "jaxnas_onednn" in text
+
+  assert darts_calls_onednn(None) and mbconv_calls_onednn(None)  # one device: oneDNN's
+  assert not darts_calls_onednn(mesh(DATA_AXIS)) and not mbconv_calls_onednn(mesh(DATA_AXIS))
+
+
 def test_execution_travels_in_the_config_and_keys_the_program_cache():
   default = ops.Execution().resolve()
   assert train_lib.resolve_plan(train_lib.TrainConfig()).execution == default

@@ -132,6 +132,7 @@ class SepConv(nn.Module):
   dilation: int = 1
   affine: bool = True
   bn_momentum: float = 0.9
+  conv: str = "auto"  # the depthwise conv's implementation (``ops.depthwise``'s ``impl``)
 
   @nn.compact
   def __call__(self, x, stride: int, train: bool):
@@ -140,7 +141,7 @@ class SepConv(nn.Module):
     for s in range(stages):
       dw = self.param(f"depthwise_{s}", conv_init, (k, k, 1, x.shape[-1]))
       pw = self.param(f"pointwise_{s}", conv_init, (1, 1, x.shape[-1], c))
-      x = depthwise(nn.relu(x), dw, stride if s == 0 else 1, self.dilation)
+      x = depthwise(nn.relu(x), dw, stride if s == 0 else 1, self.dilation, impl=self.conv)
       x = BatchNorm(self.bn_momentum, self.affine, name=f"norm_{s}")(pointwise(x, pw), train)
     return x
 
@@ -164,6 +165,7 @@ class OpSet(nn.Module):
   def setup(self):
     want = lambda k: self.only is None or self.only == k
     c, a, m = self.features, self.affine, self.bn_momentum
+    conv = self.execution.resolve().conv
     if self.pool_bn:
       if want(MAX_POOL):
         self.max_pool_3x3 = BatchNorm(m, False)
@@ -172,13 +174,13 @@ class OpSet(nn.Module):
     if want(SKIP) and 2 in self.strides:
       self.skip_connect = FactorizedReduce(c, a, m)
     if want(SEP3):
-      self.sep_conv_3x3 = SepConv(c, 3, 1, a, m)
+      self.sep_conv_3x3 = SepConv(c, 3, 1, a, m, conv)
     if want(SEP5):
-      self.sep_conv_5x5 = SepConv(c, 5, 1, a, m)
+      self.sep_conv_5x5 = SepConv(c, 5, 1, a, m, conv)
     if want(DIL3):
-      self.dil_conv_3x3 = SepConv(c, 3, 2, a, m)
+      self.dil_conv_3x3 = SepConv(c, 3, 2, a, m, conv)
     if want(DIL5):
-      self.dil_conv_5x5 = SepConv(c, 5, 2, a, m)
+      self.dil_conv_5x5 = SepConv(c, 5, 2, a, m, conv)
 
   def apply_op(self, k: int, x, stride: int, train: bool):
     if k == NONE:

@@ -43,7 +43,7 @@ class MBConv(nn.Module):
     h = jnn.ElasticConv(mid_max, 1, conv=self.conv, name="expand")(x, width=mid)
     h = jnn.relu6(jnn.BatchNorm(self.bn_momentum, name="expand_bn")(h, train, width=mid))
     h = jnn.ElasticConv(mid_max, max(KERNELS), strides=self.stride, depthwise=True,
-                        kernel_impl=self.kernel_impl, kernel_sizes=KERNELS,
+                        conv=self.conv, kernel_impl=self.kernel_impl, kernel_sizes=KERNELS,
                         name="depthwise")(h, kernel_size=kernel)
     h = jnn.relu6(jnn.BatchNorm(self.bn_momentum, name="depthwise_bn")(h, train, width=mid))
     h = jnn.ElasticConv(self.out_max, 1, conv=self.conv, name="project")(h, width=w_out)
