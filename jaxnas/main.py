@@ -116,8 +116,9 @@ flags.DEFINE_bool("distributed", False, "Run as one of several processes (jax.di
                   "every process runs the same command; the processes are detected (Cloud TPU "
                   "pod, SLURM, Open MPI) or given by --coordinator_address, --num_processes "
                   "and --process_id. Seeds of table and zero-cost searches, training "
-                  "populations, Hyperband's rungs and DARTS batches are sharded over the "
-                  "devices of all processes; process 0 writes the workdir.")
+                  "populations, Hyperband's rungs, DARTS batches and the SPOS supernet's "
+                  "batches and scored cells are sharded over the devices of all processes; "
+                  "process 0 writes the workdir.")
 flags.DEFINE_string("coordinator_address", None, "With several processes: host:port of process "
                     "0, where the others find it (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "With several processes: how many (implies "

@@ -41,6 +41,7 @@ from jaxnas.estimators import one_shot, zero_cost
 from jaxnas import results as results_lib
 from jaxnas.host_loop import write_json_atomic
 from jaxnas.estimators.training import ProxySpec, train_evaluator, validate_spec
+from jaxnas.strategies.darts import DATA_AXIS
 from jaxnas.strategies.prefilter import prefiltered
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
@@ -297,7 +298,8 @@ def _validate_proxy(c: SearchConfig) -> None:
 
 
 def make_evaluator(c: SearchConfig, workdir: str | None = None):
-  """The evaluator of ``c``; the supernet is trained (or resumed) under ``workdir/supernet``."""
+  """The evaluator of ``c``; the supernet is trained (or resumed) under ``workdir/supernet``,
+  data-parallel over ``supernet_mesh()``."""
   if c.evaluator == "nb201":
     return estimators.nb201_evaluator(c.dataset)
   model = _checked_model(c)
@@ -308,12 +310,23 @@ def make_evaluator(c: SearchConfig, workdir: str | None = None):
       return zero_cost.zero_cost_evaluator(dataset=c.dataset, **dict(c.evaluator_args),
                                            model=model, space=c.space)
     if c.evaluator == "supernet":
-      return one_shot.supernet_evaluator(
-          one_shot.SupernetConfig(dataset=c.dataset, space=c.space, **dict(c.evaluator_args)),
-          workdir, model=model)
+      return one_shot.supernet_evaluator(_supernet_config(c), workdir, model=model,
+                                         mesh=supernet_mesh())
   except ValueError as e:  # DatasetError included: missing or malformed data
     raise UserError(str(e)) from None
   raise UserError(f"unknown evaluator {c.evaluator!r}")
+
+
+def _supernet_config(c: SearchConfig) -> one_shot.SupernetConfig:
+  return one_shot.SupernetConfig(dataset=c.dataset, space=c.space, **dict(c.evaluator_args))
+
+
+def supernet_mesh():
+  """The devices the SPOS supernet trains data-parallel over and scores members on, as
+  DARTS' (``darts_runner.build``): the local ones, or those of all processes when the
+  search spans several; None (one device) where that is one."""
+  devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  return distributed.mesh(DATA_AXIS, devices) if len(devices) > 1 else None
 
 
 def _proxy_spec(c: SearchConfig) -> ProxySpec:
@@ -561,10 +574,6 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   supernet trained) and written after.
   """
   validate(config)
-  if jax.process_count() > 1 and config.evaluator == "supernet":
-    raise UserError("--evaluator=supernet runs in one process only so far; drop --distributed "
-                    "and the launch flags (--strategy=darts and hyperband, and init/ask/tell "
-                    "strategies with --evaluator=nb201, zero_cost or train span processes)")
   workdir = workdir or default_workdir(config)
   config_path = os.path.join(workdir, "config.json")
   results_path = os.path.join(workdir, "results.json")
@@ -602,7 +611,11 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   else:
     search = build(config, workdir)
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
-  compute = host_loop.compute_environment(trains_networks(config))
+  # The convs the networks run (data parallelism changes the default): results.json names them.
+  execution = (darts.config.execution if config.strategy == "darts" else
+               one_shot.for_mesh(_supernet_config(config), supernet_mesh()).execution
+               if config.evaluator == "supernet" else None)
+  compute = host_loop.compute_environment(trains_networks(config), execution)
   os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(config_path):
     write_json_atomic(config_path, {"config": config.to_json(),

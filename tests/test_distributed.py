@@ -236,6 +236,36 @@ def test_darts_across_processes_derives_the_cell_of_one_process(tmp_path):
   assert a["trajectory"] == pytest.approx(b["trajectory"], abs=1e-3)
 
 
+# A SPOS supernet search: 2 epochs of 4 steps of 32 images (8 per device), then 2 generations
+# of 3 cells, scored sharded (padded to 4, one per device).
+SUPERNET = ("--evaluator=supernet", "--strategy=evolution", "--num_seeds=1", "--budget=6",
+            "--population=3", "--channels=4", "--cells=1", "--batch_size=32", "--epochs=2",
+            "--train_fraction=0.05", "--bn_batches=1", f"--data_dir={FASHION_MNIST_SUBSET}")
+
+
+def test_supernet_search_across_processes_writes_the_single_process_results(tmp_path):
+  """The SPOS supernet trained data-parallel over 2 processes x 2 devices (minibatches
+  split, gradients and BN moments all-reduced across the processes) and its cells scored
+  sharded over them: the results.json and metrics.jsonl of 1 process x 4 devices, and the
+  same supernet log but for its timings."""
+  two = _start(tmp_path, "two", SUPERNET)
+  one = _start(tmp_path, "one", SUPERNET, processes=1, devices=4)
+  out = _finish(two)
+  _finish(one)
+  for name in ("results.json", "metrics.jsonl"):
+    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+           for line in _read(tmp_path / w / "supernet_metrics.jsonl").splitlines()]
+          for w in ("two", "one")]
+  assert logs[0] == logs[1] and [x["epoch"] for x in logs[0]] == [1, 2]
+  assert sorted(os.listdir(tmp_path / "two" / "supernet")) == ["1", "2"]
+  results = json.loads(_read(tmp_path / "two" / "results.json"))
+  assert results["environment"]["devices"] == 4
+  run = results["runs"][0]
+  assert len(run["trajectory"]) == 6 and run["failed_evaluations"] == 0
+  assert "supernet epoch 2/2" in out[0][2] and "supernet epoch" not in out[1][2]
+
+
 def test_processes_started_with_different_commands_are_refused(tmp_path):
   """Both processes stop with the same line naming the flag that differs; nothing is
   written."""

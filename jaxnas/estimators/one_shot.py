@@ -42,6 +42,15 @@ every step.
   the supernet, checkpointing to ``workdir/supernet`` after every epoch, and wraps
   the scorer in the ``Evaluator`` protocol: ``--evaluator=supernet``.
 
+Over several devices (``mesh``: a 1-D mesh over the local devices, or over those of
+all processes, ``jaxnas.distributed``) training is data-parallel as DARTS' steps are
+(``strategies.darts.make_darts``): each step's minibatch is split over the devices,
+the state replicated, and XLA's SPMD partitioner all-reduces the gradients and BN's
+batch moments, so every step is the single-device step's maths (BN synchronised) up
+to float summation order. Scoring shards the members over the devices
+(``shard_map``, as ``models.sharded``); each device scores its members as one
+device scores them all.
+
 "Largest" and "smallest" are the canonical vectors of every decision's last and
 first candidate: a space meant for sandwich sampling declares its candidates in
 increasing size (widths, kernels, depths; ``jaxnas.declare({"width": choice(4, 8)})``).
@@ -70,8 +79,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxnas import host_loop
+from jaxnas import distributed, host_loop
 from jaxnas.checkpoint import Checkpointer
 from jaxnas.datasets import default_augment, make_preprocess
 from jaxnas.estimators.base import Evaluator
@@ -173,7 +183,8 @@ class SposState:
 
 
 class Spos(NamedTuple):
-  """SPOS training as pure functions (``make_spos``)."""
+  """SPOS training as pure functions (``make_spos``); ``mesh``: the devices its steps are
+  data-parallel over (None: one device)."""
   init: Callable[[jax.Array], SposState]
   run_epoch: Callable[[SposState, TrainData], tuple[SposState, dict]]
   network: nn.Module
@@ -181,6 +192,43 @@ class Spos(NamedTuple):
   steps_per_epoch: int
   total_steps: int
   num_epochs: int
+  mesh: Mesh | None = None
+
+
+def _axis(mesh: Mesh | None) -> str | None:
+  """The one axis of a 1-D ``mesh`` (None without a mesh); ValueError for another mesh."""
+  if mesh is None:
+    return None
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"the supernet is data-parallel over a 1-D mesh, got axes {mesh.axis_names}")
+  return mesh.axis_names[0]
+
+
+def for_mesh(config: SupernetConfig, mesh: Mesh | None) -> SupernetConfig:
+  """``config`` as it computes over ``mesh``: a conv left "auto" is "im2col" there (as in
+  ``make_darts``: the CPU default's oneDNN custom call cannot be partitioned, and "taps"
+  kernel gradients loop over batch chunks, which makes the partitioner gather the
+  batch; "im2col"'s matmuls contracting the batch become local sums and an all-reduce,
+  and a depthwise conv given "im2col" runs ``ops.depthwise_taps``, whose loop is over
+  the taps, each on the device's part of the batch). Unchanged without a mesh, or
+  where it names its conv."""
+  execution = config.execution
+  if mesh is None or execution.conv not in (None, "auto"):
+    return config
+  return config._replace(execution=execution._replace(conv="im2col"))
+
+
+def replicated(tree, mesh: Mesh | None):
+  """``tree`` replicated on every device of ``mesh`` (unchanged without one): host and
+  local arrays as global arrays when the mesh spans processes (``distributed.put``: a
+  program that spans processes takes no local array), else ``jax.device_put``."""
+  if mesh is None:
+    return tree
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda a: jax.device_put(a, sharding) if isinstance(a, jax.Array)
+                      and not a.is_fully_addressable else distributed.put(a, sharding), tree)
 
 
 def train_config(config: SupernetConfig, num_classes: int, num_train: int,
@@ -353,7 +401,8 @@ def _select_opt_state(ok, mask, new, old, param_def):
 
 
 def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, ...],
-              num_train: int, model: SearchableModel | None = None) -> Spos:
+              num_train: int, model: SearchableModel | None = None,
+              mesh: Mesh | None = None) -> Spos:
   """SPOS training (Guo et al. 2020) of ``model``'s supernet as ``init``/``run_epoch``.
 
   ``model``: a ``SearchableModel``; None: the built-in model of ``config.space``.
@@ -363,8 +412,24 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
   epoch) leave the state unchanged. Metrics per step: ``loss`` and
   ``accuracy`` of the uniformly sampled member on its minibatch, ``live`` and ``ok``
   (False: the loss or gradient was not finite and the step was skipped).
+
+  With a 1-D ``mesh`` the steps are data-parallel over its devices, expressed as
+  sharding (``make_darts``'s way): each step's minibatch is constrained to be split
+  over the mesh and the new state to be replicated, and XLA's SPMD partitioner inserts
+  the all-reduces of the gradients and of BN's batch moments (synchronised BN: the
+  single-device step's maths, summed in another order). ``batch_size`` must divide
+  over the mesh (ValueError); a conv left "auto" is "im2col" (``for_mesh``). Jit
+  ``init`` and ``run_epoch`` with replicated outputs, their data replicated
+  (``replicated``).
   """
   validate_config(config)
+  axis = _axis(mesh)
+  if mesh is not None and config.batch_size % mesh.size:
+    raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices; "
+                     f"use a multiple of {mesh.size}")
+  config = for_mesh(config, mesh)
+  split = None if mesh is None else NamedSharding(mesh, P(axis))
+  whole = None if mesh is None else NamedSharding(mesh, P())
   tc = train_config(config, num_classes, num_train, model)
   model = supernet_model(config, num_classes, tc.op_impl, model)
   net = model.network(None)
@@ -435,6 +500,8 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
       idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
       x = preprocess(jax.random.fold_in(k_aug, s.step), data.train_images[idx])
       y = data.train_labels[idx]
+      if split is not None:
+        x, y = (jax.lax.with_sharding_constraint(a, split) for a in (x, y))
       (summed, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           s.params, s.batch_stats, x, y, vectors)
       updates, opt_state = tx.update(grads, s.opt_state, s.params)
@@ -447,6 +514,8 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
       stats = jax.tree.map(lambda a, b: jnp.where(ok, a, b), stats, s.batch_stats)
       acc = jnp.mean(jnp.argmax(logits, -1) == y)
       new = s.replace(params=params, batch_stats=stats, opt_state=opt_state, step=s.step + 1)
+      if whole is not None:
+        new = jax.lax.with_sharding_constraint(new, whole)
       return new, {"loss": loss, "accuracy": acc, "live": jnp.asarray(True), "ok": ok}
 
     def dead(s: SposState, i):
@@ -461,7 +530,7 @@ def make_spos(config: SupernetConfig, num_classes: int, image_shape: tuple[int, 
     return jax.lax.scan(body, state, jnp.arange(spe))
 
   return Spos(init=init, run_epoch=run_epoch, network=net, model=model, steps_per_epoch=spe,
-              total_steps=total, num_epochs=-(-total // spe))
+              total_steps=total, num_epochs=-(-total // spe), mesh=mesh)
 
 
 def calibration_batches(config: SupernetConfig, data: TrainData) -> jax.Array:
@@ -552,7 +621,7 @@ def accuracy(net: nn.Module, variables, arch, data: TrainData) -> jax.Array:
 
 
 def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto",
-                model: SearchableModel | None = None):
+                model: SearchableModel | None = None, mesh: Mesh | None = None):
   """``score(variables, archs, calib, data) -> float32[P]``: inherited-weight accuracy (%).
 
   ``variables`` are the supernet's ``{"params", "batch_stats"}``, ``archs`` a
@@ -564,8 +633,14 @@ def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto",
   (jit it). ``model``: None is the built-in model of ``config.space``. ``plan``:
   "map" (``lax.map``; NB201's ``switch`` ops), "vmap" (NB201's ``kernel`` ops) or
   "auto": ``config.plan``, by backend if that is "auto" (``models.resolve_plan``).
+
+  With a 1-D ``mesh`` the members are sharded over its devices (``shard_map``, as
+  ``models.sharded``; everything else replicated), each device scoring its block as
+  above: ``P`` must divide over the mesh (``score_members`` pads a population).
   """
   validate_config(config)
+  axis = _axis(mesh)
+  config = for_mesh(config, mesh)
   resolved = resolve_plan(TrainConfig(plan=config.plan if plan == "auto" else plan))
   if resolved.plan not in ("map", "vmap"):
     raise ValueError(f"plan {resolved.plan!r} does not apply to the supernet scorer")
@@ -586,26 +661,58 @@ def make_scorer(config: SupernetConfig, num_classes: int, plan: str = "auto",
                                                                         calib, data)
     return jax.lax.map(lambda v: score_one(params, stats, v, calib, data), vectors)
 
-  return score
+  if mesh is None:
+    return score
+  # Members never communicate: nothing crosses devices, so the varying-axes type check
+  # (which flax's lifted switch trips over) has nothing to protect.
+  return jax.shard_map(score, mesh=mesh, in_specs=(P(), P(axis), P(), P()), out_specs=P(axis),
+                       check_vma=False)
+
+
+def score_members(score, mesh: Mesh | None, variables, archs, calib, data) -> np.ndarray:
+  """``score(variables, archs, calib, data)`` of ``make_scorer(..., mesh=mesh)``, as host
+  ``float32[P]`` on every process: the population (host or local arrays, the same in
+  every process) padded to a multiple of the mesh's devices with copies of member 0,
+  whose scores are dropped, and laid out over them (``distributed.put``); ``variables``,
+  ``calib`` and ``data`` replicated on the mesh. Without a mesh, ``score``'s own call."""
+  if mesh is None:
+    return score(variables, archs, calib, data)
+  archs = jax.tree.map(np.asarray, archs)
+  size = jax.tree.leaves(archs)[0].shape[0]
+  pad = -size % mesh.size
+  archs = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad, axis=0)]), archs)
+  members = NamedSharding(mesh, P(_axis(mesh)))
+  out = score(variables, jax.tree.map(lambda a: distributed.put(a, members), archs), calib, data)
+  return distributed.host(out)[:size]
 
 
 @functools.lru_cache(maxsize=16)
 def _programs(config: SupernetConfig, num_classes: int, image_shape: tuple, num_train: int,
-              compiler_options: tuple, model: SearchableModel | None = None):
+              compiler_options: tuple, model: SearchableModel | None = None,
+              mesh: Mesh | None = None):
   """Jitted SPOS and scoring programs, cached so that in-process reruns compile once
-  (``config.execution`` resolved by the callers, so the key names the programs' convs)."""
+  (``config.execution`` resolved by the callers, so the key names the programs' convs);
+  with a ``mesh`` the SPOS state and metrics come out replicated on it."""
   options = dict(compiler_options) or None
-  spos = make_spos(config, num_classes, image_shape, num_train, model)
-  return (spos, jax.jit(spos.init, compiler_options=_INIT_COMPILE),
-          jax.jit(spos.run_epoch, compiler_options=options),
-          jax.jit(make_scorer(config, num_classes, model=model), compiler_options=options))
+  spos = make_spos(config, num_classes, image_shape, num_train, model, mesh)
+  if mesh is None:
+    init = jax.jit(spos.init, compiler_options=_INIT_COMPILE)
+    run_epoch = jax.jit(spos.run_epoch, compiler_options=options)
+  else:
+    whole = NamedSharding(mesh, P())
+    init = jax.jit(spos.init, out_shardings=whole, compiler_options=_INIT_COMPILE)
+    run_epoch = jax.jit(spos.run_epoch, out_shardings=whole, compiler_options=options)
+  return (spos, init, run_epoch,
+          jax.jit(make_scorer(config, num_classes, model=model, mesh=mesh),
+                  compiler_options=options))
 
 
 def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
                    workdir: str | None = None, compiler_options: dict | None = None,
-                   model: SearchableModel | None = None) -> SposState:
+                   model: SearchableModel | None = None, mesh: Mesh | None = None) -> SposState:
   """Trains the SPOS supernet of ``model`` (None: the built-in model of ``config.space``)
-  epoch by epoch; returns its final state.
+  epoch by epoch; returns its final state (with a ``mesh``: data-parallel over its
+  devices, ``make_spos``, the state replicated on them).
 
   With a ``workdir`` every epoch is checkpointed to ``workdir/supernet`` (and
   logged to ``workdir/supernet_metrics.jsonl``); a rerun resumes from the
@@ -613,21 +720,25 @@ def train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
   uninterrupted run, and a finished supernet is only loaded. A workdir holding
   a supernet trained with other settings or of another model is refused
   (``workdir/supernet_config.json``; ``bn_batches`` and ``plan`` only affect
-  scoring and may differ).
+  scoring and may differ; so may the devices: a supernet trained on some resumes on
+  others, at float level from an uninterrupted run's).
   """
-  return _train_supernet(config, data, num_classes, workdir, compiler_options, model)[0]
+  return _train_supernet(config, data, num_classes, workdir, compiler_options, model, mesh)[0]
 
 
 def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
                     workdir: str | None, compiler_options: dict | None,
-                    model: SearchableModel | None = None):
+                    model: SearchableModel | None = None, mesh: Mesh | None = None):
   """``train_supernet`` plus its training wall time (seconds, over every run of ``workdir``)."""
+  config = for_mesh(config, mesh)
   config = config._replace(execution=config.execution.resolve())
   num_train = int(data.train_labels.shape[0])
   spos, init, run_epoch, _ = _programs(config, num_classes, tuple(data.train_images.shape[1:]),
                                        num_train, tuple(sorted((compiler_options or {}).items())),
-                                       model)
-  state = init(jax.random.PRNGKey(config.supernet_seed))
+                                       model, mesh)
+  data = replicated(data, mesh)
+  # A host key: across processes every process passes the same (a device array is local).
+  state = init(np.asarray(jax.random.PRNGKey(config.supernet_seed)))
   ckpt = log_path = None
   epoch, elapsed = 0, 0.0
   if workdir is not None:
@@ -647,16 +758,19 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
     ckpt = Checkpointer(os.path.join(workdir, "supernet"))
     log_path = os.path.join(workdir, "supernet_metrics.jsonl")
     epoch, state, elapsed = host_loop.resume(ckpt, state, log_path, "epoch", "supernet: ")
+    # Restored as the template lies (replicated on the mesh); placed so again regardless.
+    state = replicated(state, mesh)
 
   def advance(epoch):
     new_state, metrics = run_epoch(state, data)
-    return epoch + 1, (new_state, jax.device_get(metrics))
+    metrics, step = distributed.host((metrics, new_state.step))
+    return epoch + 1, (new_state, metrics, int(step))
 
   def commit(epoch, out, seconds, elapsed):
     nonlocal state
-    state, metrics = out
+    state, metrics, step = out
     live = np.asarray(metrics["live"])
-    line = {"epoch": epoch, "step": int(state.step),
+    line = {"epoch": epoch, "step": step,
             "loss": round(float(np.mean(metrics["loss"][live])), 6),
             "train_accuracy": round(100.0 * float(np.mean(metrics["accuracy"][live])), 4),
             "skipped_steps": int(np.sum(live & ~np.asarray(metrics["ok"]))),
@@ -676,7 +790,8 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
 
 def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str | None = None,
                        model: SearchableModel | None = None,
-                       compiler_options: dict | None = None) -> Evaluator:
+                       compiler_options: dict | None = None,
+                       mesh: Mesh | None = None) -> Evaluator:
   """Scores ``model``'s architectures with weights inherited from its SPOS supernet
   (validation %, higher is better).
 
@@ -689,24 +804,31 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
   ``train_evaluator``. ``compiler_options`` go to XLA (tests compile at low
   optimisation). Not jittable: scoring is its own compiled program, with the
   supernet's weights passed as arguments.
+
+  ``mesh``: a 1-D mesh over which the supernet trains data-parallel (``make_spos``)
+  and the members are scored sharded (``make_scorer``, ``score_members``), spanning
+  processes where its devices do (every process then builds this evaluator alike and
+  gets every score); None: one device.
   """
   validate_config(config)
+  config = for_mesh(config, mesh)
   config = config._replace(execution=config.execution.resolve())
   ds, data = search_split(proxy_spec(config))
   image_shape = tuple(int(d) for d in ds.train_images.shape[1:])
   num_train = int(data.train_labels.shape[0])
   options = tuple(sorted((compiler_options or {}).items()))
-  spos, *_, score = _programs(config, ds.num_classes, image_shape, num_train, options, model)
+  spos, *_, score = _programs(config, ds.num_classes, image_shape, num_train, options, model,
+                              mesh)
   check_head(spos.model, image_shape, ds.num_classes, config.dataset)
-  calib = calibration_batches(config, data)
+  calib, data = replicated((calibration_batches(config, data), data), mesh)
   state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options,
-                                   model)
+                                   model, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   model = spos.model
 
   def evaluate(key, archs):
     del key  # a member's score is a fixed function of its network
-    return score(variables, archs, calib, data)
+    return score_members(score, mesh, variables, archs, calib, data)
 
   def report(archs):
     return cost_report(model, archs, image_shape, ds.num_classes)
