@@ -321,9 +321,10 @@ def make_uses(model: SearchableModel, variables, images, num_random: int = 4) ->
   The rules come from probing a few members: the largest with every decision ``d`` whose
   ``d + 1`` has bit ``k`` set changed to candidate ``c`` (for every ``k`` and ``c``: a
   group test that tells which one decision a leaf's use depends on, in ``log2(D)`` times
-  the most candidates probes), the smallest and ``num_random`` random ones. A leaf whose use by all of them is "always"
-  or "decision d takes one of these values" gets that rule (NAS-Bench-201's conv ops,
-  the blocks of an elastic depth), computed in the program; any other is looked up
+  the most candidates probes), the smallest and ``num_random`` random ones. A leaf whose
+  use by all of them is "always" or "decision d takes one of these values" gets that
+  rule (NAS-Bench-201's conv ops, the blocks of an elastic depth), computed in the
+  program; any other is looked up
   per member on the host (``used``; slow where specialising a network is). ValueError
   where the specialised variables are not cut out at the elastic ones' paths.
   """
