@@ -381,9 +381,16 @@ class _CellBody(nn.Module):
 def _scanned_cells(x, features: int, cells: int, name: str, cell):
   """``cells`` applications of ``cell`` as one ``nn.scan``: every variable gets a leading
   axis of ``cells`` (under ``name/cell``), and the program holds one cell's code (and its
-  gradient's) however many cells the stage has."""
-  stack = nn.scan(_CellBody, variable_axes={True: 0}, split_rngs={"params": True},
-                  length=cells)
+  gradient's) however many cells the stage has.
+
+  The body is rematerialised (``nn.remat``): the backward pass recomputes each cell's
+  forward from its input instead of reading residuals that the forward scan stacked per
+  iteration. On XLA:CPU those stacked residuals cost more than the recompute: in a
+  profile of 5 cells per stage, the stacking (dynamic-update-slice) and reading back
+  (bitcast fusions) took ~25 % of the step, and a scan without remat trained ~37 % slower
+  than unrolled cells, with remat ~15 % (experiments/NOTES_population.md)."""
+  stack = nn.scan(nn.remat(_CellBody, prevent_cse=False), variable_axes={True: 0},
+                  split_rngs={"params": True}, length=cells)
   return stack(features, cell, name=name)(x, None)[0]
 
 
