@@ -321,7 +321,9 @@ def test_darts_cost_is_exact(layers, image, monkeypatch):
   multiply-accumulates of every conv and matmul in the network's forward jaxpr (depthwise
   as XLA's grouped conv, and the stem as XLA's conv, so that each one is a conv primitive)."""
   from jaxnas.models import darts_net
-  monkeypatch.setattr(darts_net, "depthwise", depthwise_reference)
+  monkeypatch.setattr(darts_net, "depthwise",
+                      lambda x, kernel, stride, dilation=1, impl=None:
+                      depthwise_reference(x, kernel, stride, dilation))
   space = darts_space()
   for seed in range(3):
     arch = space.sample(jax.random.PRNGKey(seed))
