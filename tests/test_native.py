@@ -61,6 +61,30 @@ def test_onednn_depthwise_matches_xla_to_second_order(stride, k):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_vmapped_onednn_depthwise_is_one_wider_depthwise_conv(shared):
+  """Under vmap over kernels (a supernet's edge group: one shared input or one input per
+  edge), the oneDNN depthwise conv folds the mapped axis into its channels: the same
+  values, gradients and reverse over reverse as XLA's grouped conv, and no loop."""
+  from jaxnas.ops.depthwise import depthwise, depthwise_reference
+  skip_unless_onednn()
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal(((3, 11, 9, 7) if shared else (4, 3, 11, 9, 7)), np.float32)
+  w = 0.3 * rng.standard_normal((4, 5, 5, 1, 7), np.float32)
+
+  def second(f):
+    batched = jax.vmap(lambda x, w: f(x, w, 2), in_axes=(None if shared else 0, 0))
+    loss = lambda x, w: jnp.sum(jnp.sin(batched(x, w)))
+    gw_sq = lambda x, w: jnp.sum(jax.grad(loss, 1)(x, w) ** 2)
+    return jax.jit(lambda x, w: (batched(x, w), jax.grad(loss, (0, 1))(x, w),
+                                 jax.grad(gw_sq, (0, 1))(x, w)))
+
+  onednn = second(lambda x, w, s: depthwise(x, w, s, impl="onednn"))
+  for a, b in zip(jax.tree.leaves(onednn(x, w)), jax.tree.leaves(second(depthwise_reference)(x, w))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+  assert "while" not in onednn.lower(x, w).as_text()
+
+
 def test_onednn_calls_run_inside_scan_and_switch():
   # The training program's control flow: a step loop whose edges are switch branches.
   skip_unless_onednn()

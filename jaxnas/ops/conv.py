@@ -212,11 +212,38 @@ def _onednn_threads() -> int:
 
 
 def _onednn(target, shape, a, b, stride, pad, groups):
-  """One oneDNN convolution primitive (``jaxnas.native``) as an XLA FFI call."""
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")
-  return call(a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups),
-              threads=np.int64(_onednn_threads()))
+  """One oneDNN convolution primitive (``jaxnas.native``) as an XLA FFI call.
+
+  Under ``vmap`` a depthwise call (every operand and the result have ``groups``
+  channels: forward, input and kernel gradient of a depthwise conv) folds the mapped
+  axis into the channels, one depthwise conv of ``n * groups`` channels (a mixed edge
+  group's per-edge kernels, ``models.remat.PureEdges``); other calls run one after
+  another in a loop, which XLA compiles as a while loop of slices and updates.
+  """
+  def call(a, b, shape, groups):
+    ffi = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                           vmap_method="sequential")
+    return ffi(a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups),
+               threads=np.int64(_onednn_threads()))
+
+  if not a.shape[-1] == b.shape[-1] == shape[-1] == groups:
+    return call(a, b, shape, groups)
+
+  @jax.custom_batching.custom_vmap
+  def depthwise_call(a, b):
+    return call(a, b, shape, groups)
+
+  @depthwise_call.def_vmap
+  def fold(n, batched, a, b):
+    def channels(v, is_batched):  # [n, ..., C] (or [..., C], shared) -> [..., n * C]
+      v = jnp.moveaxis(v, 0, -2) if is_batched else jnp.broadcast_to(
+          v[..., None, :], v.shape[:-1] + (n, v.shape[-1]))
+      return v.reshape(v.shape[:-2] + (-1,))
+    out = call(channels(a, batched[0]), channels(b, batched[1]), shape[:-1] + (n * groups,),
+               n * groups)
+    return jnp.moveaxis(out.reshape(shape[:-1] + (n, groups)), -2, 0), True
+
+  return depthwise_call(a, b)
 
 
 # Forward, input gradient and kernel gradient of the oneDNN conv (``groups`` channel
