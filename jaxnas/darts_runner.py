@@ -80,9 +80,9 @@ ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 
 def compile_once(f, *args, options: dict | None = None):
   """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
-  more XLA options (the supernet's ``compiler_options``)."""
+  more XLA options (the supernet's ``compiler_options``; on CPU ``ONCE`` overrides them)."""
   lowered = (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
-  options = {**(ONCE if jax.default_backend() == "cpu" else {}), **(options or {})}
+  options = {**(options or {}), **(ONCE if jax.default_backend() == "cpu" else {})}
   return lowered.compile(compiler_options=options or None)
 
 

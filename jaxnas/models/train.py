@@ -306,18 +306,22 @@ def make_train(config: TrainConfig, fixed_arch=None, return_variables: bool = Fa
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
-def compiler_options(model: SearchableModel | str = "nb201") -> dict | None:
-  """XLA options for the population programs of ``model`` (or a built-in space's name) on
-  the default backend (None: XLA's): ``CPU_COMPILER_OPTIONS`` on CPU, and the model's own
-  (the DARTS space: Triton GEMMs off on GPU)."""
-  if isinstance(model, str):
-    model = model_of(TrainConfig(space=model))
-  options = {}
+def backend_options() -> dict:
+  """The XLA options of every training program on the default backend, whatever the model:
+  ``CPU_COMPILER_OPTIONS`` on CPU (unless XLA_FLAGS sets the level), none elsewhere."""
   if (jax.default_backend() == "cpu" and
       "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
-    options.update(CPU_COMPILER_OPTIONS)
-  options.update(model.compiler_options() or {})
-  return options or None
+    return dict(CPU_COMPILER_OPTIONS)
+  return {}
+
+
+def compiler_options(model: SearchableModel | str = "nb201") -> dict | None:
+  """XLA options for the population programs of ``model`` (or a built-in space's name) on
+  the default backend (None: XLA's): ``backend_options()``, and the model's own (the DARTS
+  space: Triton GEMMs off on GPU)."""
+  if isinstance(model, str):
+    model = model_of(TrainConfig(space=model))
+  return {**backend_options(), **(model.compiler_options() or {})} or None
 
 
 @functools.lru_cache(maxsize=64)

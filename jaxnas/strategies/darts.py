@@ -58,12 +58,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxnas.datasets import make_preprocess
 from jaxnas.models.protocol import SearchableModel, SuperNet
 from jaxnas.models.registry import BUILTINS, builtin, model_of
-from jaxnas.models.train import TrainConfig, TrainData
+from jaxnas.models.train import TrainConfig, TrainData, backend_options
 from jaxnas.ops import Execution
 
 VARIANTS = ("darts", "gdas", "darts-")
@@ -127,7 +128,7 @@ class DartsState:
   params: dict
   batch_stats: dict
   alpha: jax.Array        # architecture logits: float32[6, 5] or a dict (DARTS space)
-  w_opt: optax.OptState
+  w_opt: optax.OptState   # of the flat weight vector, ``ravel_pytree(params)[0]``
   alpha_opt: optax.OptState
   key: jax.Array          # uint32[2], root key of this search
   step: jax.Array         # int32, bilevel steps done
@@ -226,6 +227,10 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
   c = c._replace(execution=execution.resolve())  # what ``Darts.config`` records
   supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat, c.execution,
                          c.model)
+  # The search's programs compile as the training programs do (LLVM at -O1 on CPU: the
+  # DARTS-space supernet step compiles in less time and runs as fast, BUILD_NOTES.md).
+  supernet = supernet._replace(compiler_options={
+      **backend_options(), **(supernet.compiler_options or {})} or None)
   if c.variant == "darts-" and supernet.skip is None:
     raise ValueError("DARTS- adds a skip connection to every op choice, and this model has "
                      "no skip op; use --darts_variant=darts or gdas")
@@ -305,7 +310,8 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
         for i, s in enumerate(shapes)])
     params = variables["params"]
     return DartsState(params=params, batch_stats=variables["batch_stats"], alpha=alpha,
-                      w_opt=w_tx.init(params), alpha_opt=a_tx.init(alpha), key=key,
+                      w_opt=w_tx.init(ravel_pytree(params)[0]), alpha_opt=a_tx.init(alpha),
+                      key=key,
                       step=jnp.zeros((), jnp.int32))
 
   def minibatch(data: DartsData, key, val: bool):
@@ -348,11 +354,18 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     weights = edge_weights(alpha, k_g, state.step)
     (l_train, (stats, train_acc)), g_w = jax.value_and_grad(loss_fn, has_aux=True)(
         params, state.batch_stats, weights, xt, yt)
-    w_updates, w_opt = w_tx.update(g_w, state.w_opt, params)
-    params = optax.apply_updates(params, w_updates)
+    params, w_opt = weight_update(g_w, state.w_opt, params)
     new = state.replace(params=params, batch_stats=stats, alpha=alpha, w_opt=w_opt,
                         alpha_opt=alpha_opt, step=state.step + 1)
     return finish(new, l_train, train_acc, l_val, val_acc)
+
+  def weight_update(g_w, w_opt, params):
+    """``(params, w_opt)`` after one SGD step on ``g_w``, computed on flat vectors: the
+    update (clipping, weight decay, momentum) is then a few kernels instead of a few per
+    weight array (the DARTS-space supernet has ~170), which XLA compiles one by one."""
+    flat, unravel = ravel_pytree(params)
+    updates, w_opt = w_tx.update(ravel_pytree(g_w)[0], w_opt, flat)
+    return unravel(optax.apply_updates(flat, updates)), w_opt
 
   def alpha_update(state, g_alpha):
     """``(alpha, alpha_opt)`` after one Adam step on ``g_alpha``."""
@@ -383,26 +396,37 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     statistics and ``w`` gradient, the training pass its ``alpha`` gradient) in
     half the program, so about half the compile time (the DARTS-space supernet
     compiles for many minutes), for the validation pass's unneeded kernel gradients.
+    Weights and BN statistics cross the scan as flat vectors (``ravel_pytree``), so
+    the update and the choice between the passes' results are one kernel each, not
+    one per array (DARTS-space supernet: ~3200 of the step's ~12500 fusions were
+    those per-array updates and selects).
     """
     xs, ys = jnp.stack([xv, xt]), jnp.stack([yv, yt])
+    flat_p, unravel_p = ravel_pytree(state.params)
+    flat_s, unravel_s = ravel_pytree(state.batch_stats)
 
-    def body(st, inputs):
+    def body(carry, inputs):
+      flat_p, flat_s, w_opt, alpha, alpha_opt = carry
       is_train, x, y = inputs
       weights_of = lambda a: edge_weights(a, k_g, state.step)
       (loss, (stats, acc)), (g_w, g_alpha) = jax.value_and_grad(
-          lambda p, a: loss_fn(p, st.batch_stats, weights_of(a), x, y), argnums=(0, 1),
-          has_aux=True)(st.params, st.alpha)
-      alpha, alpha_opt = alpha_update(st, g_alpha)
-      w_updates, w_opt = w_tx.update(g_w, st.w_opt, st.params)
-      params = optax.apply_updates(st.params, w_updates)
+          lambda p, a: loss_fn(unravel_p(p), unravel_s(flat_s), weights_of(a), x, y),
+          argnums=(0, 1), has_aux=True)(flat_p, alpha)
+      new_alpha, new_alpha_opt = alpha_update(state.replace(alpha=alpha, alpha_opt=alpha_opt),
+                                              g_alpha)
+      updates, new_w_opt = w_tx.update(g_w, w_opt, flat_p)
       pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(is_train, a, b), new, old)
-      st = st.replace(params=pick(params, st.params), batch_stats=pick(stats, st.batch_stats),
-                      w_opt=pick(w_opt, st.w_opt), alpha=pick(st.alpha, alpha),
-                      alpha_opt=pick(st.alpha_opt, alpha_opt))
-      return st, (loss, acc)
+      carry = (pick(optax.apply_updates(flat_p, updates), flat_p),
+               pick(ravel_pytree(stats)[0], flat_s), pick(new_w_opt, w_opt),
+               pick(alpha, new_alpha), pick(alpha_opt, new_alpha_opt))
+      return carry, (loss, acc)
 
-    new, (loss, acc) = jax.lax.scan(body, state, (jnp.arange(2) == 1, xs, ys))
-    return finish(new.replace(step=state.step + 1), loss[1], acc[1], loss[0], acc[0])
+    carry = (flat_p, flat_s, state.w_opt, state.alpha, state.alpha_opt)
+    (flat_p, flat_s, w_opt, alpha, alpha_opt), (loss, acc) = jax.lax.scan(
+        body, carry, (jnp.arange(2) == 1, xs, ys))
+    new = state.replace(params=unravel_p(flat_p), batch_stats=unravel_s(flat_s), w_opt=w_opt,
+                        alpha=alpha, alpha_opt=alpha_opt, step=state.step + 1)
+    return finish(new, loss[1], acc[1], loss[0], acc[0])
 
   def run_epoch(state: DartsState, data: DartsData):
     """``steps_per_epoch`` bilevel steps; returns the state and epoch-mean metrics."""
