@@ -39,10 +39,12 @@ def test_onednn_second_derivatives_match_xla(stride):
   chex.assert_trees_all_close(second("onednn"), second("xla"), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stride, k", [(1, 3), (2, 5), (1, 7)])
-def test_onednn_depthwise_matches_xla_to_second_order(stride, k):
+@pytest.mark.parametrize("stride, k, dilation", [(1, 3, 1), (2, 5, 1), (1, 7, 1), (1, 3, 2),
+                                                (2, 5, 2)])
+def test_onednn_depthwise_matches_xla_to_second_order(stride, k, dilation):
   """oneDNN's grouped convolution (groups = channels) computes XLA's depthwise conv, its
-  gradients, and reverse over reverse, at odd sizes that do not fill oneDNN's vectors."""
+  gradients, and reverse over reverse, at odd sizes that do not fill oneDNN's vectors,
+  undilated and dilated (DARTS' dil_conv)."""
   from jaxnas.ops.depthwise import depthwise, depthwise_reference
   skip_unless_onednn()
   rng = np.random.default_rng(k)
@@ -55,8 +57,8 @@ def test_onednn_depthwise_matches_xla_to_second_order(stride, k):
     return jax.jit(lambda x, w: (f(x, w, stride), jax.grad(loss, (0, 1))(x, w),
                                  jax.grad(gw_sq, (0, 1))(x, w)))(x, w)
 
-  oned, ref = second(lambda x, w, s: depthwise(x, w, s, impl="onednn")), second(
-      depthwise_reference)
+  oned = second(lambda x, w, s: depthwise(x, w, s, dilation, impl="onednn"))
+  ref = second(lambda x, w, s: depthwise_reference(x, w, s, dilation))
   for a, b in zip(jax.tree.leaves(oned), jax.tree.leaves(ref)):  # second order: ~1e3
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
@@ -282,7 +284,7 @@ def test_an_exception_in_onednn_is_an_error_not_an_abort():
           "x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1))\n"
           "for shape, stride in (((1, 1, 1, 1), 1), ((1, 4, 4, 1), 0)):\n"
           "  try:\n"
-          "    n._onednn('jaxnas_onednn_conv_fwd', shape, x, w, stride, 0, 1).block_until_ready()\n"
+          "    n._onednn('jaxnas_onednn_conv_fwd', shape, x, w, (stride, 0, 1, 1)).block_until_ready()\n"
           "  except Exception as e:\n"
           "    print(type(e).__name__, str(e).splitlines()[0])\n"
           "print(float(n.conv2d(x, w, impl='onednn').sum()))\n")

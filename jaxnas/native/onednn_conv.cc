@@ -1,8 +1,9 @@
 // oneDNN convolutions for XLA:CPU, as XLA FFI handlers (jaxnas.native.onednn).
 //
 // Three handlers, forward, input gradient and kernel gradient of an NHWC x HWIO
-// float32 convolution with symmetric zero padding ``pad``, equal strides and ``groups``
-// channel groups (``groups`` = I = O: depthwise, the kernel [K,K,1,O]):
+// float32 convolution with symmetric zero padding ``pad``, equal strides, equal
+// ``dilation`` (1: none) and ``groups`` channel groups (``groups`` = I = O: depthwise, the
+// kernel [K,K,1,O]):
 //   jaxnas_onednn_conv_fwd(x [N,H,W,I], w [K,K,I/groups,O]) -> y [N,Ho,Wo,O]
 //   jaxnas_onednn_conv_bwd_data(g [N,Ho,Wo,O], w [K,K,I/groups,O]) -> dx [N,H,W,I]
 //   jaxnas_onednn_conv_bwd_weights(x [N,H,W,I], g [N,Ho,Wo,O]) -> dw [K,K,I/groups,O]
@@ -49,13 +50,16 @@ struct Conv {
   memory scratchpad;
 };
 
-using Key = std::array<int64_t, 12>;  // kind, n, h, w, i, o, k, stride, pad, ho, wo, groups
+using Key = std::array<int64_t, 13>;  // kind, n, h, w, i, o, k, stride, pad, ho, wo, groups,
+                                      // dilation
 
 std::unique_ptr<Conv> Make(const Key& key) {
-  auto [kind, n, h, w, i, o, k, s, p, ho, wo, g] = key;
+  auto [kind, n, h, w, i, o, k, s, p, ho, wo, g, d] = key;
   auto& eng = Engine();
-  memory::dims xd{n, i, h, w}, yd{n, o, ho, wo}, st{s, s}, pl{p, p};
-  memory::dims pr{(ho - 1) * s + k - h - p, (wo - 1) * s + k - w - p};
+  // oneDNN counts dilation from 0 (no dilation); the kernel spans (k - 1) * d + 1 pixels.
+  memory::dims xd{n, i, h, w}, yd{n, o, ho, wo}, st{s, s}, dl{d - 1, d - 1}, pl{p, p};
+  const int64_t span = (k - 1) * d + 1;
+  memory::dims pr{(ho - 1) * s + span - h - p, (wo - 1) * s + span - w - p};
   auto xm = memory::desc(xd, f32, tag::nhwc), ym = memory::desc(yd, f32, tag::nhwc);
   // Grouped weights are 5-D (groups, O/groups, I/groups, K, K); JAX's [K,K,I/groups,O]
   // with O = group * (O/groups) + o is oneDNN's hwigo.
@@ -68,28 +72,28 @@ std::unique_ptr<Conv> Make(const Key& key) {
   // oneDNN 3 builds primitive descriptors directly; oneDNN 2 from operation descriptors.
 #if DNNL_VERSION_MAJOR >= 3
   dnnl::convolution_forward::primitive_desc fwd_pd(
-      eng, dnnl::prop_kind::forward_training, algo, xm, wany, ym, st, pl, pr, attr);
+      eng, dnnl::prop_kind::forward_training, algo, xm, wany, ym, st, dl, pl, pr, attr);
   auto bwd_data_pd = [&] {
-    return dnnl::convolution_backward_data::primitive_desc(eng, algo, xm, wany, ym, st, pl, pr,
+    return dnnl::convolution_backward_data::primitive_desc(eng, algo, xm, wany, ym, st, dl, pl, pr,
                                                            fwd_pd, attr);
   };
   auto bwd_weights_pd = [&] {
-    return dnnl::convolution_backward_weights::primitive_desc(eng, algo, xm, wany, ym, st, pl,
-                                                              pr, fwd_pd, attr);
+    return dnnl::convolution_backward_weights::primitive_desc(eng, algo, xm, wany, ym, st, dl,
+                                                              pl, pr, fwd_pd, attr);
   };
 #else
   dnnl::convolution_forward::primitive_desc fwd_pd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, xm, wany, ym,
-                                      st, pl, pr),
+                                      st, dl, pl, pr),
       attr, eng);
   auto bwd_data_pd = [&] {
     return dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        dnnl::convolution_backward_data::desc(algo, xm, wany, ym, st, dl, pl, pr), attr, eng,
         fwd_pd);
   };
   auto bwd_weights_pd = [&] {
     return dnnl::convolution_backward_weights::primitive_desc(
-        dnnl::convolution_backward_weights::desc(algo, xm, wany, ym, st, pl, pr), attr, eng,
+        dnnl::convolution_backward_weights::desc(algo, xm, wany, ym, st, dl, pl, pr), attr, eng,
         fwd_pd);
   };
 #endif
@@ -141,18 +145,19 @@ Conv& Get(const Key& key) {
 ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
                const ffi::Span<const int64_t> w_dims, const ffi::Span<const int64_t> y_dims,
                void* a, void* b, void* w, int64_t stride, int64_t pad, int64_t groups,
-               int64_t threads) noexcept {
+               int64_t dilation, int64_t threads) noexcept {
   try {
     if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4)
       return ffi::Error::InvalidArgument("jaxnas oneDNN conv: operands must be rank 4");
-    if (stride < 1 || pad < 0 || threads < 1 || groups < 1)
+    if (stride < 1 || pad < 0 || threads < 1 || groups < 1 || dilation < 1)
       return ffi::Error::InvalidArgument(
-          "jaxnas oneDNN conv: needs stride >= 1, pad >= 0, groups >= 1 and threads >= 1");
+          "jaxnas oneDNN conv: needs stride >= 1, pad >= 0, groups >= 1, dilation >= 1 and "
+          "threads >= 1");
     if (x_dims[3] % groups || w_dims[3] % groups || w_dims[2] * groups != x_dims[3])
       return ffi::Error::InvalidArgument(
           "jaxnas oneDNN conv: channels do not split into the groups");
     Key key{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3],
-            w_dims[0], stride,    pad,       y_dims[1], y_dims[2], groups};
+            w_dims[0], stride,    pad,       y_dims[1], y_dims[2], groups, dilation};
     Conv& conv = Get(key);
     omp_set_num_threads(static_cast<int>(threads));
     thread_local dnnl::stream stream(Engine());
@@ -190,28 +195,28 @@ using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 ffi::Error ConvFwd(F32 x, F32 w, F32Out y, int64_t stride, int64_t pad, int64_t groups,
-                   int64_t threads) {
+                   int64_t dilation, int64_t threads) {
   return Run(kFwd, x.dimensions(), w.dimensions(), y->dimensions(), x.untyped_data(),
-             y->untyped_data(), w.untyped_data(), stride, pad, groups, threads);
+             y->untyped_data(), w.untyped_data(), stride, pad, groups, dilation, threads);
 }
 
 ffi::Error ConvBwdData(F32 g, F32 w, F32Out dx, int64_t stride, int64_t pad, int64_t groups,
-                       int64_t threads) {
+                       int64_t dilation, int64_t threads) {
   return Run(kBwdData, dx->dimensions(), w.dimensions(), g.dimensions(), g.untyped_data(),
-             dx->untyped_data(), w.untyped_data(), stride, pad, groups, threads);
+             dx->untyped_data(), w.untyped_data(), stride, pad, groups, dilation, threads);
 }
 
 ffi::Error ConvBwdWeights(F32 x, F32 g, F32Out dw, int64_t stride, int64_t pad,
-                          int64_t groups, int64_t threads) {
+                          int64_t groups, int64_t dilation, int64_t threads) {
   return Run(kBwdWeights, x.dimensions(), dw->dimensions(), g.dimensions(), x.untyped_data(),
-             g.untyped_data(), dw->untyped_data(), stride, pad, groups, threads);
+             g.untyped_data(), dw->untyped_data(), stride, pad, groups, dilation, threads);
 }
 
 }  // namespace
 
 #define JAXNAS_CONV_BINDING                                                          \
   ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("stride").Attr<int64_t>( \
-      "pad").Attr<int64_t>("groups").Attr<int64_t>("threads")
+      "pad").Attr<int64_t>("groups").Attr<int64_t>("dilation").Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasOnednnConvFwd, ConvFwd, JAXNAS_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasOnednnConvBwdData, ConvBwdData, JAXNAS_CONV_BINDING);

@@ -211,8 +211,9 @@ def _onednn_threads() -> int:
   return native.onednn_threads()
 
 
-def _onednn(target, shape, a, b, stride, pad, groups):
-  """One oneDNN convolution primitive (``jaxnas.native``) as an XLA FFI call.
+def _onednn(target, shape, a, b, spec):
+  """One oneDNN convolution primitive (``jaxnas.native``) as an XLA FFI call; ``spec`` is
+  ``(stride, pad, groups, dilation)``.
 
   Under ``vmap`` a depthwise call (every operand and the result have ``groups``
   channels: forward, input and kernel gradient of a depthwise conv) folds the mapped
@@ -220,11 +221,13 @@ def _onednn(target, shape, a, b, stride, pad, groups):
   group's per-edge kernels, ``models.remat.PureEdges``); other calls run one after
   another in a loop, which XLA compiles as a while loop of slices and updates.
   """
+  stride, pad, groups, dilation = spec
+
   def call(a, b, shape, groups):
     ffi = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                            vmap_method="sequential")
     return ffi(a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups),
-               threads=np.int64(_onednn_threads()))
+               dilation=np.int64(dilation), threads=np.int64(_onednn_threads()))
 
   if not a.shape[-1] == b.shape[-1] == shape[-1] == groups:
     return call(a, b, shape, groups)
@@ -246,59 +249,58 @@ def _onednn(target, shape, a, b, stride, pad, groups):
   return depthwise_call(a, b)
 
 
-# Forward, input gradient and kernel gradient of the oneDNN conv (``groups`` channel
-# groups; the input's channels = groups x the kernel's third axis): each is linear in each
-# operand and its VJP is the other two, so reverse over reverse (DARTS' exact mixed
-# second derivative) works too.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _onednn_conv(x, kernel, stride, pad, groups):
-  k, (n, h, w, _) = kernel.shape[0], x.shape
-  shape = (n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, kernel.shape[3])
-  return _onednn("jaxnas_onednn_conv_fwd", shape, x, kernel, stride, pad, groups)
+# Forward, input gradient and kernel gradient of the oneDNN conv (``spec``: stride, pad,
+# ``groups`` channel groups, the input's channels = groups x the kernel's third axis, and
+# dilation): each is linear in each operand and its VJP is the other two, so reverse over
+# reverse (DARTS' exact mixed second derivative) works too.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _onednn_conv(x, kernel, spec):
+  stride, pad, _, dilation = spec
+  span, (n, h, w, _) = (kernel.shape[0] - 1) * dilation + 1, x.shape
+  shape = (n, (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1,
+           kernel.shape[3])
+  return _onednn("jaxnas_onednn_conv_fwd", shape, x, kernel, spec)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _onednn_input_grad(g, kernel, stride, pad, groups, x_shape):
-  return _onednn("jaxnas_onednn_conv_bwd_data", x_shape, g, kernel, stride, pad, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_input_grad(g, kernel, spec, x_shape):
+  return _onednn("jaxnas_onednn_conv_bwd_data", x_shape, g, kernel, spec)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _onednn_kernel_grad(x, g, stride, pad, groups, kernel_shape):
-  return _onednn("jaxnas_onednn_conv_bwd_weights", kernel_shape, x, g, stride, pad, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_kernel_grad(x, g, spec, kernel_shape):
+  return _onednn("jaxnas_onednn_conv_bwd_weights", kernel_shape, x, g, spec)
 
 
-def _onednn_conv_bwd(stride, pad, groups, res, g):
+def _onednn_conv_bwd(spec, res, g):
   x, kernel = res
-  return (_onednn_input_grad(g, kernel, stride, pad, groups, x.shape),
-          _onednn_kernel_grad(x, g, stride, pad, groups, kernel.shape))
+  return (_onednn_input_grad(g, kernel, spec, x.shape),
+          _onednn_kernel_grad(x, g, spec, kernel.shape))
 
 
-def _onednn_input_grad_bwd(stride, pad, groups, x_shape, res, c):
+def _onednn_input_grad_bwd(spec, x_shape, res, c):
   g, kernel = res  # <c, conv^T(g; kernel)> = <conv(c; kernel), g>
-  return (_onednn_conv(c, kernel, stride, pad, groups),
-          _onednn_kernel_grad(c, g, stride, pad, groups, kernel.shape))
+  return _onednn_conv(c, kernel, spec), _onednn_kernel_grad(c, g, spec, kernel.shape)
 
 
-def _onednn_kernel_grad_bwd(stride, pad, groups, kernel_shape, res, c):
+def _onednn_kernel_grad_bwd(spec, kernel_shape, res, c):
   x, g = res  # <c, dK(x, g)> = <conv(x; c), g>
-  return (_onednn_input_grad(g, c, stride, pad, groups, x.shape),
-          _onednn_conv(x, c, stride, pad, groups))
+  return _onednn_input_grad(g, c, spec, x.shape), _onednn_conv(x, c, spec)
 
 
-_onednn_conv.defvjp(lambda x, k, s, p, gr: (_onednn_conv(x, k, s, p, gr), (x, k)),
-                    _onednn_conv_bwd)
+_onednn_conv.defvjp(lambda x, k, spec: (_onednn_conv(x, k, spec), (x, k)), _onednn_conv_bwd)
 _onednn_input_grad.defvjp(
-    lambda g, k, s, p, gr, shape: (_onednn_input_grad(g, k, s, p, gr, shape), (g, k)),
+    lambda g, k, spec, shape: (_onednn_input_grad(g, k, spec, shape), (g, k)),
     _onednn_input_grad_bwd)
 _onednn_kernel_grad.defvjp(
-    lambda x, g, s, p, gr, shape: (_onednn_kernel_grad(x, g, s, p, gr, shape), (x, g)),
+    lambda x, g, spec, shape: (_onednn_kernel_grad(x, g, spec, shape), (x, g)),
     _onednn_kernel_grad_bwd)
 
 
-def onednn_depthwise(x, kernel, stride: int, pad: int):
-  """Depthwise NHWC conv (``kernel`` ``[k, k, 1, C]``) as oneDNN's grouped convolution
-  (``groups = C``), forward and both gradients (CPU, float32)."""
-  return _onednn_conv(x, kernel, stride, pad, x.shape[-1])
+def onednn_depthwise(x, kernel, stride: int, pad: int, dilation: int = 1):
+  """Depthwise NHWC conv (``kernel`` ``[k, k, 1, C]``, ``dilation``) as oneDNN's grouped
+  convolution (``groups = C``), forward and both gradients (CPU, float32)."""
+  return _onednn_conv(x, kernel, (stride, pad, x.shape[-1], dilation))
 
 
 CONV_IMPLS = ("onednn", "taps", "im2col", "gemm", "xla")
@@ -350,7 +352,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int | None = None, impl: str | N
     if native.onednn_status() is not None:
       raise ValueError(f"conv impl 'onednn' is unavailable: {native.onednn_status()}")
     if x.dtype == kernel.dtype == jnp.float32:
-      return _onednn_conv(x, kernel, stride, p, 1)
+      return _onednn_conv(x, kernel, (stride, p, 1, 1))
     impl = "taps"  # the FFI kernels are float32 only
   if impl == "gemm":
     return _conv_gemm(x, kernel, stride, p)
