@@ -62,14 +62,7 @@ def build(config) -> tuple:
   # those of all processes when the search spans several.
   devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
   mesh = distributed.mesh(DATA_AXIS, devices) if len(devices) > 1 else None
-  darts = make_darts(dc, mesh)
-  if mesh is not None:
-    replicated = NamedSharding(mesh, P())
-    if jax.process_count() > 1:  # local arrays cannot enter a program that spans processes
-      data = jax.tree.map(lambda a: distributed.put(a, replicated), data)
-    else:
-      data = jax.device_put(data, replicated)
-  return darts, data
+  return make_darts(dc, mesh), distributed.replicate(data, mesh)
 
 
 # Programs that run once (the supernet's init) are compiled for compile speed, not run speed,

@@ -253,6 +253,19 @@ def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def replicate(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+  """``tree`` replicated on every device of ``mesh`` (unchanged without one): host and
+  local arrays as global arrays (``put``) when the mesh spans processes, since a program
+  that spans processes takes no local array; else ``jax.device_put``."""
+  if mesh is None:
+    return tree
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda a: jax.device_put(a, sharding) if isinstance(a, jax.Array)
+                      and not a.is_fully_addressable else put(a, sharding), tree)
+
+
 def _from_process_0(x: np.ndarray) -> np.ndarray:
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.broadcast_one_to_all(x))

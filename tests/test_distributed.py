@@ -89,6 +89,19 @@ def _checkpoint_steps(workdir):
     return []
 
 
+def _same_as_one_process(tmp_path, flags):
+  """Runs ``flags`` on 2 processes x 2 devices (``two``) and 1 process x 4 devices
+  (``one``) side by side, asserts both wrote the same results.json and metrics.jsonl,
+  and returns the 2 processes' outputs."""
+  two = _start(tmp_path, "two", flags)
+  one = _start(tmp_path, "one", flags, processes=1, devices=4)
+  out = _finish(two)
+  _finish(one)
+  for name in ("results.json", "metrics.jsonl"):
+    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  return out
+
+
 @pytest.fixture(scope="module")
 def train_runs(tmp_path_factory):
   """The training search uninterrupted on 2 processes x 2 devices and on 1 process x 4
@@ -103,12 +116,7 @@ def test_tabular_search_across_processes_writes_the_single_process_results(tmp_p
   """256 seeds sharded over 2 processes x 2 devices: results.json and metrics.jsonl are the
   bytes one process with 4 devices writes (the environment records 4 devices in both)."""
   flags = ("--num_seeds=256", "--budget=30", "--checkpoint_every=10")
-  two = _start(tmp_path, "two", flags)
-  one = _start(tmp_path, "one", flags, processes=1, devices=4)
-  out = _finish(two)
-  _finish(one)
-  for name in ("results.json", "metrics.jsonl"):
-    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  out = _same_as_one_process(tmp_path, flags)
   results = json.loads(_read(tmp_path / "two" / "results.json"))
   assert len(results["runs"]) == 256 and results["environment"]["devices"] == 4
   record = json.loads(_read(tmp_path / "two" / "config.json"))
@@ -204,12 +212,7 @@ def test_hyperband_across_processes_writes_the_single_process_results(tmp_path):
   flags = ("--strategy=hyperband", "--num_seeds=2", "--budget=3", "--eta=2", "--rungs=2",
            "--hyperband_brackets=1", "--epochs=1", "--channels=4", "--cells=1",
            "--batch_size=32", "--train_fraction=0.05", f"--data_dir={FASHION_MNIST_SUBSET}")
-  two = _start(tmp_path, "two", flags)
-  one = _start(tmp_path, "one", flags, processes=1, devices=4)
-  _finish(two)
-  _finish(one)
-  for name in ("results.json", "metrics.jsonl"):
-    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  _same_as_one_process(tmp_path, flags)
   results = json.loads(_read(tmp_path / "two" / "results.json"))
   assert results["budget"]["evaluations_used"] == 3
   assert all(r["best_score"] > 10.0 for r in results["runs"])
@@ -248,12 +251,7 @@ def test_supernet_search_across_processes_writes_the_single_process_results(tmp_
   split, gradients and BN moments all-reduced across the processes) and its cells scored
   sharded over them: the results.json and metrics.jsonl of 1 process x 4 devices, and the
   same supernet log but for its timings."""
-  two = _start(tmp_path, "two", SUPERNET)
-  one = _start(tmp_path, "one", SUPERNET, processes=1, devices=4)
-  out = _finish(two)
-  _finish(one)
-  for name in ("results.json", "metrics.jsonl"):
-    assert _read(tmp_path / "two" / name) == _read(tmp_path / "one" / name), name
+  out = _same_as_one_process(tmp_path, SUPERNET)
   logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
            for line in _read(tmp_path / w / "supernet_metrics.jsonl").splitlines()]
           for w in ("two", "one")]

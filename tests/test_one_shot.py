@@ -470,13 +470,13 @@ for name, m in (("one", None), ("four", mesh)):
   c = c._replace(execution=c.execution.resolve())
   spos, init, run_epoch, score = one_shot._programs(c, ds.num_classes, shape, n, (), None, m)
   state, metrics = run_epoch(init(np.asarray(jax.random.PRNGKey(0))),
-                             one_shot.replicated(data, m))
+                             distributed.replicate(data, m))
   states[name] = jax.device_get(state)
   # Both score the single-device supernet: the members' scores, padded over 4 devices.
-  variables = one_shot.replicated({"params": states["one"].params,
+  variables = distributed.replicate({"params": states["one"].params,
                                    "batch_stats": states["one"].batch_stats}, m)
   scores = one_shot.score_members(score, m, variables, archs,
-                                  *one_shot.replicated((calib, data), m))
+                                  *distributed.replicate((calib, data), m))
   out[name] = {"conv": c.execution.conv, "loss": distributed.host(metrics["loss"]).tolist(),
                "scores": np.asarray(scores).tolist()}
 out["param_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(

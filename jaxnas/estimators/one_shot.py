@@ -205,30 +205,8 @@ def _axis(mesh: Mesh | None) -> str | None:
 
 
 def for_mesh(config: SupernetConfig, mesh: Mesh | None) -> SupernetConfig:
-  """``config`` as it computes over ``mesh``: a conv left "auto" is "im2col" there (as in
-  ``make_darts``: the CPU default's oneDNN custom call cannot be partitioned, and "taps"
-  kernel gradients loop over batch chunks, which makes the partitioner gather the
-  batch; "im2col"'s matmuls contracting the batch become local sums and an all-reduce,
-  and a depthwise conv given "im2col" runs ``ops.depthwise_taps``, whose loop is over
-  the taps, each on the device's part of the batch). Unchanged without a mesh, or
-  where it names its conv."""
-  execution = config.execution
-  if mesh is None or execution.conv not in (None, "auto"):
-    return config
-  return config._replace(execution=execution._replace(conv="im2col"))
-
-
-def replicated(tree, mesh: Mesh | None):
-  """``tree`` replicated on every device of ``mesh`` (unchanged without one): host and
-  local arrays as global arrays when the mesh spans processes (``distributed.put``: a
-  program that spans processes takes no local array), else ``jax.device_put``."""
-  if mesh is None:
-    return tree
-  sharding = NamedSharding(mesh, P())
-  if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
-  return jax.tree.map(lambda a: jax.device_put(a, sharding) if isinstance(a, jax.Array)
-                      and not a.is_fully_addressable else distributed.put(a, sharding), tree)
+  """``config`` as it computes over ``mesh`` (``Execution.partitioned``, DARTS' rule)."""
+  return config._replace(execution=config.execution.partitioned(mesh))
 
 
 def train_config(config: SupernetConfig, num_classes: int, num_train: int,
@@ -737,7 +715,7 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
   spos, init, run_epoch, _ = _programs(config, num_classes, tuple(data.train_images.shape[1:]),
                                        num_train, tuple(sorted((compiler_options or {}).items())),
                                        model, mesh)
-  data = replicated(data, mesh)
+  data = distributed.replicate(data, mesh)
   # A host key: across processes every process passes the same (a device array is local).
   state = init(np.asarray(jax.random.PRNGKey(config.supernet_seed)))
   ckpt = log_path = None
@@ -760,7 +738,7 @@ def _train_supernet(config: SupernetConfig, data: TrainData, num_classes: int,
     log_path = os.path.join(workdir, "supernet_metrics.jsonl")
     epoch, state, elapsed = host_loop.resume(ckpt, state, log_path, "epoch", "supernet: ")
     # Restored as the template lies (replicated on the mesh); placed so again regardless.
-    state = replicated(state, mesh)
+    state = distributed.replicate(state, mesh)
 
   def advance(epoch):
     new_state, metrics = run_epoch(state, data)
@@ -821,7 +799,7 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
   spos, *_, score = _programs(config, ds.num_classes, image_shape, num_train, options, model,
                               mesh)
   check_head(spos.model, image_shape, ds.num_classes, config.dataset)
-  calib, data = replicated((calibration_batches(config, data), data), mesh)
+  calib, data = distributed.replicate((calibration_batches(config, data), data), mesh)
   state, train_s = _train_supernet(config, data, ds.num_classes, workdir, compiler_options,
                                    model, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -33,3 +33,15 @@ class Execution(NamedTuple):
     conv = conv_impl(backend) if self.conv in (None, AUTO) else check_conv_impl(self.conv)
     pool = pool_impl(backend) if self.pool in (None, AUTO) else check_pool_impl(self.pool)
     return Execution(conv, pool)
+
+  def partitioned(self, mesh) -> Execution:
+    """This choice for a program data-parallel over ``mesh`` (None: unchanged): a conv left
+    ``"auto"`` is ``"im2col"``. The CPU default's oneDNN call is a custom call XLA's SPMD
+    partitioner cannot split, and ``"taps"`` kernel gradients loop over batch chunks,
+    which makes the partitioner gather the batch; ``"im2col"``'s matmuls contracting the
+    batch become local sums and an all-reduce (a depthwise conv given ``"im2col"`` runs
+    ``ops.depthwise_taps``, whose loop is over the taps, each on the device's part of the
+    batch). A conv the caller named is kept."""
+    if mesh is None or self.conv not in (None, AUTO):
+      return self
+    return self._replace(conv="im2col")

@@ -210,21 +210,17 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
   is the single-device one (tests/test_darts.py runs 1 vs 8 host devices).
   ``batch_size`` must divide evenly over the mesh.
 
-  With a mesh, a conv left ``"auto"`` in ``c.execution`` is ``"im2col"``: the CPU
-  default's kernel gradient is a scan over batch chunks, and a loop over a sharded
-  dimension makes the partitioner all-gather the batch, so every device would compute the
-  kernel gradients of the whole batch (8 host devices, test supernet: 391 all-gathers, a
-  program 1.8x the single-device one). ``"im2col"``'s one matmul contracting the batch
-  partitions into local partial sums and an all-reduce.
+  With a mesh, a conv left ``"auto"`` in ``c.execution`` is ``"im2col"``
+  (``Execution.partitioned``; with the chunked kernel gradients of ``"taps"``, 8 host
+  devices and the test supernet, the partitioner made 391 all-gathers, a program 1.8x the
+  single-device one).
   """
   check_config(c)
   if mesh is not None and c.batch_size % mesh.size:
     raise ValueError(f"batch_size {c.batch_size} does not split over {mesh.size} devices; "
                      f"use a multiple of {mesh.size}")
-  execution = c.execution
-  if mesh is not None and execution.conv in (None, "auto"):
-    execution = execution._replace(conv="im2col")
-  c = c._replace(execution=execution.resolve())  # what ``Darts.config`` records
+  # what ``Darts.config`` records
+  c = c._replace(execution=c.execution.partitioned(mesh).resolve())
   supernet = supernet_of(c.space, c.channels, c.cells, c.num_classes, c.remat, c.execution,
                          c.model)
   # The search's programs compile as the training programs do (LLVM at -O1 on CPU: the
