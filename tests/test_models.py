@@ -440,3 +440,43 @@ def test_unknown_plan_is_refused():
   # against the CPU default).
   with pytest.raises(ValueError, match="unknown plan"):
     train_lib.resolve_plan(train_lib.TrainConfig(plan="bogus"))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_backward_is_autodiff_of_its_forward_to_second_order(affine):
+  """Training-mode BN's hand-written VJP (``ops.norm.batch_norm``) gives autodiff's
+  gradients of the same forward, and so does differentiating it again (DARTS' second
+  order); the module's output and running statistics are flax's ``nn.BatchNorm``'s."""
+  from jaxnas.ops import norm
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((4, 5, 6, 7)) * 2 + 1, jnp.float32)
+  w = jnp.asarray(rng.standard_normal(z.shape), jnp.float32)
+  sb = (jnp.asarray(rng.standard_normal(7), jnp.float32),
+        jnp.asarray(rng.standard_normal(7), jnp.float32)) if affine else (None, None)
+
+  def autodiff(z, s, b):
+    mean = jnp.mean(z, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(z), (0, 1, 2)) - jnp.square(mean))
+    return norm.bn_normalize(z, mean, var, s, b)
+
+  def grads(f):
+    loss = lambda z, s, b: jnp.sum(jnp.sin(f(z, s, b) * w))
+    sq = lambda z, s, b: sum(jnp.sum(g ** 2) for g in
+                             jax.tree.leaves(jax.grad(loss, (0, 1, 2))(z, s, b)))
+    return jax.jit(lambda z, s, b: (jax.grad(loss, (0, 1, 2))(z, s, b),
+                                    jax.grad(sq, (0, 1, 2))(z, s, b)))(z, *sb)
+
+  for a, r in zip(jax.tree.leaves(grads(lambda *a: norm.batch_norm(*a)[0])),
+                  jax.tree.leaves(grads(autodiff))):
+    np.testing.assert_allclose(a, r, rtol=2e-4, atol=2e-5 * float(np.abs(r).max()))
+
+  ours = ops.BatchNorm(0.9, affine)
+  ref = nn.BatchNorm(momentum=0.9, epsilon=norm.BN_EPSILON, use_scale=affine, use_bias=affine)
+  v = ours.init(jax.random.PRNGKey(0), z, True)
+  y, new = ours.apply(v, z, True, mutable=["batch_stats"])
+  ref_vars = {"batch_stats": v["batch_stats"]["bn"]}
+  if affine:
+    ref_vars["params"] = v["params"]["bn"]
+  y_ref, new_ref = ref.apply(ref_vars, z, use_running_average=False, mutable=["batch_stats"])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(new["batch_stats"]["bn"], new_ref["batch_stats"], rtol=1e-6)
