@@ -480,3 +480,37 @@ def test_batch_norm_backward_is_autodiff_of_its_forward_to_second_order(affine):
   y_ref, new_ref = ref.apply(ref_vars, z, use_running_average=False, mutable=["batch_stats"])
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(new["batch_stats"]["bn"], new_ref["batch_stats"], rtol=1e-6)
+
+
+def test_elastic_batch_norm_is_flax_batch_norm_in_value_gradient_and_statistics():
+  """``nn.elastic.BatchNorm`` trains through the same closed-form VJP (any epsilon): its
+  output, its parameters' and input's gradients and its running statistics are flax's
+  ``nn.BatchNorm``'s; in evaluation it normalises with the running statistics."""
+  from jaxnas import nn as jnn
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((3, 4, 4, 6)) * 3 - 1, jnp.float32)
+  w = jnp.asarray(rng.standard_normal(z.shape), jnp.float32)
+  ours, ref = jnn.BatchNorm(0.8, epsilon=1e-3), nn.BatchNorm(momentum=0.8, epsilon=1e-3)
+  v = ours.init(jax.random.PRNGKey(0), z, True)
+  v = {"params": {"scale": jnp.asarray(rng.standard_normal(6), jnp.float32),
+                  "bias": jnp.asarray(rng.standard_normal(6), jnp.float32)},
+       "batch_stats": v["batch_stats"]}
+
+  def loss(module, params, z, **kw):
+    y, new = module.apply({"params": params, "batch_stats": v["batch_stats"]}, z, **kw,
+                          mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y * w)), (y, new["batch_stats"])
+
+  (l, (y, stats)), g = jax.value_and_grad(
+      lambda p, z: loss(ours, p, z, train=True), (0, 1), has_aux=True)(v["params"], z)
+  (l_ref, (y_ref, stats_ref)), g_ref = jax.value_and_grad(
+      lambda p, z: loss(ref, p, z, use_running_average=False), (0, 1),
+      has_aux=True)(v["params"], z)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(stats, stats_ref, rtol=1e-6)
+  chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-5)
+  trained = {"params": v["params"], "batch_stats": stats}
+  ref_vars = {"params": v["params"], "batch_stats": stats_ref}
+  np.testing.assert_allclose(ours.apply(trained, z, False),
+                             ref.apply(ref_vars, z, use_running_average=True),
+                             rtol=1e-5, atol=1e-5)

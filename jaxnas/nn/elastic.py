@@ -24,10 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnas.nn.choice import gate, is_static
-from jaxnas.ops import conv2d, depthwise
+from jaxnas.ops import BN_EPSILON, batch_norm, bn_normalize, conv2d, depthwise
 from jaxnas.spaces.declared import Mixture
-
-BN_EPSILON = 1e-5
 
 
 def channel_mask(width, features: int, dtype=jnp.float32):
@@ -173,6 +171,8 @@ class BatchNorm(nn.Module):
   masked to the first ``width`` channels (the normalised zeros of an inactive
   channel would otherwise become ``bias``). Under a ``Mixture`` the running statistics
   move by the ``gate()`` of this layer: those of an unchosen candidate stay as they were.
+  Training normalises with ``ops.batch_norm`` (its closed-form backward pass), as every
+  network of the library does.
   """
   momentum: float = 0.9
   epsilon: float = BN_EPSILON
@@ -184,23 +184,19 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    axes = tuple(range(x.ndim - 1))
     if train:
-      mean = jnp.mean(x, axes)
-      var = jnp.maximum(0.0, jnp.mean(jax.lax.square(x), axes) - jax.lax.square(mean))
+      y, (mean, var) = batch_norm(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         m, g = self.momentum, gate()
-        mean_, var_ = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         if isinstance(g, float):
-          ra_mean.value = m * ra_mean.value + (1 - m) * mean_
-          ra_var.value = m * ra_var.value + (1 - m) * var_
+          ra_mean.value = m * ra_mean.value + (1 - m) * mean
+          ra_var.value = m * ra_var.value + (1 - m) * var
         else:  # under a Mixture: an unchosen candidate's statistics stay as they were
           g = jax.lax.stop_gradient(g)
-          ra_mean.value = ra_mean.value + g * (1 - m) * (mean_ - ra_mean.value)
-          ra_var.value = ra_var.value + g * (1 - m) * (var_ - ra_var.value)
+          ra_mean.value = ra_mean.value + g * (1 - m) * (mean - ra_mean.value)
+          ra_var.value = ra_var.value + g * (1 - m) * (var - ra_var.value)
     else:
-      mean, var = ra_mean.value, ra_var.value
-    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+      y = bn_normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
     if width is not None and not is_static(width):
       y = y * _expected(width, lambda w: channel_mask(w, c, y.dtype))
     return y

@@ -7,6 +7,8 @@ its parameters, for code that differentiates an op by hand (the NB201 switch edg
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,10 +54,10 @@ class BatchNorm(nn.Module):
       self.bn.put_variable("batch_stats", name, jnp.where(use, m * old + (1 - m) * batch, old))
 
 
-def bn_normalize(z, mean, var, scale, bias):
+def bn_normalize(z, mean, var, scale, bias, epsilon: float = BN_EPSILON):
   """``z`` normalised with ``mean``/``var`` (per channel), as ``nn.BatchNorm`` computes it
   (``scale``, ``bias``: None without them)."""
-  mul = jax.lax.rsqrt(var + BN_EPSILON)
+  mul = jax.lax.rsqrt(var + epsilon)
   y = (z - mean) * (mul if scale is None else mul * scale)
   return y if bias is None else y + bias
 
@@ -66,40 +68,42 @@ def _moments(z):
   return mean, jnp.maximum(0.0, jnp.mean(jax.lax.square(z), axes) - jax.lax.square(mean))
 
 
-@jax.custom_vjp
-def _normalize_batch(z, scale, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm(z, scale, bias, epsilon):
   mean, var = _moments(z)
-  return bn_normalize(z, mean, var, scale, bias)
+  return bn_normalize(z, mean, var, scale, bias, epsilon), mean, var
 
 
-def _normalize_batch_fwd(z, scale, bias):
+def _batch_norm_fwd(z, scale, bias, epsilon):
   mean, var = _moments(z)
-  return bn_normalize(z, mean, var, scale, bias), (z, mean, jax.lax.rsqrt(var + BN_EPSILON),
-                                                   scale, bias)
+  y = bn_normalize(z, mean, var, scale, bias, epsilon)
+  return (y, mean, var), (z, mean, jax.lax.rsqrt(var + epsilon), scale, bias)
 
 
-def _normalize_batch_bwd(res, g):
+def _batch_norm_bwd(epsilon, res, cotangents):
+  del epsilon  # in ``inv``
   z, mean, inv, scale, bias = res
+  g = cotangents[0]  # the statistics' cotangents are dropped: they carry no gradient
   axes = tuple(range(z.ndim - 1))
   n = z.size // z.shape[-1]
   xhat = (z - mean) * inv
   g_sum, g_xhat = jnp.sum(g, axes), jnp.sum(g * xhat, axes)
   mul = inv if scale is None else inv * scale
-  dz = mul * (g - (g_sum + xhat * g_xhat) / n)
-  return (dz, None if scale is None else g_xhat, None if bias is None else g_sum)
+  dz = (mul * (g - (g_sum + xhat * g_xhat) / n)).astype(z.dtype)
+  return (dz, None if scale is None else g_xhat.astype(scale.dtype),
+          None if bias is None else g_sum.astype(bias.dtype))
 
 
-_normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def batch_norm(z, scale, bias):
+def batch_norm(z, scale, bias, epsilon: float = BN_EPSILON):
   """Training-mode BN of ``z`` (channels last) with batch statistics, as ``nn.BatchNorm``
   computes it; returns ``(y, (mean, var))``, the statistics without gradient (they feed
-  the running averages). The backward pass is the closed form (Ioffe & Szegedy 2015,
-  sec. 3): two per-channel sums and one elementwise pass, where autodiff of the forward
-  gives a chain of small ops per BN that every supernet step traces and XLA compiles
-  (the DARTS-space supernet has ~360 BNs). Differentiable again (reverse over reverse:
-  DARTS' second order)."""
-  mean, var = jax.lax.stop_gradient(_moments(z))
-  return _normalize_batch(z, scale, bias), (mean, var)
-
+  the running averages), computed once for both. The backward pass is the closed form
+  (Ioffe & Szegedy 2015, sec. 3): two per-channel sums and one elementwise pass, where
+  autodiff of the forward gives a chain of small ops per BN that every supernet step
+  traces and XLA compiles (the DARTS-space supernet has ~360 BNs). Differentiable again
+  (reverse over reverse: DARTS' second order)."""
+  y, mean, var = _batch_norm(z, scale, bias, epsilon)
+  return y, jax.lax.stop_gradient((mean, var))
