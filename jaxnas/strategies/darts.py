@@ -307,8 +307,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     params = variables["params"]
     return DartsState(params=params, batch_stats=variables["batch_stats"], alpha=alpha,
                       w_opt=w_tx.init(ravel_pytree(params)[0]), alpha_opt=a_tx.init(alpha),
-                      key=key,
-                      step=jnp.zeros((), jnp.int32))
+                      key=key, step=jnp.zeros((), jnp.int32))
 
   def minibatch(data: DartsData, key, val: bool):
     """A random minibatch of the validation (``val``) or training split, split over the mesh."""
@@ -355,13 +354,19 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
                         alpha_opt=alpha_opt, step=state.step + 1)
     return finish(new, l_train, train_acc, l_val, val_acc)
 
+  def flat_weight_update(flat_g, w_opt, flat_p):
+    """``(flat_p, w_opt)`` after one SGD step on the flat gradient ``flat_g``: on flat
+    vectors (``ravel_pytree``) the update (clipping, weight decay, momentum) is a few
+    kernels instead of a few per weight array (the DARTS-space supernet has ~170), which
+    XLA compiles one by one."""
+    updates, w_opt = w_tx.update(flat_g, w_opt, flat_p)
+    return optax.apply_updates(flat_p, updates), w_opt
+
   def weight_update(g_w, w_opt, params):
-    """``(params, w_opt)`` after one SGD step on ``g_w``, computed on flat vectors: the
-    update (clipping, weight decay, momentum) is then a few kernels instead of a few per
-    weight array (the DARTS-space supernet has ~170), which XLA compiles one by one."""
+    """``(params, w_opt)`` after one SGD step on the gradient pytree ``g_w``."""
     flat, unravel = ravel_pytree(params)
-    updates, w_opt = w_tx.update(ravel_pytree(g_w)[0], w_opt, flat)
-    return unravel(optax.apply_updates(flat, updates)), w_opt
+    flat, w_opt = flat_weight_update(ravel_pytree(g_w)[0], w_opt, flat)
+    return unravel(flat), w_opt
 
   def alpha_update(state, g_alpha):
     """``(alpha, alpha_opt)`` after one Adam step on ``g_alpha``."""
@@ -410,9 +415,9 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
           argnums=(0, 1), has_aux=True)(flat_p, alpha)
       new_alpha, new_alpha_opt = alpha_update(state.replace(alpha=alpha, alpha_opt=alpha_opt),
                                               g_alpha)
-      updates, new_w_opt = w_tx.update(g_w, w_opt, flat_p)
+      new_p, new_w_opt = flat_weight_update(g_w, w_opt, flat_p)
       pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(is_train, a, b), new, old)
-      carry = (pick(optax.apply_updates(flat_p, updates), flat_p),
+      carry = (pick(new_p, flat_p),
                pick(ravel_pytree(stats)[0], flat_s), pick(new_w_opt, w_opt),
                pick(alpha, new_alpha), pick(alpha_opt, new_alpha_opt))
       return carry, (loss, acc)
