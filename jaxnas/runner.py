@@ -613,8 +613,7 @@ def run(config: SearchConfig, workdir: str | None = None) -> dict:
   logging.info("jaxnas on %s: %s", jax.default_backend(), jax.devices())
   # The convs the networks run (data parallelism changes the default): results.json names them.
   execution = (darts.config.execution if config.strategy == "darts" else
-               one_shot.for_mesh(_supernet_config(config), supernet_mesh()).execution
-               if config.evaluator == "supernet" else None)
+               None if config.strategy == "hyperband" else search.evaluator.execution)
   compute = host_loop.compute_environment(trains_networks(config), execution)
   os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(config_path):

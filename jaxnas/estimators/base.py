@@ -21,6 +21,9 @@ class Evaluator(NamedTuple):
     benchmark can; real training is its own compiled program per call).
   setup_s: wall seconds spent building it that count against a search's time
     budget (training the SPOS supernet, over every run of its workdir).
+  execution: the ``jaxnas.ops.Execution`` its networks compute with where it chose one
+    (the SPOS supernet under a mesh); None: the backend's default (results.json names
+    the convolutions, ``host_loop.compute_environment``).
   """
 
   name: str
@@ -29,3 +32,4 @@ class Evaluator(NamedTuple):
   report: Callable[[Any], dict]
   jittable: bool
   setup_s: float = 0.0
+  execution: Any = None

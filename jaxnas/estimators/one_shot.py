@@ -813,4 +813,5 @@ def supernet_evaluator(config: SupernetConfig = SupernetConfig(), workdir: str |
     return cost_report(model, archs, image_shape, ds.num_classes)
 
   return Evaluator(name=f"supernet/{config.dataset}/{model.name}", space=model.space,
-                   evaluate=evaluate, report=report, jittable=False, setup_s=train_s)
+                   evaluate=evaluate, report=report, jittable=False, setup_s=train_s,
+                   execution=config.execution)
