@@ -232,9 +232,9 @@ def test_late_remat_supernet_equals_the_stored_one():
 
 @pytest.mark.parametrize("reduction", [False, True])
 def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
-  """MixedCell runs the edges leaving each state as one vmap; the same cell written edge by
-  edge in DARTS' order (node i = sum over inputs j of MixedOp_(i,j)) gives the same output
-  and the same new BN statistics."""
+  """MixedCell runs the edges leaving each state as one vmap (the two inputs' together); the
+  same cell written edge by edge in DARTS' order (node i = sum over inputs j of
+  MixedOp_(i,j)) gives the same output and the same new BN statistics."""
   rng = np.random.default_rng(2)
   s0 = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
   s1 = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
@@ -254,7 +254,7 @@ def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
       for j, h in enumerate(states):
         stride = 2 if reduction and j < 2 else 1
         k = i - max(0, j - 1)
-        take = lambda tree: jax.tree.map(lambda a: a[k], tree[f"src{j}"]["ops"])
+        take = lambda tree: jax.tree.map(lambda a: a[k], group(tree, j))
         edge = OpSet(2, (stride,), False, True)
         y, upd = edge.apply({"params": take(v["params"]), "batch_stats": take(v["batch_stats"])},
                             h, w[edge_index(i, j)], stride, True, mutable=["batch_stats"])
@@ -263,11 +263,15 @@ def test_grouped_mixed_cell_equals_edge_by_edge(reduction):
       states.append(node)
     return jnp.concatenate(states[2:], axis=-1), stats
 
+  def group(tree, j):  # the variables of the edges leaving state j, [edges, ...]
+    return (jax.tree.map(lambda a: a[j], tree["inputs"]["ops"]) if j < 2 else
+            tree[f"src{j}"]["ops"])
+
   ref, ref_stats = _compile(reference, v)(v)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   for (i, j), st in ref_stats.items():
     k = i - max(0, j - 1)
-    got = jax.tree.map(lambda a: a[k], new["batch_stats"][f"src{j}"]["ops"])
+    got = jax.tree.map(lambda a: a[k], group(new["batch_stats"], j))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, st)
 
 

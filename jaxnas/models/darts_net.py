@@ -327,13 +327,21 @@ class MixedCell(nn.Module):
                          s1, train)
     states, pending = [s0, s1], [[] for _ in range(NUM_NODES)]
     ex = self.execution.resolve()
-    for src in range(NUM_NODES + 1):
-      if src >= 2:  # node src - 2 has all its inputs now
-        states.append(sum(pending[src - 2]))
-      stride = 2 if self.reduction and src < 2 else 1
-      ops = OpSet(self.features, (stride,), self.affine, True, None, self.bn_momentum, ex)
-      group = PureEdges(ops, (stride, train), len(GROUP_EDGES[src]), train, self.remat,
-                        None if self.affine else fan_in_uniform, name=f"src{src}")
+    init = None if self.affine else fan_in_uniform
+    # The two cell inputs' edges (4 each, same shape and stride) are one group.
+    stride = 2 if self.reduction else 1
+    ops = OpSet(self.features, (stride,), self.affine, True, None, self.bn_momentum, ex)
+    group = PureEdges(ops, (stride, train), NUM_NODES, train, self.remat, init, inputs=2,
+                      name="inputs")
+    ys = group(jnp.stack([s0, s1]), weights[np.stack(GROUP_EDGES[:2])])
+    for src in range(2):
+      for k, i in enumerate(group_nodes(src)):
+        pending[i].append(ys[src, k])
+    for src in range(2, NUM_NODES + 1):
+      states.append(sum(pending[src - 2]))  # node src - 2 has all its inputs now
+      ops = OpSet(self.features, (1,), self.affine, True, None, self.bn_momentum, ex)
+      group = PureEdges(ops, (1, train), len(GROUP_EDGES[src]), train, self.remat, init,
+                        name=f"src{src}")
       ys = group(states[src], weights[GROUP_EDGES[src]])
       for k, i in enumerate(group_nodes(src)):
         pending[i].append(ys[k])

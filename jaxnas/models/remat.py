@@ -55,9 +55,13 @@ class PureEdges(nn.Module):
   ``late_remat``: only ``x``, ``w`` and the variables are kept for the backward
   pass. BN statistics are updated when ``train`` and ``batch_stats`` is mutable.
 
+  ``inputs=k`` (with ``copies``): ``x`` stacks ``k`` inputs (leading axis ``k``), each
+  with its own ``copies`` sets of variables (leading axes ``(k, n)``, ``w`` too): the
+  edges leaving several states that are ready together, as one program.
+
   ``param_init(rng, shapes, lead)``, if given, makes the parameters (shapes:
   ``op``'s parameter tree of ``jax.ShapeDtypeStruct``; ``lead``: the copies
-  axis, ``()`` or ``(n,)``) instead of ``op``'s own initialisers, e.g.
+  axes, ``()``, ``(n,)`` or ``(k, n)``) instead of ``op``'s own initialisers, e.g.
   ``fan_in_uniform``: one RNG computation for the whole group.
   """
   op: nn.Module
@@ -66,19 +70,25 @@ class PureEdges(nn.Module):
   train: bool = False
   remat: bool = False
   param_init: Callable | None = None
+  inputs: int | None = None
 
   @nn.compact
   def __call__(self, x, w):
-    w0 = w if self.copies is None else w[0]
-    init = lambda rng: self.op.init(rng, x, w0, *self.static)
-    lead = () if self.copies is None else (self.copies,)
+    if self.inputs is not None and self.copies is None:
+      raise ValueError("PureEdges(inputs=...) needs copies")
+    lead = (() if self.copies is None else (self.copies,) if self.inputs is None
+            else (self.inputs, self.copies))
+    x0 = x if self.inputs is None else x[0]
+    w0 = w[(0,) * len(lead)]
+    init = lambda rng: self.op.init(rng, x0, w0, *self.static)
     if self.param_init is not None:
       make = lambda rng: self.param_init(rng, jax.eval_shape(init, rng)["params"], lead)
     elif self.copies is None:
       make = lambda rng: init(rng)["params"]
     else:
-      make = lambda rng: jax.vmap(lambda k: init(k)["params"])(
-          jax.random.split(rng, self.copies))
+      make = lambda rng: jax.tree.map(
+          lambda a: a.reshape(lead + a.shape[1:]),
+          jax.vmap(lambda k: init(k)["params"])(jax.random.split(rng, math.prod(lead))))
     params = self.param("ops", make)
     # BN statistics start at mean 0, variance 1 (no need to trace the init again).
     stats = self.variable("batch_stats", "ops", lambda: jax.tree_util.tree_map_with_path(
@@ -94,6 +104,8 @@ class PureEdges(nn.Module):
       return y, new.get("batch_stats", {})
 
     f = one if self.copies is None else jax.vmap(one, in_axes=(0, 0, None, 0))
+    if self.inputs is not None:
+      f = jax.vmap(f)
     if self.remat:
       f = late_remat(f)
     y, new_stats = f(params, stats.value, x, w)
