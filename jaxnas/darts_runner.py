@@ -13,6 +13,8 @@ newest good epoch and ends with a bit-identical results.json.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -74,9 +76,26 @@ ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 def compile_once(f, *args, options: dict | None = None):
   """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
   more XLA options (the supernet's ``compiler_options``; on CPU ``ONCE`` overrides them)."""
-  lowered = (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
+  return compile_lowered_once((f if hasattr(f, "lower") else jax.jit(f)).lower(*args), options)
+
+
+def compile_lowered_once(lowered, options: dict | None = None):
+  """``compile_once`` of an already lowered program."""
   options = {**(options or {}), **(ONCE if jax.default_backend() == "cpu" else {})}
   return lowered.compile(compiler_options=options or None)
+
+
+@contextlib.contextmanager
+def initialising(init, *args, options: dict | None = None):
+  """Yields ``(shapes, result)``: ``init(*args)``'s output as ``jax.ShapeDtypeStruct``s at
+  once, and ``result()``, which waits for the output itself. ``init`` is traced here; its
+  compilation (``compile_once``) and run go on a thread, so what needs only the state's
+  shapes (the search's step programs) is traced and compiled meanwhile: the DARTS-space
+  supernet's init is ~4 s of XLA on CPU beside the step's ~13 s of tracing."""
+  lowered = (init if hasattr(init, "lower") else jax.jit(init)).lower(*args)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    made = pool.submit(lambda: compile_lowered_once(lowered, options)(*args))
+    yield lowered.out_info, made.result
 
 
 def run(config, workdir: str, darts, data) -> dict:
@@ -88,7 +107,18 @@ def run(config, workdir: str, darts, data) -> dict:
   init = jax.jit(init, out_shardings=None if darts.mesh is None else
                  NamedSharding(darts.mesh, P()))
   options = darts.supernet.compiler_options
-  state = compile_once(init, keys, data, options=options)(keys, data)
+  with initialising(init, keys, data, options=options) as (shapes, initialised):
+    if darts.mesh is None:
+      # Seeds that do not fit the device together run in chunks that do (same results).
+      run_epoch, chunk = memory.fit_seeds(
+          darts.run_epoch, shapes, data, what="DARTS search", options=options,
+          knobs="--num_seeds, --channels, --cells or --batch_size")
+      seeds = lambda f: jax.jit(memory.over_seed_chunks(f, n, chunk), compiler_options=options)
+    else:
+      chunk = n
+      seeds = lambda f: jax.jit(over_seeds(f, darts.mesh), compiler_options=options)
+      run_epoch = seeds(darts.run_epoch)
+    state = initialised()
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:
@@ -96,16 +126,6 @@ def run(config, workdir: str, darts, data) -> dict:
   except CheckpointError as e:
     raise ValueError(f"{e}; the unreadable steps were moved aside, rerun to start afresh") from None
   space = darts.supernet.space
-  if darts.mesh is None:
-    # Seeds that do not fit the device together run in chunks that do (same results).
-    run_epoch, chunk = memory.fit_seeds(
-        darts.run_epoch, state, data, what="DARTS search", options=options,
-        knobs="--num_seeds, --channels, --cells or --batch_size")
-    seeds = lambda f: jax.jit(memory.over_seed_chunks(f, n, chunk), compiler_options=options)
-  else:
-    chunk = n
-    seeds = lambda f: jax.jit(over_seeds(f, darts.mesh), compiler_options=options)
-    run_epoch = seeds(darts.run_epoch)
   history = _read_history(metrics_path)
   epochs = darts.config.epochs
 
