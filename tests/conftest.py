@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -67,6 +68,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 if os.environ.get("JAXNAS_TEST_FUSION_EMITTERS") != "1":
   FAST_COMPILE["xla_cpu_use_fusion_emitters"] = False
 FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+# jit at those settings, for tests whose programs run for less time than they compile.
+fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def run_python(argv, *, devices: int = 1, cwd=None, timeout: int = 900):

@@ -15,6 +15,8 @@ from jaxnas.spaces import InvalidArchitecture, choice, declare
 from jaxnas.spaces.declared import to_python
 from jaxnas.strategies import STRATEGIES
 
+from conftest import fast_jit
+
 
 def toy_space():
   """Depth 1-3; each block's kernel and op exist only where the depth reaches the block:
@@ -143,7 +145,7 @@ def test_every_strategy_evaluates_distinct_networks(name):
   kwargs = {"predictor": {"train_steps": 20, "ensemble_size": 2, "hidden": 8,
                           "num_candidates": 40, "num_init": 4}}.get(name, {})
   search = make_search(STRATEGIES[name](SPACE, **kwargs), _evaluator(SPACE), 40)
-  run = jax.jit(jax.vmap(lambda k: search.run_chunk(search.init(k), jnp.int32(0),
+  run = fast_jit(jax.vmap(lambda k: search.run_chunk(search.init(k), jnp.int32(0),
                                                     search.num_steps)[0]))
   state = run(jax.vmap(jax.random.PRNGKey)(jnp.arange(3)))
   assert (np.asarray(state.num_duplicates) == 0).all()

@@ -16,7 +16,7 @@ from jaxnas.estimators.nb201 import load_table
 from jaxnas.search import make_search, results_of
 from jaxnas.strategies import STRATEGIES
 
-from conftest import tiny_space
+from conftest import fast_jit, tiny_space
 
 
 def _run(search, key):
@@ -27,7 +27,7 @@ def _run(search, key):
 
 def _run_seeds(search, num_seeds):
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(num_seeds))
-  return jax.device_get(jax.jit(jax.vmap(functools.partial(_run, search)))(keys))
+  return jax.device_get(fast_jit(jax.vmap(functools.partial(_run, search)))(keys))
 
 
 def _seed(tree, i):
@@ -166,7 +166,7 @@ def test_run_chunk_past_the_end_is_a_no_op(name):
   evaluator = jaxnas.nb201_evaluator("cifar10")
   search = make_search(STRATEGIES[name](evaluator.space, batch_size=2), evaluator, 15)
   assert search.num_steps == 8
-  chunk = jax.jit(search.run_chunk, static_argnums=2)
+  chunk = fast_jit(search.run_chunk, static_argnums=2)
   state = search.init(jax.random.PRNGKey(3))
   full, _ = chunk(state, jnp.int32(0), 8)
   # A chunk entirely past the end changes nothing.
@@ -187,7 +187,7 @@ def test_chunked_run_equals_uncut_run(name):
   """Resuming relies on this: steps derive their keys from (root key, step) only."""
   evaluator = jaxnas.nb201_evaluator("cifar10")
   search = make_search(STRATEGIES[name](evaluator.space), evaluator, 20)
-  run = jax.jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
+  run = fast_jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
   state = jax.vmap(search.init)(jax.vmap(jax.random.PRNGKey)(jnp.arange(3)))
   uncut, _ = run(state, jnp.int32(0), 20)
   chunked = state

@@ -16,7 +16,7 @@ from jaxnas.spaces import SPACES
 from jaxnas.strategies import STRATEGIES
 from jaxnas.strategies.base import archive_add, archive_init, permutation
 
-from conftest import tiny_evaluator, tiny_space
+from conftest import fast_jit, tiny_evaluator, tiny_space
 
 NAMES = sorted(STRATEGIES)
 
@@ -84,7 +84,7 @@ def test_one_step_with_and_without_jit(name, space_name):
   step = functools.partial(_one_step, strategy, evaluator)
   outputs = []
   # Eager DARTS steps cost many small compilations; nb201 checks jit against eager.
-  variants = (lambda f: f, jax.jit) if space_name == "nb201" else (jax.jit,)
+  variants = (lambda f: f, fast_jit) if space_name == "nb201" else (fast_jit,)
   for variant in variants:
     state = variant(strategy.init)(jax.random.PRNGKey(0))
     archs, new_state, new_archive, metrics = variant(step)(jax.random.PRNGKey(3), state, archive)
@@ -131,7 +131,7 @@ def _assert_no_duplicates(search, state):
 
 def _run_seeds(search, seeds):
   keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
-  return jax.jit(jax.vmap(functools.partial(_run, search)))(keys)
+  return fast_jit(jax.vmap(functools.partial(_run, search)))(keys)
 
 
 # ------------------------------------------------------------ search quality
@@ -151,7 +151,7 @@ def _quality_run(name):
   search = make_search(STRATEGIES[name](evaluator.space), evaluator, QUALITY_BUDGET)
   seeds = SEED_BASE[name] + np.arange(QUALITY_SEEDS[name])
   state = _run_seeds(search, seeds)
-  acc = jax.jit(jax.vmap(lambda s: results_of(search, s)["report"]["test_accuracy"]))(state)
+  acc = fast_jit(jax.vmap(lambda s: results_of(search, s)["report"]["test_accuracy"]))(state)
   return search, seeds, jax.device_get(state), np.asarray(acc, np.float64)
 
 
@@ -164,7 +164,7 @@ def test_default_search_has_no_duplicates(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_seeds_equals_each_seed_alone(name):
   search, seeds, batched, _ = _quality_run(name)
-  alone = jax.jit(functools.partial(_run, search))
+  alone = fast_jit(functools.partial(_run, search))
   for i in range(3):
     single = jax.device_get(alone(jax.random.PRNGKey(seeds[i])))
     np.testing.assert_array_equal(batched.archive.vectors[i], single.archive.vectors,
@@ -233,7 +233,7 @@ def test_sort_free_permutation_is_jax_random_permutation(n):
   """Local search's neighbour orders come from ``base.permutation`` (pairwise ranks, no
   sort): the same permutations as ``jax.random.permutation``, vmapped and jitted."""
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(200))
-  ours = jax.jit(jax.vmap(lambda k: permutation(k, n)))(keys)
+  ours = fast_jit(jax.vmap(lambda k: permutation(k, n)))(keys)
   theirs = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
   assert ours.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
