@@ -17,6 +17,8 @@ from jaxnas.checkpoint import Checkpointer, CheckpointError
 from jaxnas.search import make_search
 from jaxnas.strategies import STRATEGIES
 
+from conftest import fast_jit
+
 
 @functools.lru_cache(maxsize=None)
 def _search():
@@ -28,7 +30,7 @@ def _search():
 def _states():
   """Batched search states after 0, 3, 6 and 9 steps (3 seeds)."""
   search = _search()
-  run = jax.jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
+  run = fast_jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
   state = jax.vmap(search.init)(jax.vmap(jax.random.PRNGKey)(jnp.arange(3)))
   out = [state]
   for first in (0, 3, 6):
@@ -78,7 +80,7 @@ def test_save_restore_round_trip(tmp_path):
   chex.assert_trees_all_equal_shapes_and_dtypes(state, states[3])
   # The restored state continues exactly like the original.
   search = _search()
-  run = jax.jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
+  run = fast_jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
   a, _ = run(states[3], jnp.int32(9), 3)
   b, _ = run(state, jnp.int32(9), 3)
   chex.assert_trees_all_equal(a, b)

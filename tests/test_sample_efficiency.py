@@ -20,6 +20,8 @@ from jaxnas.strategies.gp_bo import rank_warp
 
 from test_strategies import _assert_no_duplicates, _run, _run_seeds, _synthetic_evaluator
 
+from conftest import fast_jit
+
 # A smaller pool keeps the protocol tests' compiles and steps short; the quality test
 # uses the defaults apart from the number of initial samples.
 SMALL = {"num_random": 64, "lengthscales": (1.0, 4.0), "noises": (1e-2,)}
@@ -48,7 +50,7 @@ def test_runs_in_the_scanned_vmapped_search_without_duplicates():
   _assert_no_duplicates(search, state)
   assert int(state.step[0]) == search.num_steps == 12
   # vmap over seeds computes each seed as it runs alone (sequential_vmap around the GP).
-  alone = jax.device_get(jax.jit(functools.partial(_run, search))(jax.random.PRNGKey(2)))
+  alone = jax.device_get(fast_jit(functools.partial(_run, search))(jax.random.PRNGKey(2)))
   np.testing.assert_array_equal(np.asarray(state.archive.vectors[2]), alone.archive.vectors)
   assert not np.array_equal(state.archive.vectors[0], state.archive.vectors[1])
 
@@ -56,7 +58,7 @@ def test_runs_in_the_scanned_vmapped_search_without_duplicates():
 def test_resume_is_bit_exact(tmp_path):
   """Chunks of steps, with a checkpoint round trip between them, equal one uncut run."""
   search = _table_search()
-  run = jax.jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
+  run = fast_jit(jax.vmap(search.run_chunk, in_axes=(0, None, None)), static_argnums=2)
   state = jax.vmap(search.init)(jax.vmap(jax.random.PRNGKey)(jnp.arange(3)))
   uncut, _ = run(state, jnp.int32(0), search.num_steps)
   chunked, _ = run(state, jnp.int32(0), 5)
@@ -109,7 +111,7 @@ def test_finds_better_cells_than_random_search():
   for name, kwargs in (("random", {}), ("gp_bo", {"num_init": 10})):
     search = make_search(STRATEGIES[name](evaluator.space, **kwargs), evaluator, 50)
     state = _run_seeds(search, seeds)
-    acc[name] = np.asarray(jax.jit(jax.vmap(
+    acc[name] = np.asarray(fast_jit(jax.vmap(
         lambda s: results_of(search, s)["report"]["test_accuracy"]))(state), np.float64)
   diff = acc["gp_bo"].mean() - acc["random"].mean()
   se = np.sqrt(acc["gp_bo"].var(ddof=1) / len(seeds) + acc["random"].var(ddof=1) / len(seeds))

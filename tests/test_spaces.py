@@ -16,6 +16,8 @@ import jaxnas
 from jaxnas.spaces import SPACES, DartsArch, InvalidArchitecture
 from jaxnas.spaces import darts as darts_lib
 
+from conftest import fast_jit
+
 # The box spaces, every vector a distinct network; a conditional space (mbconv) samples and
 # mutates canonical vectors instead (tests/test_declared.py, tests/test_mbconv.py).
 SPACE_NAMES = sorted(n for n in SPACES if SPACES[n]().active is None)
@@ -52,7 +54,7 @@ def _check_valid(space, archs):
   if space.name == "darts":
     _check_darts_inputs(archs)
   # The vector <-> arch map is a bijection on valid vectors.
-  again = jax.jit(jax.vmap(lambda v: space.to_vector(space.from_vector(v))))(vectors)
+  again = fast_jit(jax.vmap(lambda v: space.to_vector(space.from_vector(v))))(vectors)
   np.testing.assert_array_equal(np.asarray(again), vectors)
   return vectors
 
@@ -94,7 +96,7 @@ class OperatorsTest(chex.TestCase):
     space = SPACES[name]()
     parent = space.sample(jax.random.PRNGKey(2))
     keys = jax.random.split(jax.random.PRNGKey(3), 3000)
-    children = _vectors(space, jax.jit(jax.vmap(lambda k: space.mutate(k, parent)))(keys))
+    children = _vectors(space, fast_jit(jax.vmap(lambda k: space.mutate(k, parent)))(keys))
     changed = np.nonzero(children != np.asarray(space.to_vector(parent)))[1]
     mutable = {d for d, k in enumerate(space.cardinalities) if k > 1}
     assert set(changed.tolist()) == mutable
@@ -256,11 +258,11 @@ def test_nb201_evaluator_matches_raw_table(dataset):
   space = evaluator.space
   archs = jax.vmap(space.sample)(jax.random.split(jax.random.PRNGKey(7), 64))
   fitness = np.asarray(evaluator.evaluate(jax.random.PRNGKey(0), archs))
-  fitness_jit = np.asarray(jax.jit(evaluator.evaluate)(jax.random.PRNGKey(0), archs))
+  fitness_jit = np.asarray(fast_jit(evaluator.evaluate)(jax.random.PRNGKey(0), archs))
   # vmap over single architectures (a batch of batches of one).
   fitness_vmap = np.asarray(jax.vmap(
       lambda a: evaluator.evaluate(jax.random.PRNGKey(0), a[None])[0])(archs))
-  report = jax.jit(evaluator.report)(archs)
+  report = fast_jit(evaluator.report)(archs)
   table_arch = raw["arch"].astype(np.int64)
   for i, v in enumerate(np.asarray(archs)):
     rows = np.nonzero((table_arch == v).all(1))[0]
