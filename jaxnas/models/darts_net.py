@@ -28,8 +28,9 @@ Two cells, one skeleton (``DartsNetwork(cell=...)``):
   ``{"normal": float[14, 8], "reduce": float[14, 8]}`` op weights (DARTS:
   softmax(alpha); GDAS: a straight-through one-hot sample). As in DARTS' search
   network, BN in the ops is not affine and pooling is followed by a BN. The
-  edges leaving one state run as one ``vmap`` (``remat.PureEdges``), which makes
-  the program (and its compile time) 2-3x smaller than edge by edge.
+  edges leaving one state run as one ``vmap`` (``remat.PureEdges``; those of the
+  two cell inputs together), which makes the program (and its compile time) 2-3x
+  smaller than edge by edge.
   ``remat=True`` recomputes each edge group in the backward pass
   (``late_remat``) instead of storing its ops' activations.
 
@@ -304,11 +305,13 @@ class MixedCell(nn.Module):
 
   The edges leaving one state (``PureEdges``: 4, 4, 3, 2, 1 edges from the
   two cell inputs and nodes 0..2) run as one ``vmap`` over their parameters
-  with the input shared: five mixed-op programs per cell instead of fourteen
-  (XLA compile time grows with program size), pooling and ``skip_connect`` of a
-  shared input computed once, and the pointwise convs of a shared input one
-  wider matmul. A reduction cell's stride depends only on the source (2 for the
-  cell inputs), so grouping by source keeps one stride per group. Without
+  with the input shared, the two cell inputs' 4 + 4 edges as one group over the
+  stacked inputs (``inputs=2``: same shape and stride, ready together): four
+  mixed-op programs per cell instead of fourteen (XLA compile time grows with
+  program size), pooling and ``skip_connect`` of an input computed once, and the
+  pointwise convs of a shared input one wider matmul. A reduction cell's stride
+  depends only on the source (2 for the cell inputs), so grouping by source keeps
+  one stride per group. Without
   ``affine`` a group's parameters are all conv kernels, drawn together
   (``remat.fan_in_uniform``, the ops' own distribution): the 8-cell supernet's
   init program then has ~40 RNG computations instead of ~1000.
