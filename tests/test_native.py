@@ -63,19 +63,24 @@ def test_onednn_depthwise_matches_xla_to_second_order(stride, k, dilation):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_vmapped_onednn_depthwise_is_one_wider_depthwise_conv(shared):
+@pytest.mark.parametrize("form", ["shared", "batched", "nested"])
+def test_vmapped_onednn_depthwise_is_one_wider_depthwise_conv(form):
   """Under vmap over kernels (a supernet's edge group: one shared input or one input per
-  edge), the oneDNN depthwise conv folds the mapped axis into its channels: the same
-  values, gradients and reverse over reverse as XLA's grouped conv, and no loop."""
+  edge; nested: a vmap over two inputs of a vmap over each one's edges, the DARTS cell
+  inputs' group), the oneDNN depthwise conv folds every mapped axis into its channels:
+  the same values, gradients and reverse over reverse as XLA's grouped conv, and no loop."""
   from jaxnas.ops.depthwise import depthwise, depthwise_reference
   skip_unless_onednn()
   rng = np.random.default_rng(3)
-  x = rng.standard_normal(((3, 11, 9, 7) if shared else (4, 3, 11, 9, 7)), np.float32)
-  w = 0.3 * rng.standard_normal((4, 5, 5, 1, 7), np.float32)
+  x = rng.standard_normal({"shared": (3, 11, 9, 7), "batched": (4, 3, 11, 9, 7),
+                           "nested": (2, 3, 11, 9, 7)}[form], np.float32)
+  w = 0.3 * rng.standard_normal(((2, 4) if form == "nested" else (4,)) + (5, 5, 1, 7),
+                                np.float32)
 
   def second(f):
-    batched = jax.vmap(lambda x, w: f(x, w, 2), in_axes=(None if shared else 0, 0))
+    batched = jax.vmap(lambda x, w: f(x, w, 2), in_axes=(0 if form == "batched" else None, 0))
+    if form == "nested":
+      batched = jax.vmap(batched)
     loss = lambda x, w: jnp.sum(jnp.sin(batched(x, w)))
     gw_sq = lambda x, w: jnp.sum(jax.grad(loss, 1)(x, w) ** 2)
     return jax.jit(lambda x, w: (batched(x, w), jax.grad(loss, (0, 1))(x, w),

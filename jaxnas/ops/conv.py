@@ -218,8 +218,9 @@ def _onednn(target, shape, a, b, spec):
   Under ``vmap`` a depthwise call (every operand and the result have ``groups``
   channels: forward, input and kernel gradient of a depthwise conv) folds the mapped
   axis into the channels, one depthwise conv of ``n * groups`` channels (a mixed edge
-  group's per-edge kernels, ``models.remat.PureEdges``); other calls run one after
-  another in a loop, which XLA compiles as a while loop of slices and updates.
+  group's per-edge kernels, ``models.remat.PureEdges``), and nested vmaps fold every
+  axis; other calls run one after another in a loop, which XLA compiles as a while loop
+  of slices and updates.
   """
   stride, pad, groups, dilation = spec
 
@@ -242,8 +243,10 @@ def _onednn(target, shape, a, b, spec):
       v = jnp.moveaxis(v, 0, -2) if is_batched else jnp.broadcast_to(
           v[..., None, :], v.shape[:-1] + (n, v.shape[-1]))
       return v.reshape(v.shape[:-2] + (-1,))
-    out = call(channels(a, batched[0]), channels(b, batched[1]), shape[:-1] + (n * groups,),
-               n * groups)
+    # A depthwise call again, so an enclosing vmap folds its axis too (nested vmaps: a
+    # group of edges over several inputs) instead of looping over the folded call.
+    out = _onednn(target, shape[:-1] + (n * groups,), channels(a, batched[0]),
+                  channels(b, batched[1]), (stride, pad, n * groups, dilation))
     return jnp.moveaxis(out.reshape(shape[:-1] + (n, groups)), -2, 0), True
 
   return depthwise_call(a, b)
