@@ -76,7 +76,12 @@ ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 def compile_once(f, *args, options: dict | None = None):
   """``jit(f)`` compiled for ``args``, without XLA's expensive passes on CPU; ``options``:
   more XLA options (the supernet's ``compiler_options``; on CPU ``ONCE`` overrides them)."""
-  return compile_lowered_once((f if hasattr(f, "lower") else jax.jit(f)).lower(*args), options)
+  return compile_lowered_once(_lowered(f, *args), options)
+
+
+def _lowered(f, *args):
+  """``f`` (jitted or not) lowered for ``args``."""
+  return (f if hasattr(f, "lower") else jax.jit(f)).lower(*args)
 
 
 def compile_lowered_once(lowered, options: dict | None = None):
@@ -92,7 +97,7 @@ def initialising(init, *args, options: dict | None = None):
   compilation (``compile_once``) and run go on a thread, so what needs only the state's
   shapes (the search's step programs) is traced and compiled meanwhile: the DARTS-space
   supernet's init is ~4 s of XLA on CPU beside the step's ~13 s of tracing."""
-  lowered = (init if hasattr(init, "lower") else jax.jit(init)).lower(*args)
+  lowered = _lowered(init, *args)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     made = pool.submit(lambda: compile_lowered_once(lowered, options)(*args))
     yield lowered.out_info, made.result
