@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxnas.nn.choice import gate, is_static
 from jaxnas.ops import BN_EPSILON, batch_norm, bn_normalize, conv2d, depthwise
+from jaxnas.ops.norm import running_update
 from jaxnas.spaces.declared import Mixture
 
 
@@ -189,8 +190,8 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         m, g = self.momentum, gate()
         if isinstance(g, float):
-          ra_mean.value = m * ra_mean.value + (1 - m) * mean
-          ra_var.value = m * ra_var.value + (1 - m) * var
+          ra_mean.value = running_update(ra_mean.value, mean, m)
+          ra_var.value = running_update(ra_var.value, var, m)
         else:  # under a Mixture: an unchosen candidate's statistics stay as they were
           g = jax.lax.stop_gradient(g)
           ra_mean.value = ra_mean.value + g * (1 - m) * (mean - ra_mean.value)

@@ -48,10 +48,15 @@ class BatchNorm(nn.Module):
     where the scalar ``use`` is true (kept otherwise)."""
     if self.is_initializing() or not self.is_mutable_collection("batch_stats"):
       return
-    m = self.momentum
     for name, batch in (("mean", mean), ("var", var)):
       old = self.bn.get_variable("batch_stats", name)
-      self.bn.put_variable("batch_stats", name, jnp.where(use, m * old + (1 - m) * batch, old))
+      self.bn.put_variable("batch_stats", name,
+                           jnp.where(use, running_update(old, batch, self.momentum), old))
+
+
+def running_update(old, batch, momentum: float):
+  """A running statistic moved toward a batch's, as ``nn.BatchNorm`` moves it."""
+  return momentum * old + (1 - momentum) * batch
 
 
 def bn_normalize(z, mean, var, scale, bias, epsilon: float = BN_EPSILON):
@@ -70,8 +75,7 @@ def _moments(z):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_norm(z, scale, bias, epsilon):
-  mean, var = _moments(z)
-  return bn_normalize(z, mean, var, scale, bias, epsilon), mean, var
+  return _batch_norm_fwd(z, scale, bias, epsilon)[0]
 
 
 def _batch_norm_fwd(z, scale, bias, epsilon):
