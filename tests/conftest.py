@@ -72,6 +72,25 @@ FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE
 fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
+# A module whose tests compile the library's own programs (which take no compiler options
+# from a test) and barely run them sets ``FAST_LIBRARY_COMPILE = True``: its compiles then
+# skip most of XLA's optimisation (``jax_disable_most_optimizations``: -O0, no expensive
+# LLVM passes). Opted in where measured faster (experiments/NOTES_tests.md). JAX's
+# in-memory caches are cleared whenever the setting changes between modules, so no
+# executable compiled at one setting runs in a module at the other.
+_library_compile = {"fast": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _library_compile_setting(request):
+  fast = bool(getattr(request.module, "FAST_LIBRARY_COMPILE", False))
+  if fast != _library_compile["fast"]:
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", fast)
+    _library_compile["fast"] = fast
+  yield
+
+
 def run_python(argv, *, devices: int = 1, cwd=None, timeout: int = 900):
   """Runs ``python *argv`` in a fresh process on ``devices`` host CPU devices, compiling
   at ``FAST_COMPILE_FLAGS`` (which an in-process test cannot set for the library's own

@@ -15,6 +15,9 @@ import pytest
 
 from jaxnas import nn as jnn
 
+# The module alone on one core: 46.5 -> 31.6 s (conftest._library_compile_setting).
+FAST_LIBRARY_COMPILE = True
+
 
 class Block(nn.Module):
   @nn.compact
