@@ -165,6 +165,19 @@ def over_seeds(f, mesh: Mesh | None):
   return lambda states, data: jax.lax.map(lambda s: f(s, data), states)
 
 
+def _flat_weights(state: DartsState) -> tuple[Callable, Callable]:
+  """``(to_flat, from_flat)`` for states shaped like ``state``: ``to_flat`` replaces the
+  weights and the BN statistics with one vector each (``ravel_pytree``), ``from_flat``
+  restores the pytrees, bit for bit."""
+  _, unravel_p = ravel_pytree(state.params)
+  _, unravel_s = ravel_pytree(state.batch_stats)
+  to_flat = lambda s: s.replace(params=ravel_pytree(s.params)[0],
+                                batch_stats=ravel_pytree(s.batch_stats)[0])
+  from_flat = lambda s: s.replace(params=unravel_p(s.params),
+                                  batch_stats=unravel_s(s.batch_stats))
+  return to_flat, from_flat
+
+
 def check_config(c: DartsConfig) -> None:
   if c.variant not in VARIANTS:
     raise ValueError(f"unknown DARTS variant {c.variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -430,9 +443,19 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     return finish(new, loss[1], acc[1], loss[0], acc[0])
 
   def run_epoch(state: DartsState, data: DartsData):
-    """``steps_per_epoch`` bilevel steps; returns the state and epoch-mean metrics."""
-    state, metrics = jax.lax.scan(lambda s, _: step(s, data), state, None,
-                                  length=c.steps_per_epoch)
+    """``steps_per_epoch`` bilevel steps; returns the state and epoch-mean metrics.
+
+    The weights and BN statistics cross the steps' loop as two flat vectors
+    (``ravel_pytree``), not one array each: XLA's loop passes (copy insertion first)
+    take time per carried array, and the DARTS-space supernet has ~250."""
+    to_flat, from_flat = _flat_weights(state)
+
+    def body(flat, _):
+      new, metrics = step(from_flat(flat), data)
+      return to_flat(new), metrics
+
+    flat, metrics = jax.lax.scan(body, to_flat(state), None, length=c.steps_per_epoch)
+    state = from_flat(flat)
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics["arch"] = supernet.derive(state.alpha)
     metrics["skip_count"] = supernet.skip_count(metrics["arch"])
@@ -477,23 +500,30 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
         return jnp.mean(jnp.argmax(logits, -1) == y)
       return jnp.mean(jax.lax.map(one, eval_keys))
 
+    # Weights, BN statistics and momentum cross the loops as flat vectors (as in run_epoch).
+    _, unravel_p = ravel_pytree(state.params)
+    _, unravel_s = ravel_pytree(state.batch_stats)
+
     def tune(carry, i):
-      params, stats, opt, chosen = carry
+      flat_p, flat_s, opt, chosen = carry
       weights = projected(chosen)
 
       def body(inner, t):
-        params, stats, opt = inner
+        flat_p, flat_s, opt = inner
         x, y = minibatch(data, jax.random.fold_in(jax.random.fold_in(key, 2 + i), t), val=False)
-        (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, weights,
-                                                                       x, y)
-        updates, opt = tune_tx.update(g, opt, params)
-        return (optax.apply_updates(params, updates), stats, opt), None
+        (_, (stats, _)), g = jax.value_and_grad(
+            lambda p: loss_fn(unravel_p(p), unravel_s(flat_s), weights, x, y),
+            has_aux=True)(flat_p)
+        updates, opt = tune_tx.update(g, opt, flat_p)
+        return (optax.apply_updates(flat_p, updates), ravel_pytree(stats)[0], opt), None
 
-      (params, stats, opt), _ = jax.lax.scan(body, (params, stats, opt), jnp.arange(tune_steps))
-      return params, stats, opt, chosen
+      (flat_p, flat_s, opt), _ = jax.lax.scan(body, (flat_p, flat_s, opt),
+                                              jnp.arange(tune_steps))
+      return flat_p, flat_s, opt, chosen
 
     def decide(carry, i):
-      params, stats, opt, chosen = carry
+      flat_p, flat_s, opt, chosen = carry
+      params, stats = unravel_p(flat_p), unravel_s(flat_s)
       e = order[i]
       # Candidate o < n_ops: the projected weights with op o of edge e masked out;
       # candidate n_ops: nothing removed (the accuracy each removal is measured against).
@@ -501,13 +531,14 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       keep = 1.0 - jax.nn.one_hot(e, n_edges)[None, :, None] * remove[:, None, :]
       accs = jax.vmap(lambda w: accuracy(params, stats, w))(projected(chosen)[None] * keep)
       best = jnp.argmin(accs[:n_ops]).astype(jnp.int32)
-      carry = (params, stats, opt, chosen.at[e].set(best))
+      carry = (flat_p, flat_s, opt, chosen.at[e].set(best))
       # The index is the same for every seed, so under vmap this stays a conditional:
       # no tuning after the last decision.
       carry = jax.lax.cond(i < n_edges - 1, tune, lambda c_, _: c_, carry, i)
       return carry, (accs[:n_ops], accs[n_ops])
 
-    carry = (state.params, state.batch_stats, tune_tx.init(state.params),
+    flat_p = ravel_pytree(state.params)[0]
+    carry = (flat_p, ravel_pytree(state.batch_stats)[0], tune_tx.init(flat_p),
              jnp.full((n_edges,), -1, jnp.int32))
     (_, _, _, chosen), (accs, base) = jax.lax.scan(decide, carry, jnp.arange(n_edges))
     return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
