@@ -26,13 +26,14 @@ machine, and the second pass keeps a burst of load (or the first part's one-time
 start-up costs: 10 ms instead of 0.03 ms, once) from setting an entry. A network's
 latency is the plain sum of its parts' entries. Each entry includes one jitted call's
 dispatch (``overhead_ms``, an empty jitted call, recorded with the table), which a whole
-network pays only once, yet a whole network is *slower* than the sum of its parts
-(``experiments/mbconv_latency.py``, 2-core CPU: the plain sum under-predicts by 16-19%,
-counting the dispatch once by 26-27%; Spearman's rho 0.95-0.97 either way, against
-0.73-0.76 for FLOPs), probably because a part timed alone, called again and again, finds
-its weights and input in cache. The bias is close to a constant factor (measured / table
-1.24 +- 0.04 at 28x28, 1.19 +- 0.06 at 32x32), which changes no dominance relation and
-so no NSGA-II selection; for an absolute latency constraint, scale by it. Tables are
+network pays only once, and a whole network's time is not the sum of its parts'
+(``experiments/mbconv_latency.py``, 2-core CPU, the shipped table: the plain sum
+over-predicts by 17 %, measured / table 0.86 +- 0.05 at 28x28 and 32x32; Spearman's rho
+0.94-0.95, against 0.80-0.84 for FLOPs): a part timed alone, called again and again,
+keeps its weights and input in cache or not depending on its size (with stage 1 at
+stride 2, smaller blocks, the sum under-predicted by 16-19 %). The bias is close to a
+constant factor, which changes no dominance relation and so no NSGA-II selection; for
+an absolute latency constraint, scale by it. Tables are
 JSON files with the backend, device, conv implementation and jax version they were
 measured with (``save_tables`` / ``load_tables``).
 
