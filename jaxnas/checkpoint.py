@@ -76,16 +76,19 @@ def _closed_loop_filter(previous):
 
 
 class _StepReadErrors(logging_std.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for the reads of a step that
-  failed to restore (orbax leaves the sibling reads' exceptions unretrieved)."""
+  """Drops asyncio's "Task exception was never retrieved" and "Future exception was never
+  retrieved" for the reads of a step that failed to restore (orbax leaves the sibling
+  reads' exceptions unretrieved, in tasks or in bare futures)."""
 
   def __init__(self, step_dir: str):
     super().__init__()
     self.step_dir = step_dir
 
   def filter(self, record):
-    return not (record.getMessage().startswith("Task exception was never retrieved")
-                and self.step_dir in record.getMessage())
+    message = record.getMessage()
+    return not (message.startswith(("Task exception was never retrieved",
+                                    "Future exception was never retrieved"))
+                and self.step_dir in message)
 
 
 class Checkpointer:
