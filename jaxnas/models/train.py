@@ -151,6 +151,19 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
 
 
+def flat_weights(params, stats):
+  """``(flat_params, flat_stats, unravel)``: a network's weights and BN statistics as one
+  vector each (``ravel_pytree``), and ``unravel(flat_params, flat_stats) -> (params,
+  stats)``, which restores the pytrees bit for bit.
+
+  The form training loops carry: XLA's loop passes (copy insertion first) take time per
+  carried array, and an update or a select on one vector is one fused kernel where on the
+  trees it is one per array (a supernet has hundreds)."""
+  flat_p, unravel_p = ravel_pytree(params)
+  flat_s, unravel_s = ravel_pytree(stats)
+  return flat_p, flat_s, lambda p, s: (unravel_p(p), unravel_s(s))
+
+
 def _all_finite(tree):
   return jnp.all(jnp.isfinite(ravel_pytree(tree)[0]))
 
@@ -215,8 +228,7 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
       return loss, new["batch_stats"]
 
     params, stats, opt_state, failed = carry
-    flat_params, unravel_params = ravel_pytree(params)
-    flat_stats, unravel_stats = ravel_pytree(stats)
+    flat_params, flat_stats, unravel = flat_weights(params, stats)
 
     def step(flat_carry, t):
       # Parameters, BN statistics and momentum live in flat vectors across steps, so the
@@ -226,7 +238,7 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
       # same float operations as optax on the tree: a short test run trained bitwise the
       # same parameters; BN running statistics moved by an ulp (another fusion).
       flat_p, flat_s, opt_state, failed = flat_carry
-      params, stats = unravel_params(flat_p), unravel_stats(flat_s)
+      params, stats = unravel(flat_p, flat_s)
       k_idx, k_aug = jax.random.split(jax.random.fold_in(data_key, t))
       idx = jax.random.randint(k_idx, (bs,), 0, n_train)
       x = preprocess(k_aug, data.train_images[idx])
@@ -246,7 +258,7 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
 
     (flat_params, flat_stats, opt_state, failed), losses = jax.lax.scan(
         step, (flat_params, flat_stats, opt_state, failed), first + jnp.arange(length))
-    return (unravel_params(flat_params), unravel_stats(flat_stats), opt_state, failed), losses
+    return (*unravel(flat_params, flat_stats), opt_state, failed), losses
 
   def evaluate(carry, arch, data: TrainData):
     """Validation accuracy with running BN statistics, in fixed-size batches (last one masked)."""

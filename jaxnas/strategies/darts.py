@@ -64,7 +64,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxnas.datasets import make_preprocess
 from jaxnas.models.protocol import SearchableModel, SuperNet
 from jaxnas.models.registry import BUILTINS, builtin, model_of
-from jaxnas.models.train import TrainConfig, TrainData, backend_options
+from jaxnas.models.train import TrainConfig, TrainData, backend_options, flat_weights
 from jaxnas.ops import Execution
 
 VARIANTS = ("darts", "gdas", "darts-")
@@ -165,16 +165,20 @@ def over_seeds(f, mesh: Mesh | None):
   return lambda states, data: jax.lax.map(lambda s: f(s, data), states)
 
 
-def _flat_weights(state: DartsState) -> tuple[Callable, Callable]:
+def _flat_state(state: DartsState) -> tuple[Callable, Callable]:
   """``(to_flat, from_flat)`` for states shaped like ``state``: ``to_flat`` replaces the
-  weights and the BN statistics with one vector each (``ravel_pytree``), ``from_flat``
+  weights and the BN statistics with one vector each (``flat_weights``), ``from_flat``
   restores the pytrees, bit for bit."""
-  _, unravel_p = ravel_pytree(state.params)
-  _, unravel_s = ravel_pytree(state.batch_stats)
-  to_flat = lambda s: s.replace(params=ravel_pytree(s.params)[0],
-                                batch_stats=ravel_pytree(s.batch_stats)[0])
-  from_flat = lambda s: s.replace(params=unravel_p(s.params),
-                                  batch_stats=unravel_s(s.batch_stats))
+  _, _, unravel = flat_weights(state.params, state.batch_stats)
+
+  def to_flat(s):
+    flat_p, flat_s, _ = flat_weights(s.params, s.batch_stats)
+    return s.replace(params=flat_p, batch_stats=flat_s)
+
+  def from_flat(s):
+    params, stats = unravel(s.params, s.batch_stats)
+    return s.replace(params=params, batch_stats=stats)
+
   return to_flat, from_flat
 
 
@@ -416,15 +420,14 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     those per-array updates and selects).
     """
     xs, ys = jnp.stack([xv, xt]), jnp.stack([yv, yt])
-    flat_p, unravel_p = ravel_pytree(state.params)
-    flat_s, unravel_s = ravel_pytree(state.batch_stats)
+    flat_p, flat_s, unravel = flat_weights(state.params, state.batch_stats)
 
     def body(carry, inputs):
       flat_p, flat_s, w_opt, alpha, alpha_opt = carry
       is_train, x, y = inputs
       weights_of = lambda a: edge_weights(a, k_g, state.step)
       (loss, (stats, acc)), (g_w, g_alpha) = jax.value_and_grad(
-          lambda p, a: loss_fn(unravel_p(p), unravel_s(flat_s), weights_of(a), x, y),
+          lambda p, a: loss_fn(*unravel(p, flat_s), weights_of(a), x, y),
           argnums=(0, 1), has_aux=True)(flat_p, alpha)
       new_alpha, new_alpha_opt = alpha_update(state.replace(alpha=alpha, alpha_opt=alpha_opt),
                                               g_alpha)
@@ -438,8 +441,9 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     carry = (flat_p, flat_s, state.w_opt, state.alpha, state.alpha_opt)
     (flat_p, flat_s, w_opt, alpha, alpha_opt), (loss, acc) = jax.lax.scan(
         body, carry, (jnp.arange(2) == 1, xs, ys))
-    new = state.replace(params=unravel_p(flat_p), batch_stats=unravel_s(flat_s), w_opt=w_opt,
-                        alpha=alpha, alpha_opt=alpha_opt, step=state.step + 1)
+    params, stats = unravel(flat_p, flat_s)
+    new = state.replace(params=params, batch_stats=stats, w_opt=w_opt, alpha=alpha,
+                        alpha_opt=alpha_opt, step=state.step + 1)
     return finish(new, loss[1], acc[1], loss[0], acc[0])
 
   def run_epoch(state: DartsState, data: DartsData):
@@ -448,7 +452,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
     The weights and BN statistics cross the steps' loop as two flat vectors
     (``ravel_pytree``), not one array each: XLA's loop passes (copy insertion first)
     take time per carried array, and the DARTS-space supernet has ~250."""
-    to_flat, from_flat = _flat_weights(state)
+    to_flat, from_flat = _flat_state(state)
 
     def body(flat, _):
       new, metrics = step(from_flat(flat), data)
@@ -501,8 +505,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       return jnp.mean(jax.lax.map(one, eval_keys))
 
     # Weights, BN statistics and momentum cross the loops as flat vectors (as in run_epoch).
-    _, unravel_p = ravel_pytree(state.params)
-    _, unravel_s = ravel_pytree(state.batch_stats)
+    flat_p0, flat_s0, unravel = flat_weights(state.params, state.batch_stats)
 
     def tune(carry, i):
       flat_p, flat_s, opt, chosen = carry
@@ -512,7 +515,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
         flat_p, flat_s, opt = inner
         x, y = minibatch(data, jax.random.fold_in(jax.random.fold_in(key, 2 + i), t), val=False)
         (_, (stats, _)), g = jax.value_and_grad(
-            lambda p: loss_fn(unravel_p(p), unravel_s(flat_s), weights, x, y),
+            lambda p: loss_fn(*unravel(p, flat_s), weights, x, y),
             has_aux=True)(flat_p)
         updates, opt = tune_tx.update(g, opt, flat_p)
         return (optax.apply_updates(flat_p, updates), ravel_pytree(stats)[0], opt), None
@@ -523,7 +526,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
 
     def decide(carry, i):
       flat_p, flat_s, opt, chosen = carry
-      params, stats = unravel_p(flat_p), unravel_s(flat_s)
+      params, stats = unravel(flat_p, flat_s)
       e = order[i]
       # Candidate o < n_ops: the projected weights with op o of edge e masked out;
       # candidate n_ops: nothing removed (the accuracy each removal is measured against).
@@ -537,9 +540,7 @@ def make_darts(c: DartsConfig, mesh: Mesh | None = None) -> Darts:
       carry = jax.lax.cond(i < n_edges - 1, tune, lambda c_, _: c_, carry, i)
       return carry, (accs[:n_ops], accs[n_ops])
 
-    flat_p = ravel_pytree(state.params)[0]
-    carry = (flat_p, ravel_pytree(state.batch_stats)[0], tune_tx.init(flat_p),
-             jnp.full((n_edges,), -1, jnp.int32))
+    carry = (flat_p0, flat_s0, tune_tx.init(flat_p0), jnp.full((n_edges,), -1, jnp.int32))
     (_, _, _, chosen), (accs, base) = jax.lax.scan(decide, carry, jnp.arange(n_edges))
     return chosen, {"order": order, "removal_acc": accs, "base_acc": base}
 
