@@ -180,6 +180,7 @@ def main():
   p.add_argument("--plan", default="auto", help="auto, " + ", ".join(train_lib.PLANS))
   p.add_argument("--op_impl", default="auto", help="auto, switch, onehot, kernel")
   p.add_argument("--map_batch", type=int, default=1)
+  p.add_argument("--width_impl", default="mask", help="mask, switch (models with widths)")
   p.add_argument("--conv_impl", default="auto",
                  help="auto (per backend), " + ", ".join(ops.CONV_IMPLS))
   p.add_argument("--pool_impl", default="auto",
@@ -217,7 +218,7 @@ def main():
       steps=args.steps, batch_size=args.batch, num_classes=10, plan=args.plan,
       op_impl=args.op_impl, map_batch=args.map_batch, space=args.space,
       execution=ops.Execution(args.conv_impl, args.pool_impl),
-      scan_cells=args.scan_cells, **sizes))
+      scan_cells=args.scan_cells, width_impl=args.width_impl, **sizes))
   archs = population(args, model_of(config).space)
   key = jax.random.PRNGKey(args.seed + 1)
 
@@ -259,7 +260,7 @@ def main():
   out = {
       "framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
       "space": args.space, "plan": config.plan, "op_impl": config.op_impl,
-      "map_batch": args.map_batch,
+      "map_batch": args.map_batch, "width_impl": config.width_impl,
       "conv_impl": config.execution.conv, "pool_impl": config.execution.pool,
       "devices": jax.local_device_count(), "cpu_devices_flag": cpu_devices,
       "data": source, "population": args.population, "steps": args.steps,

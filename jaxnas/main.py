@@ -109,6 +109,10 @@ flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network tr
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
                     "sequential | sequential_static (default auto: by backend); supernet: auto "
                     "| map | vmap.")
+flags.DEFINE_string("width_impl", None, "train: how a model's width choices run where "
+                    "members train one at a time (CPU's map plan): mask (the widest network, "
+                    "inactive channels zero; default) | switch (each member its own widths, "
+                    "several times the compile time).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
                      "(e.g. one per core) so population training runs a slice per core; 0 keeps "
                      "JAX's default (one multi-threaded device).")
@@ -149,7 +153,8 @@ flags.DEFINE_string("arch", None, "retrain: the architecture string, e.g. "
 _PROXY_FLAGS = {"proxy": "proxy", "data_dir": "data_dir", "epochs": "epochs", "channels": "channels",
                 "cells": "cells", "batch_size": "batch_size", "train_fraction": "train_fraction",
                 "train_learning_rate": "learning_rate", "plan": "plan",
-                "bn_batches": "bn_batches", "sampling": "sampling", "augment": "augment"}
+                "width_impl": "width_impl", "bn_batches": "bn_batches", "sampling": "sampling",
+                "augment": "augment"}
 
 
 # Flags a retrain reads; any other flag of this CLI given with --mode=retrain is refused.

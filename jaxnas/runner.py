@@ -130,7 +130,7 @@ class SearchConfig:
 
 def default_workdir(c: SearchConfig) -> str:
   args = "".join(f"-{k}{v}" for k, v in c.strategy_args + c.evaluator_args
-                 if k not in ("data_dir", "plan"))
+                 if k not in ("data_dir", "plan", "width_impl"))
   space = (f"-{c.model.replace(':', '.')}" if c.model else
            f"-{c.space}" if c.space != DEFAULT_SPACE else "")
   return os.path.join("runs", f"{c.evaluator}-{c.dataset}-{c.strategy}{space}{args}"

@@ -79,6 +79,37 @@ def test_specialised_network_equals_the_elastic_one_and_cost_is_exact(widest):
     assert int(flops) == layer_macs(net, X, static)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_width_switch_computes_what_the_masked_block_computes(residual):
+  """``width_impl="switch"`` (one specialised branch per expansion / input / output width,
+  on slices of the elastic variables) and the masked block: same outputs, BN statistics
+  and gradients under ``lax.map``; the output is zero past the member's width."""
+  from jaxnas.spaces.mbconv import STAGES, stage_widths
+  ins, outs = (stage_widths(STAGES[2]),) * 2 if residual else (stage_widths(STAGES[1]),
+                                                               stage_widths(STAGES[2]))
+  kw = dict(in_max=max(ins), out_max=max(outs), stride=1 if residual else 2,
+            residual=residual, conv="xla", in_widths=ins, out_widths=outs)
+  masked, sliced = mbconv_net.MBConv(**kw), mbconv_net.MBConv(**kw, width_impl="switch")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, max(ins)))
+  widest = tuple(jnp.int32(v) for v in (7, 6, max(ins), max(outs)))
+  v = masked.init(jax.random.PRNGKey(1), x, widest)
+  choices = jnp.asarray([(3, 3, ins[0], outs[0]), (7, 6, ins[1], outs[1]),
+                         (5, 4, ins[2], outs[0] if not residual else outs[2])], jnp.int32)
+
+  def run(m, params, c):
+    x_in = x * (jnp.arange(x.shape[-1]) < c[2])
+    y, new = m.apply({**v, "params": params}, x_in, tuple(c), train=True,
+                     mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y)), (y, new)
+
+  got = {name: jax.jit(lambda cs, m=m: jax.lax.map(
+      lambda c: jax.grad(run, 1, has_aux=True)(m, v["params"], c), cs))(choices)
+         for name, m in (("mask", masked), ("switch", sliced))}
+  chex.assert_trees_all_close(got["switch"], got["mask"], atol=1e-4, rtol=1e-4)
+  out = np.asarray(got["switch"][1][0])
+  assert not out[0, ..., int(choices[0, 3]):].any()
+
+
 def test_one_program_serves_a_population(widest):
   """``lax.map`` (kernel as a real switch, skipped blocks as real conditionals) and
   ``vmap`` give each member its own output."""

@@ -238,6 +238,65 @@ def test_kernel_switch_computes_what_the_mask_computes(depthwise):
     jnn.ElasticConv(**kw, kernel_impl="switch").apply(v, x, w, jnp.int32(3))
 
 
+class SlicedBlock(nn.Module):
+  """conv -> BN -> depthwise -> BN, widths as data; ``sliced=True`` runs it under
+  ``jnn.specialised_switch`` (``Sliced`` widths, the output padded to the max width)."""
+  sliced: bool = False
+
+  def setup(self):
+    self.conv = jnn.ElasticConv(8, 1, conv="xla", in_features=4)
+    self.bn = jnn.BatchNorm(features=8)
+    self.dw = jnn.ElasticConv(8, 3, depthwise=True, conv="xla")
+    self.dw_bn = jnn.BatchNorm(features=8)
+
+  def body(self, x, width, train):
+    y = self.bn(self.conv(x, width=width), train, width=width)
+    y = self.dw(y, width=width if isinstance(width, jnn.Sliced) else None)
+    return self.dw_bn(y, train, width=width)
+
+  def __call__(self, x, w_in, width, train=False):
+    if not self.sliced or self.is_initializing():
+      return self.body(x, width, train)
+
+    def branch(mdl, x, i, w):
+      y = mdl.body(x[..., :i], jnn.Sliced(w), train)
+      return jnp.pad(y, ((0, 0),) * 3 + ((0, 8 - w),))
+
+    rows = [(i, w) for i in (2, 4) for w in (4, 6, 8)]
+    return jnn.specialised_switch(self, branch, (w_in, width), rows, x)
+
+
+def test_sliced_widths_compute_what_the_mask_computes():
+  """``specialised_switch`` with ``Sliced`` widths (each branch on slices of the max-shape
+  variables) and the masked form: the same outputs, BN statistics and gradients, member by
+  member under ``lax.map``; a vmapped ``specialised_switch`` selects the same values."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 5, 4))
+  masked, sliced = SlicedBlock(), SlicedBlock(sliced=True)
+  v = masked.init(jax.random.PRNGKey(0), x, jnp.int32(4), jnp.int32(8))
+
+  def run(m, params, w_in, w):
+    x_in = x * (jnp.arange(4) < w_in)  # an elastic input: zeros past its width
+    y, new = m.apply({**v, "params": params}, x_in, w_in, w, train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * jnp.arange(8)), (y, new)
+
+  grad = lambda m: jax.jit(lambda w_in, w: jax.grad(run, 1, has_aux=True)(m, v["params"], w_in,
+                                                                          w))
+  pairs = jnp.asarray([(2, 4), (4, 6), (2, 8), (4, 8)], jnp.int32)
+  got = {name: jax.jit(lambda p, g=grad(m): jax.lax.map(lambda r: g(r[0], r[1]), p))(pairs)
+         for name, m in (("mask", masked), ("sliced", sliced))}
+  # Float32 rounding only (in float64 the two agree to 1e-9): BN-scale gradients are sums
+  # of cancelling terms, ~1e-3 here.
+  chex.assert_trees_all_close(got["sliced"], got["mask"], atol=1e-4, rtol=1e-4)
+  out = got["sliced"][1][0]
+  assert not np.any(np.asarray(out[0, ..., 4:])), "channels past the width are exact zeros"
+  vmapped = jax.vmap(lambda r: grad(sliced)(r[0], r[1]))(pairs)
+  chex.assert_trees_all_close(vmapped, got["mask"], atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="Sliced width 3 but 4 input channels"):
+    jnn.BatchNorm(features=8).apply({"params": v["params"]["bn"],
+                                     "batch_stats": v["batch_stats"]["bn"]},
+                                    x, False, jnn.Sliced(3))
+
+
 CANDIDATES = {"width": (8, 12, 16), "op": (0, 1, 2, 3), "depth": (1, 2, 3),
               "kernels": [(3, 5)] * 3, "input": (0, 1)}
 

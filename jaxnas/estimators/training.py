@@ -26,7 +26,7 @@ import numpy as np
 from jaxnas import distributed
 from jaxnas.datasets import default_augment, load_dataset, train_val_split
 from jaxnas.estimators.base import Evaluator
-from jaxnas.models import (PLANS, TrainConfig, make_data, resolve_plan,
+from jaxnas.models import (PLANS, WIDTH_IMPLS, TrainConfig, make_data, resolve_plan,
                            train_population_metrics)
 from jaxnas.models.protocol import SearchableModel, check_head, cost_report
 from jaxnas.models.registry import model_of
@@ -48,6 +48,7 @@ class ProxySpec(NamedTuple):
   augment: bool | None = None  # None: crop + flip for CIFAR, nothing for (Fashion-)MNIST
   split_seed: int = 0
   plan: str = "auto"
+  width_impl: str = "mask"  # ``TrainConfig.width_impl``
   space: str = "nb201"  # a built-in model (``registry.MODELS``); "darts": ``cells`` in all
 
 
@@ -86,6 +87,9 @@ def validate_spec(spec, flag=str) -> None:
   if isinstance(spec, ProxySpec) and spec.plan not in ("auto",) + PLANS:
     raise ValueError(f"{flag('plan')} must be one of auto, {', '.join(PLANS)}, "
                      f"got {spec.plan!r}")
+  if isinstance(spec, ProxySpec) and spec.width_impl not in WIDTH_IMPLS:
+    raise ValueError(f"{flag('width_impl')} must be one of {', '.join(WIDTH_IMPLS)}, "
+                     f"got {spec.width_impl!r}")
 
 
 def search_split(spec: ProxySpec):
@@ -114,7 +118,8 @@ def proxy_train_config(spec: ProxySpec, num_classes: int, num_train: int) -> Tra
   augment = default_augment(spec.dataset, spec.augment)
   return TrainConfig(steps=steps, batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                      weight_decay=spec.weight_decay, channels=spec.channels, cells=spec.cells,
-                     num_classes=num_classes, augment=augment, plan=spec.plan, space=spec.space)
+                     num_classes=num_classes, augment=augment, plan=spec.plan,
+                     width_impl=spec.width_impl, space=spec.space)
 
 
 def train_evaluator(spec: ProxySpec = ProxySpec(), model: SearchableModel | None = None

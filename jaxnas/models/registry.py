@@ -160,17 +160,20 @@ def mbconv_model(config) -> SearchableModel:
 
   Its depthwise kernel choice runs as ``lax.switch`` (``op_impl`` "switch": each member
   computes only its kernel where members run one at a time) or as the masked 7x7
-  (otherwise: one conv for every member under ``vmap``). A member's training time is
-  balanced by its multiply-accumulates at full width (widths are masks: every member
-  computes the widest convs; depth and kernel are real). Its ``latency`` is the lookup
-  table shipped in the package, measured on a CPU (``latency.builtin_mbconv_latency``; a
-  proxy on other backends, which its first use logs).
+  (otherwise: one conv for every member under ``vmap``). Its widths are masks (every member
+  computes the widest convs) unless ``width_impl`` is "switch" with ``op_impl`` "switch"
+  (each member its own widths, ``jnn.specialised_switch``). A member's training time is
+  balanced by its multiply-accumulates as it runs (at full width where widths are masks).
+  Its ``latency`` is the lookup table shipped in the package, measured on a CPU
+  (``latency.builtin_mbconv_latency``; a proxy on other backends, which its first use
+  logs).
   """
   space = mbconv_space()
   net = mbconv_net.MBConvNetwork(
       num_classes=config.num_classes, bn_momentum=config.bn_momentum,
       kernel_impl="switch" if config.op_impl in ("auto", "switch") else "mask",
-      execution=config.execution)
+      width_impl=getattr(config, "width_impl", "mask"), execution=config.execution)
+  sliced = net.kernel_impl == "switch" and net.width_impl == "switch"
 
   def cost(arch, image_shape, num_classes):
     return mbconv_net.cost(arch, num_classes, image_shape[-1], image_shape[0])
@@ -180,7 +183,7 @@ def mbconv_model(config) -> SearchableModel:
 
   def work(archs):
     vectors = np.asarray(jax.vmap(space.to_vector)(archs))
-    vectors = np.where(elastic, widest, vectors)
+    vectors = vectors if sliced else np.where(elastic, widest, vectors)
     return np.asarray(jax.vmap(lambda v: cost(space.from_vector(v), (28, 28, 1), 10)[1])(
         vectors), np.float64)
 

@@ -49,6 +49,7 @@ from jaxnas.ops import Execution
 from jaxnas.spaces.base import Space
 
 PLANS = ("map", "vmap", "sequential", "sequential_static")
+WIDTH_IMPLS = ("mask", "switch")
 
 
 class TrainConfig(NamedTuple):
@@ -81,6 +82,12 @@ class TrainConfig(NamedTuple):
   # variables (``nb201_net.NB201Network``): compile time nearly independent of ``cells``,
   # but on CPU each step is slower than unrolled (BUILD_NOTES.md), so off by default.
   scan_cells: bool = False
+  # How a model's traced widths run where members run one at a time (``plan`` "map" /
+  # "sequential"): "mask" computes the widest network with the inactive channels zeroed;
+  # "switch" one specialised branch per width combination (``jnn.specialised_switch``),
+  # only the member's own widths, for much longer compiles (BUILD_NOTES.md). Models without
+  # width choices ignore it.
+  width_impl: str = "mask"
 
 
 class TrainData(NamedTuple):
@@ -123,6 +130,9 @@ def resolve_plan(config: TrainConfig, backend: str | None = None) -> TrainConfig
     op_impl = "kernel" if plan == "vmap" else "switch"
   if op_impl not in OP_IMPLS:
     raise ValueError(f"unknown op_impl {op_impl!r}; choose one of auto, {', '.join(OP_IMPLS)}")
+  if config.width_impl not in WIDTH_IMPLS:
+    raise ValueError(f"unknown width_impl {config.width_impl!r}; choose one of "
+                     f"{', '.join(WIDTH_IMPLS)}")
   return config._replace(plan=plan, op_impl=op_impl,
                          execution=config.execution.resolve(backend))
 

@@ -18,6 +18,9 @@ the same code.
 * ``ElasticDepth``: a stack of max-depth blocks, blocks past the chosen depth
   exact identity (and skipped by ``lax.cond`` where members run one at a time).
 * ``input_choice``: which earlier tensor feeds a node (NNI's ``InputChoice``).
+* ``specialised_switch`` / ``Sliced``: a block's traced widths turned into Python ints, one
+  ``lax.switch`` branch per combination, so a member running alone (``lax.map``, CPU)
+  computes its own specialised network on slices of the elastic variables.
 * ``relu6``: ReLU6 that data-free proxies can unbound (``linearized``; SynFlow).
 
 Every block also takes a ``Mixture`` (``Space.relax``): the weighted sum over its
@@ -27,12 +30,12 @@ contributes under it.
 """
 
 from jaxnas.nn.activations import linearized, relu6
-from jaxnas.nn.choice import (ElasticDepth, OpChoice, gate, gated, identity, input_choice,
-                              is_static, zero)
+from jaxnas.nn.choice import (ElasticDepth, OpChoice, Sliced, gate, gated, identity,
+                              input_choice, is_static, specialised_switch, zero)
 from jaxnas.nn.elastic import BatchNorm, ElasticConv, ElasticDense, channel_mask
 from jaxnas.nn.extract import extract, specialised_shapes
 from jaxnas.spaces.declared import Mixture
 
 __all__ = ["BatchNorm", "ElasticConv", "ElasticDense", "ElasticDepth", "Mixture", "OpChoice",
-           "channel_mask", "extract", "gate", "gated", "identity", "input_choice", "is_static",
-           "linearized", "relu6", "specialised_shapes", "zero"]
+           "Sliced", "channel_mask", "extract", "gate", "gated", "identity", "input_choice",
+           "is_static", "linearized", "relu6", "specialised_switch", "specialised_shapes", "zero"]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnas.nn.choice import gate, is_static
+from jaxnas.nn.choice import Sliced, gate, is_static
 from jaxnas.ops import BN_EPSILON, batch_norm, bn_normalize, conv2d, depthwise
 from jaxnas.ops.norm import running_update
 from jaxnas.spaces.declared import Mixture
@@ -73,9 +73,12 @@ class ElasticConv(nn.Module):
       ``lax.switch`` over ``kernel_sizes``, each branch a conv with the centre crop, so a
       member running alone (``lax.map``, CPU) pays only for its own kernel (under
       ``vmap`` JAX computes every branch). Both compute the same function.
+    in_features: the max input channels, for ``Sliced`` widths (0: the input's).
   ``__call__(x, width=None, kernel_size=None)``: ``width`` active output channels
   (None: all), ``kernel_size`` the active kernel (None: the max); either may be
-  an int32 array (elastic) or a Python int (specialised).
+  an int32 array (elastic) or a Python int (specialised). A ``Sliced`` width computes on
+  the first ``width`` output channels and the input's channels of the max-shape kernel
+  (a depthwise conv: its input's channels, which must be ``width``).
   """
   features: int
   kernel_size: int = 3
@@ -86,6 +89,7 @@ class ElasticConv(nn.Module):
   conv: str = "auto"
   kernel_sizes: tuple = ()
   kernel_impl: str = "mask"
+  in_features: int = 0
 
   def _conv(self, x, kernel, k):
     if self.depthwise:
@@ -96,17 +100,24 @@ class ElasticConv(nn.Module):
   def __call__(self, x, width=None, kernel_size=None):
     c_in = x.shape[-1]
     fixed_k = kernel_size is None or is_static(kernel_size)
-    fixed_w = width is None or is_static(width)
+    sliced = isinstance(width, Sliced)
+    fixed_w = width is None or is_static(width) or sliced
+    if sliced and self.depthwise and width.value != c_in:
+      raise ValueError(f"ElasticConv: a depthwise conv's Sliced width {width.value} must be "
+                       f"its input's {c_in} channels")
     if self.depthwise:
-      out = c_in  # a depthwise conv's width is its input's
+      out = self.features if sliced else c_in  # a depthwise conv's width is its input's
     else:
-      out = self.features if width is None or not fixed_w else int(width)
+      out = self.features if width is None or not fixed_w or sliced else int(width)
     k = int(kernel_size) if kernel_size is not None and fixed_k else self.kernel_size
     if k % 2 == 0 or k > self.kernel_size:
       raise ValueError(f"ElasticConv: kernel size {k} must be odd and <= {self.kernel_size}")
-    shape = (k, k, 1 if self.depthwise else c_in, out)
-    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    k_in = 1 if self.depthwise else (self.in_features or c_in) if sliced else c_in
+    kernel = self.param("kernel", self.kernel_init, (k, k, k_in, out), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (out,), jnp.float32) if self.use_bias else None
+    if sliced:  # the specialised layer's parameters: a prefix of the elastic ones
+      kernel = kernel[:, :, :1 if self.depthwise else c_in, :width.value]
+      bias = None if bias is None else bias[:width.value]
     if self.kernel_impl not in ("mask", "switch"):
       raise ValueError(f"ElasticConv: kernel_impl {self.kernel_impl!r} is not mask or switch")
     if isinstance(kernel_size, Mixture) and any(
@@ -173,20 +184,31 @@ class BatchNorm(nn.Module):
   channel would otherwise become ``bias``). Under a ``Mixture`` the running statistics
   move by the ``gate()`` of this layer: those of an unchosen candidate stay as they were.
   Training normalises with ``ops.batch_norm`` (its closed-form backward pass), as every
-  network of the library does.
+  network of the library does. A ``Sliced`` width (the input has that many channels)
+  uses the first ``width`` of ``features`` channels' variables and moves the others'
+  running statistics as the masked form does (toward its zero channels' 0 mean and
+  variance), so both forms leave the same state.
   """
   momentum: float = 0.9
   epsilon: float = BN_EPSILON
+  features: int = 0  # the max channels, for ``Sliced`` widths (0: the input's)
 
   @nn.compact
   def __call__(self, x, train: bool, width=None):
-    c = x.shape[-1]
+    n = x.shape[-1]
+    sliced = isinstance(width, Sliced)
+    if sliced and width.value != n:
+      raise ValueError(f"BatchNorm: Sliced width {width.value} but {n} input channels")
+    c = (self.features or n) if sliced else n
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    active = (lambda v: v[:n]) if sliced else (lambda v: v)
     if train:
-      y, (mean, var) = batch_norm(x, scale, bias, self.epsilon)
+      y, (mean, var) = batch_norm(x, active(scale), active(bias), self.epsilon)
+      if n < c:  # the inactive channels' statistics, as the masked form computes them
+        mean, var = (jnp.pad(v, (0, c - n)) for v in (mean, var))
       if not self.is_initializing():
         m, g = self.momentum, gate()
         if isinstance(g, float):
@@ -197,7 +219,8 @@ class BatchNorm(nn.Module):
           ra_mean.value = ra_mean.value + g * (1 - m) * (mean - ra_mean.value)
           ra_var.value = ra_var.value + g * (1 - m) * (var - ra_var.value)
     else:
-      y = bn_normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
-    if width is not None and not is_static(width):
+      y = bn_normalize(x, active(ra_mean.value), active(ra_var.value), active(scale),
+                       active(bias), self.epsilon)
+    if width is not None and not is_static(width) and not sliced:
       y = y * _expected(width, lambda w: channel_mask(w, c, y.dtype))
     return y
