@@ -109,10 +109,10 @@ flags.DEFINE_float("train_learning_rate", None, "SGD learning rate of network tr
 flags.DEFINE_string("plan", None, "train: population execution plan auto | map | vmap | "
                     "sequential | sequential_static (default auto: by backend); supernet: auto "
                     "| map | vmap.")
-flags.DEFINE_string("width_impl", None, "train: how a model's width choices run where "
+flags.DEFINE_string("width_impl", None, "train, --space=mbconv: how width choices run where "
                     "members train one at a time (CPU's map plan): mask (the widest network, "
                     "inactive channels zero; default) | switch (each member its own widths, "
-                    "several times the compile time).")
+                    "several times the compile time). Not with --model (its module decides).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: expose this many single-threaded CPU devices "
                      "(e.g. one per core) so population training runs a slice per core; 0 keeps "
                      "JAX's default (one multi-threaded device).")

@@ -62,7 +62,7 @@ DEFAULT_SPACE = "nb201"
 # model's latency (their reports come from ``protocol.cost_report``).
 MODEL_EVALUATORS = ("train", "zero_cost", "supernet")
 # Settings a user's model fixes in its own module (so --model refuses them).
-MODEL_FIXED_ARGS = ("channels", "cells")
+MODEL_FIXED_ARGS = ("channels", "cells", "width_impl")
 # Strategies that train DARTS-space populations (--space=darts --evaluator=train): all.
 DARTS_SPACE_STRATEGIES = tuple(STRATEGIES) + ("hyperband",)
 # Default checkpoint interval by evaluator: every generation when each one trains networks.

@@ -153,6 +153,8 @@ def test_retrain_killed_between_chunks_resumes_to_identical_results(tmp_path, mo
     (["--evaluator=train", "--width_impl=foo"], "--width_impl must be one of mask, switch"),
     (["--evaluator=supernet", "--width_impl=switch"],
      "--width_impl does not apply to --evaluator=supernet"),
+    (["--evaluator=train", "--model=byo_model:model", "--width_impl=switch"],
+     "--width_impl does not apply to --model"),
     (["--evaluator=train", "--train_learning_rate=nan"], "--train_learning_rate must be > 0"),
     (["--evaluator=train", "--population=0"], "--population must be > 0"),
     (["--evaluator=train", f"--data_dir={FASHION_MNIST_SUBSET}", "--batch_size=100000"],
