@@ -26,6 +26,11 @@ from jaxnas.ops import Execution
 from jaxnas.spaces.mbconv import DEPTHS, EXPANSIONS, HEAD, KERNELS, STAGES, STEM, stage_widths
 
 
+def own_widths(kernel_impl: str, width_impl: str) -> bool:
+  """Whether traced widths run as one specialised branch each (``MBConv``'s switch)."""
+  return kernel_impl == "switch" and width_impl == "switch"
+
+
 class MBConv(nn.Module):
   """One inverted-residual block; ``choice = (kernel, expand, in_width, out_width)``.
 
@@ -73,7 +78,7 @@ class MBConv(nn.Module):
   def __call__(self, x, choice, train=False):
     kernel, expand, w_in, w_out = choice
     widths = (expand, w_in, w_out)
-    if (self.kernel_impl != "switch" or self.width_impl != "switch"
+    if (not own_widths(self.kernel_impl, self.width_impl)
         or all(jnn.is_static(c) for c in widths)
         or any(isinstance(c, jnn.Mixture) for c in choice) or self.is_initializing()):
       return self.block(x, kernel, expand * w_in, w_out, train)
@@ -105,6 +110,12 @@ class MBConvNetwork(nn.Module):
   kernel_impl: str = "switch"
   width_impl: str = "mask"
   execution: Execution = Execution()
+
+  @property
+  def own_widths(self) -> bool:
+    """Whether a member running alone computes only its own widths (``own_widths``): its
+    training work is then its own multiply-accumulates, not the widest network's."""
+    return own_widths(self.kernel_impl, self.width_impl)
 
   @nn.compact
   def __call__(self, x, arch, train=False):

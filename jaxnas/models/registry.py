@@ -173,7 +173,6 @@ def mbconv_model(config) -> SearchableModel:
       num_classes=config.num_classes, bn_momentum=config.bn_momentum,
       kernel_impl="switch" if config.op_impl in ("auto", "switch") else "mask",
       width_impl=getattr(config, "width_impl", "mask"), execution=config.execution)
-  sliced = net.kernel_impl == "switch" and net.width_impl == "switch"
 
   def cost(arch, image_shape, num_classes):
     return mbconv_net.cost(arch, num_classes, image_shape[-1], image_shape[0])
@@ -183,7 +182,7 @@ def mbconv_model(config) -> SearchableModel:
 
   def work(archs):
     vectors = np.asarray(jax.vmap(space.to_vector)(archs))
-    vectors = vectors if sliced else np.where(elastic, widest, vectors)
+    vectors = vectors if net.own_widths else np.where(elastic, widest, vectors)
     return np.asarray(jax.vmap(lambda v: cost(space.from_vector(v), (28, 28, 1), 10)[1])(
         vectors), np.float64)
 
