@@ -165,3 +165,20 @@ def skip_unless_onednn(impl: str = "onednn") -> None:
   if os.environ.get("JAXNAS_REQUIRE_ONEDNN") == "1":
     pytest.fail(f"oneDNN convolutions required but unavailable: {native.onednn_status()}")
   pytest.skip(f"oneDNN convolutions unavailable: {native.onednn_status()}")
+
+
+def member_grads(module, variables, x, members, call, batched: bool = False):
+  """Per member (a row of the int32 array ``members``; ``lax.map`` under ``jit``, or
+  ``vmap`` with ``batched``): the gradient of ``sum(sin(y) * arange(channels))`` with
+  respect to the parameters, and ``(y, updated batch statistics)``, where
+  ``y = module.apply(variables, *call(x, row), train=True)``. The harness that checks a
+  choice block's implementations against each other member by member (``call`` masks ``x``
+  to the member's input width and builds the block's choice arguments)."""
+  def loss(params, row):
+    y, new = module.apply({**variables, "params": params}, *call(x, row), train=True,
+                          mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1]) / y.shape[-1]), (y, new)
+
+  grad = lambda r: jax.grad(loss, has_aux=True)(variables["params"], r)
+  return jax.jit(lambda rows: jax.vmap(grad)(rows) if batched else jax.lax.map(grad, rows))(
+      members)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import member_grads
 
 from jaxnas.models import mbconv_net
 from jaxnas.models.protocol import count_params, layer_macs
@@ -96,15 +97,9 @@ def test_width_switch_computes_what_the_masked_block_computes(residual):
   choices = jnp.asarray([(3, 3, ins[0], outs[0]), (7, 6, ins[1], outs[1]),
                          (5, 4, ins[2], outs[0] if not residual else outs[2])], jnp.int32)
 
-  def run(m, params, c):
-    x_in = x * (jnp.arange(x.shape[-1]) < c[2])
-    y, new = m.apply({**v, "params": params}, x_in, tuple(c), train=True,
-                     mutable=["batch_stats"])
-    return jnp.sum(jnp.sin(y)), (y, new)
-
-  got = {name: jax.jit(lambda cs, m=m: jax.lax.map(
-      lambda c: jax.grad(run, 1, has_aux=True)(m, v["params"], c), cs))(choices)
-         for name, m in (("mask", masked), ("switch", sliced))}
+  call = lambda x, c: (x * (jnp.arange(x.shape[-1]) < c[2]), tuple(c))
+  got = {name: member_grads(m, v, x, choices, call) for name, m in (("mask", masked),
+                                                                   ("switch", sliced))}
   chex.assert_trees_all_close(got["switch"], got["mask"], atol=1e-4, rtol=1e-4)
   out = np.asarray(got["switch"][1][0])
   assert not out[0, ..., int(choices[0, 3]):].any()

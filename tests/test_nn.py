@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import member_grads
 
 from jaxnas import nn as jnn
 
@@ -274,22 +275,16 @@ def test_sliced_widths_compute_what_the_mask_computes():
   masked, sliced = SlicedBlock(), SlicedBlock(sliced=True)
   v = masked.init(jax.random.PRNGKey(0), x, jnp.int32(4), jnp.int32(8))
 
-  def run(m, params, w_in, w):
-    x_in = x * (jnp.arange(4) < w_in)  # an elastic input: zeros past its width
-    y, new = m.apply({**v, "params": params}, x_in, w_in, w, train=True, mutable=["batch_stats"])
-    return jnp.sum(jnp.sin(y) * jnp.arange(8)), (y, new)
-
-  grad = lambda m: jax.jit(lambda w_in, w: jax.grad(run, 1, has_aux=True)(m, v["params"], w_in,
-                                                                          w))
+  call = lambda x, r: (x * (jnp.arange(4) < r[0]), r[0], r[1])  # zeros past the input width
   pairs = jnp.asarray([(2, 4), (4, 6), (2, 8), (4, 8)], jnp.int32)
-  got = {name: jax.jit(lambda p, g=grad(m): jax.lax.map(lambda r: g(r[0], r[1]), p))(pairs)
-         for name, m in (("mask", masked), ("sliced", sliced))}
+  got = {name: member_grads(m, v, x, pairs, call) for name, m in (("mask", masked),
+                                                                 ("sliced", sliced))}
   # Float32 rounding only (in float64 the two agree to 1e-9): BN-scale gradients are sums
   # of cancelling terms, ~1e-3 here.
   chex.assert_trees_all_close(got["sliced"], got["mask"], atol=1e-4, rtol=1e-4)
   out = got["sliced"][1][0]
   assert not np.any(np.asarray(out[0, ..., 4:])), "channels past the width are exact zeros"
-  vmapped = jax.vmap(lambda r: grad(sliced)(r[0], r[1]))(pairs)
+  vmapped = member_grads(sliced, v, x, pairs, call, batched=True)
   chex.assert_trees_all_close(vmapped, got["mask"], atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="Sliced width 3 but 4 input channels"):
     jnn.BatchNorm(features=8).apply({"params": v["params"]["bn"],
