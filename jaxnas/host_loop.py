@@ -146,8 +146,8 @@ def drive(step: int, elapsed: float, advance: Callable[[int], tuple[int, Any]],
     # Across processes, process 0's clock decides for all (else one could stop while the
     # others wait for it in the next chunk's collectives).
     if limit_s and distributed.from_process_0(step > 0 and elapsed + last_s > limit_s):
-      logging.warning("stopping at step %d: --max_hours=%g reached (%.0f s used)", step,
-                      max_hours, elapsed)
+      logging.warning("stopping at step %d: another step (the last took %.0f s) would pass "
+                      "--max_hours=%g (%.0f s used)", step, last_s, max_hours, elapsed)
       return step, elapsed, {"reason": "max_hours", "max_hours": max_hours, "at_step": step}
     t0 = time.time()
     step, out = advance(step)
