@@ -169,7 +169,7 @@ def skip_unless_onednn(impl: str = "onednn") -> None:
 
 def member_grads(module, variables, x, members, call, batched: bool = False):
   """Per member (a row of the int32 array ``members``; ``lax.map`` under ``jit``, or
-  ``vmap`` with ``batched``): the gradient of ``sum(sin(y) * arange(channels))`` with
+  ``vmap`` with ``batched``): the gradient of ``sum(sin(y) * arange(C) / C)`` (C channels) with
   respect to the parameters, and ``(y, updated batch statistics)``, where
   ``y = module.apply(variables, *call(x, row), train=True)``. The harness that checks a
   choice block's implementations against each other member by member (``call`` masks ``x``
