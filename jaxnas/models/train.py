@@ -281,9 +281,12 @@ def make_train_parts(config: TrainConfig, fixed_arch=None) -> TrainParts:
         (nb, ebs) + data.val_images.shape[1:])
     vy = jnp.pad(data.val_labels, (0, pad), constant_values=-1).reshape(nb, ebs)
 
+    flat_p, flat_s, unravel = flat_weights(params, stats)
+
     def eval_batch(xy):
       x, y = xy
-      logits = net.apply({"params": params, "batch_stats": stats}, eval_preprocess(None, x),
+      p, s = unravel(flat_p, flat_s)
+      logits = net.apply({"params": p, "batch_stats": s}, eval_preprocess(None, x),
                          arch if fixed_arch is None else fixed_call, train=False)
       return jnp.sum(jnp.argmax(logits, -1) == y)
 
