@@ -135,7 +135,11 @@ def test_balanced_order():
   assert sorted(order.tolist()) == list(range(6))
   loads = [sum(work[i] for i in order[:3]), sum(work[i] for i in order[3:])]
   assert loads == [7.0, 7.0]
-  np.testing.assert_array_equal(train_lib.balanced_order(np.zeros(4), 2), np.arange(4))
+  # Unknown work (zeros) deals round robin.
+  np.testing.assert_array_equal(train_lib.balanced_order(np.zeros(4), 2), [0, 2, 1, 3])
+  # Without a per-device limit the shares' sizes follow the work.
+  assert train_lib.device_shares([9.0, 1.0, 2.0, 3.0, 2.0], 2) == [[0], [1, 2, 3, 4]]
+  assert train_lib.device_shares(np.zeros(5), 3) == [[0, 3], [1, 4], [2]]
 
 
 @pytest.mark.parametrize("impl", ops.CONV_IMPLS)

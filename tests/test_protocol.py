@@ -72,7 +72,8 @@ def test_population_errors_name_the_expected_structure():
 
 
 CHILD = textwrap.dedent(f"""
-    import jax, numpy as np, sys
+    import jax, numpy as np, sys, chex
+    from unittest import mock
     sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
     from byo_model import MODEL, SPACE
     from jaxnas.models import train
@@ -91,6 +92,19 @@ CHILD = textwrap.dedent(f"""
     np.testing.assert_allclose(np.asarray(a["losses"]), np.asarray(b["losses"]), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(a["val_accuracy"]), np.asarray(b["val_accuracy"]),
                                atol=1e-6)
+    # The specialised members, dealt over the devices (a host thread each), train as they
+    # do one after another on one device (the same programs, compiled per device).
+    static = cfg._replace(plan="sequential_static")
+    shares = train.device_shares(train._op_time(archs, static), 8)
+    assert sum(len(s) > 0 for s in shares) == 5, shares
+    c = train.train_population_metrics(archs, key, data, static)
+    one = jax.local_devices()[:1]
+    with mock.patch.object(train.jax, "local_devices", lambda: one):
+      d = train.train_population_metrics(archs, key, data, static)
+    assert c["losses"].devices() == {{one[0]}}
+    chex.assert_trees_all_equal(c, d)
+    np.testing.assert_allclose(np.asarray(a["losses"]), np.asarray(c["losses"]), rtol=2e-4,
+                               atol=1e-5)
     print("OK")
 """)
 

@@ -16,7 +16,8 @@ function with the architecture as data (purejaxrl's ``make_train``).
 * ``"sequential"``: a Python loop over members calling the same jitted
   ``train`` (arch as data, compiled once); dispatch per member.
 * ``"sequential_static"``: the classic baseline, one specialised network per
-  architecture, compiled per distinct cell (only its ops, nothing selected).
+  architecture, compiled per distinct cell (only its ops, nothing selected); with several
+  local devices each trains its share of the members, from its own host thread.
 
 All members see the same minibatch sequence (common random numbers: one
 ``data_key``), and different initialisations. A member whose loss or gradient
@@ -30,6 +31,7 @@ rate from 0.1, cross-entropy, BatchNorm in training mode.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from typing import Callable, NamedTuple
@@ -410,18 +412,26 @@ def _op_time(archs, config: TrainConfig) -> np.ndarray:
   return np.asarray(work(jax.tree.map(np.asarray, archs)), np.float64)
 
 
+def device_shares(work, devices: int, per: int | None = None) -> list[list[int]]:
+  """Members (``len(work)``) dealt to ``devices`` shares of about equal total work: heaviest
+  first, each to the least loaded device with room (greedy LPT; ``per``: at most that many
+  members a device, else no limit), among equal loads the one with fewest members (unknown
+  work, all zeros, deals round robin). Ties keep the input order; each share is sorted."""
+  work = np.asarray(work, np.float64)
+  load, shares = np.zeros(devices), [[] for _ in range(devices)]
+  for i in np.argsort(-work, kind="stable"):
+    d = min((d for d in range(devices) if per is None or len(shares[d]) < per),
+            key=lambda d: (load[d], len(shares[d]), d))
+    shares[d].append(int(i))
+    load[d] += work[i]
+  return [sorted(s) for s in shares]
+
+
 def balanced_order(work, devices: int) -> np.ndarray:
   """A permutation of the members (``len(work)``, a multiple of ``devices``) whose
-  ``devices`` consecutive equal blocks have about equal total work: heaviest first, each
-  to the least loaded device with room (greedy LPT). Ties keep the input order."""
-  work = np.asarray(work, np.float64)
-  per = len(work) // devices
-  load, blocks = np.zeros(devices), [[] for _ in range(devices)]
-  for i in np.argsort(-work, kind="stable"):
-    d = min((d for d in range(devices) if len(blocks[d]) < per), key=lambda d: (load[d], d))
-    blocks[d].append(i)
-    load[d] += work[i]
-  return np.asarray([i for b in blocks for i in sorted(b)], np.int64)
+  ``devices`` consecutive equal blocks have about equal total work (``device_shares``)."""
+  shares = device_shares(work, devices, per=len(work) // devices)
+  return np.asarray([i for s in shares for i in s], np.int64)
 
 
 def device_layout(archs, config: TrainConfig, devices: int):
@@ -461,15 +471,56 @@ def train_population_metrics(archs, key, data: TrainData, config: TrainConfig = 
     return jax.tree_util.tree_map(lambda a: a[back], out)
   if config.plan in ("vmap", "map"):
     return _compiled(config, config.plan)(archs, keys, data_key, data, scales)
-  outs = []
-  for p in range(size):
-    arch = jax.tree.map(lambda a: a[p], archs)
+  return _train_members(archs, keys, data_key, data, scales, config)
+
+
+def _train_members(archs, keys, data_key, data: TrainData, scales, config: TrainConfig):
+  """Plans ``sequential`` and ``sequential_static``: members one at a time, per device.
+
+  ``sequential_static`` compiles a program per member anyway, so with several local
+  devices (one CPU device per core) each trains its own share of the members
+  (``device_shares`` of their estimated work; the same shares every call, so a member's
+  program is compiled for one device), from its own host thread: while one device's thread
+  traces and compiles its next member, the others train theirs (XLA compiles and runs
+  outside the GIL). Where a member trains changes nothing in its result. ``sequential``
+  (one arch-as-data program) runs on the first device: a program compiles for one device,
+  and its point is one compile."""
+  model, size = model_of(config), len(keys)
+  devices = jax.local_devices()[:None if config.plan == "sequential_static" else 1]
+  # What a thread needs before its next dispatch is ready on the host first: an op on a
+  # device waits for the training queued there, so slicing device arrays, or the eager ops
+  # of ``model.static``, would hold every thread's next compile until the first device is
+  # idle (measured: the devices' compiles and trainings ran in lockstep).
+  archs, keys, scales = jax.device_get((archs, keys, scales))
+  member = lambda p: jax.tree.map(lambda a: a[p], archs)
+  statics = ([model.static(member(p)) for p in range(size)]
+             if config.plan == "sequential_static" else None)
+
+  def program(p):
     if config.plan == "sequential":
-      outs.append(_compiled(config, "sequential")(arch, keys[p], data_key, data, scales[p]))
-    else:
-      outs.append(_compiled(config, "sequential_static", model_of(config).static(arch))(
-          arch, keys[p], data_key, data, scales[p]))
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+      return _compiled(config, "sequential")
+    return _compiled(config, "sequential_static", statics[p])
+
+  def train_share(device, share):
+    put = lambda tree: jax.device_put(tree, device)
+    on_device = put((data_key, data))
+    # Eager ops while tracing (a model's ``arrays``) run on the thread's own device, after
+    # its last member, not behind another device's training.
+    with jax.default_device(device):
+      return {p: program(p)(*put((member(p), keys[p])), *on_device, put(scales[p]))
+              for p in share}
+
+  shares = device_shares(_op_time(archs, config), len(devices))
+  if len(devices) == 1:
+    outs = train_share(devices[0], shares[0])
+  else:
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+      outs = {}
+      for done in pool.map(train_share, devices, shares):
+        outs.update(done)
+  first = lambda x: jax.device_put(x, devices[0])
+  return jax.tree.map(lambda *xs: jnp.stack([first(x) for x in xs]),
+                      *[outs[p] for p in range(size)])
 
 
 def train_population(archs, key, data: TrainData, config: TrainConfig = TrainConfig(),
